@@ -1,0 +1,43 @@
+# One venv for everything; creating it is idempotent (a stamp file records the installed state).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned: an unpinned torch requirement would pull a multi-GB CUDA build on CPU machines.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/caslie demo --workdir $(or $(WORKDIR),demo-out)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check caslie_core ray_jobs tests benchmarks
+	$(BIN)/ruff format --check caslie_core ray_jobs tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format caslie_core ray_jobs tests benchmarks
+	$(BIN)/ruff check --fix caslie_core ray_jobs tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/enrich.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

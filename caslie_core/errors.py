@@ -1,0 +1,78 @@
+"""Error types. Each names where the problem is and what was expected, so a user can fix it."""
+
+from __future__ import annotations
+
+
+class CaslieError(Exception):
+    """Base class for every error this project raises on purpose."""
+
+
+class RecordError(CaslieError, ValueError):
+    """A record that does not follow the MMECInstruct schema.
+
+    Carries the source file, the line or row number, the record id (when known) and the field,
+    so that a rejected record can be found in its file.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        row: int | None = None,
+        record_id: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.reason = message
+        self.source = source
+        self.row = row
+        self.record_id = record_id
+        self.field = field
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        where = []
+        if self.source:
+            where.append(str(self.source))
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.record_id:
+            where.append(f"id {self.record_id}")
+        if self.field:
+            where.append(f"field '{self.field}'")
+        prefix = ", ".join(where)
+        return f"{prefix}: {self.reason}" if prefix else self.reason
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "row": self.row,
+            "id": self.record_id,
+            "field": self.field,
+            "reason": self.reason,
+        }
+
+
+class SourceError(CaslieError, OSError):
+    """A data file that cannot be read at all: missing, empty, truncated or of an unknown type."""
+
+
+class ConfigError(CaslieError, ValueError):
+    """A configuration that does not validate. Lists every problem at once."""
+
+    def __init__(self, problems: list[str], *, source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        head = f"invalid configuration{f' in {source}' if source else ''}"
+        body = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{head} ({len(self.problems)} problem(s)):\n{body}")
+
+
+class ImageError(CaslieError):
+    """An image that could not be fetched or decoded. `stage` says which step failed."""
+
+    def __init__(self, stage: str, message: str, *, transient: bool = False) -> None:
+        self.stage = stage
+        self.reason = message
+        self.transient = transient
+        super().__init__(f"{stage}: {message}")

@@ -1,0 +1,145 @@
+"""The `caslie` command. Each subcommand imports what it needs when it runs, so `--help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_job(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set output.path=/tmp/out (repeatable)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caslie",
+        description="CASLIE on Ray: caption, judge, enrich, fine-tune, evaluate and serve e-commerce models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole pipeline on its embedded default (tiny models, synthetic catalog)",
+                       description="Run every stage that exists on the embedded default, offline.")
+    p.add_argument("--workdir", default="demo-out", help="folder for all demo outputs (default: demo-out)")
+    p.add_argument("--records", type=int, default=140, help="synthetic records to generate (default: 140)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("tiny-models", help="build the tiny offline models (tokenizer, LLaVA captioner, Llama LM)",
+                       description="Build the tiny offline models under DIR.")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("synth", help="write a synthetic MMECInstruct-schema catalog with images",
+                       description="Write records.jsonl, records.parquet and images/ under DIR.")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--records", type=int, required=True, help="number of records")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", default=None, help="comma-separated task abbreviations (default: all 7)")
+    p.add_argument("--broken-images", type=int, default=0, help="how many images to break on purpose")
+    p.add_argument("--base-url", default=None, help="URL prefix for images instead of local paths")
+
+    p = sub.add_parser("validate", help="validate a records file and print counts and rejects",
+                       description="Validate MMECInstruct-schema records (JSONL, JSON list or Parquet; any fsspec URL).")
+    p.add_argument("records", help="records file or URL")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+
+    p = sub.add_parser("score", help="score predictions per task (research, strict and invalid figures)",
+                       description="Print one JSON object keyed by task abbreviation: primary, score, strict_score, "
+                       "invalid, n.")
+    p.add_argument("records", help="records with gold outputs (JSONL, JSON or Parquet)")
+    p.add_argument("predictions", help="JSON list of strings aligned with RECORDS, or JSONL of {id, prediction}")
+    p.add_argument("--split", default=None, help="score only this split (train, val, test, ood_test)")
+    p.add_argument("--details", action="store_true", help="include companion metrics")
+    return parser
+
+
+def _cmd_tiny_models(args) -> int:
+    from caslie_core.tiny_models import build_tiny_models
+
+    print(json.dumps(build_tiny_models(args.dir, seed=args.seed), indent=2))
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from caslie_core.synthetic import write_catalog
+
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+    manifest = write_catalog(args.dir, args.records, seed=args.seed, tasks=tasks,
+                             broken_images=args.broken_images, base_url=args.base_url)
+    manifest.pop("rules")
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from collections import Counter
+
+    from caslie_core.records import load_records
+
+    result = load_records(args.records, mode="strict" if args.strict else "collect")
+    by_task = Counter(r.spec.abbr for r in result.records)
+    print(json.dumps({
+        "rows": result.total,
+        "valid": len(result.records),
+        "rejected": len(result.rejects),
+        "valid_per_task": dict(by_task),
+        "rejects": [r.__dict__ for r in result.rejects[:50]],
+    }, indent=2))
+    return 0 if not result.rejects else 1
+
+
+def _cmd_score(args) -> int:
+    from caslie_core.metrics import load_predictions, score_records
+    from caslie_core.records import load_records, normalise_split
+
+    records = load_records(args.records, mode="strict").records
+    preds = load_predictions(args.predictions, records)
+    if args.split:
+        split = normalise_split(args.split)
+        pairs = [(r, p) for r, p in zip(records, preds) if r.split == split]
+        records, preds = [r for r, _ in pairs], [p for _, p in pairs]
+    scores = score_records(records, preds)
+    if not args.details:
+        for s in scores.values():
+            s.pop("companions")
+    print(json.dumps(scores, indent=2))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from ray_jobs.demo import run_demo
+
+    run_demo(args.workdir, records=args.records, seed=args.seed)
+    return 0
+
+
+COMMANDS = {
+    "tiny-models": _cmd_tiny_models,
+    "synth": _cmd_synth,
+    "validate": _cmd_validate,
+    "score": _cmd_score,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from caslie_core.errors import CaslieError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (CaslieError, ValueError, KeyError) as e:
+        # Expected user-facing problems: one clear message, no traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"caslie {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
