@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", type=int, default=140, help="synthetic records to generate (default: 140)")
     p.add_argument("--seed", type=int, default=0)
 
+    _add_job(sub, "enrich", "caption every image, let the judges vote, write enriched records (Ray Data)")
+
     p = sub.add_parser("tiny-models", help="build the tiny offline models (tokenizer, LLaVA captioner, Llama LM)",
                        description="Build the tiny offline models under DIR.")
     p.add_argument("dir", help="output folder")
@@ -112,6 +114,15 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _cmd_enrich(args) -> int:
+    from caslie_core.config import load_config
+    from caslie_core.jobconfigs import EnrichConfig
+    from ray_jobs.enrich import run
+
+    run(load_config(EnrichConfig, args.config, args.overrides))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from ray_jobs.demo import run_demo
 
@@ -125,20 +136,25 @@ COMMANDS = {
     "validate": _cmd_validate,
     "score": _cmd_score,
     "demo": _cmd_demo,
+    "enrich": _cmd_enrich,
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_guarded(command: str, fn) -> int:
+    """Run a command; expected user-facing problems print one clear line (exit 2), not a traceback."""
     from caslie_core.errors import CaslieError
 
-    args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return fn()
     except (CaslieError, ValueError, KeyError) as e:
-        # Expected user-facing problems: one clear message, no traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"caslie {args.command}: error: {msg}", file=sys.stderr)
+        print(f"caslie {command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.command, lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

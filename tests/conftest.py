@@ -103,3 +103,23 @@ def s3_bucket(s3_server):
     name = f"caslie-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_session(tiny_models):
+    """One local Ray cluster for the whole suite (auth off: these tests do not test auth)."""
+    import uuid
+
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    temp_dir = f"/tmp/caslie_ray_{uuid.uuid4().hex[:6]}"
+    ray.init(num_cpus=2, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
+             _temp_dir=temp_dir, logging_level="WARNING", log_to_driver=False)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -1,0 +1,94 @@
+"""Context-conditioned captioning (EC3) with any Hugging Face image-text-to-text model.
+
+`Captioner.caption(images, prompts)` runs batched, left-padded, greedy generation and returns one
+`CaptionResult` per image. A batch that raises is retried item by item, so one bad input fails alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .prompts import clean_caption
+
+
+@dataclass
+class CaptionResult:
+    caption: str | None
+    error: str | None = None
+
+
+class Captioner:
+    """Loads the model and processor once; `caption` is called per batch."""
+
+    def __init__(self, model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "auto",
+                 max_new_tokens: int = 128, batch_size: int = 8, trust_remote_code: bool = False) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from .modeling import pick_device, pick_dtype
+        from .tiny_models import resolve_model
+
+        path = resolve_model(model)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        tok = getattr(self.processor, "tokenizer", None)
+        if tok is not None:
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            path, revision=revision, dtype=self.dtype, trust_remote_code=trust_remote_code
+        ).to(self.device).eval()
+        if self.model.generation_config.pad_token_id is None and tok is not None:
+            self.model.generation_config.pad_token_id = tok.pad_token_id
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self._torch = torch
+
+    def render(self, prompt: str) -> str:
+        proc = self.processor
+        if getattr(proc, "chat_template", None):
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return proc.apply_chat_template(msgs, add_generation_prompt=True)
+        token = getattr(proc, "image_token", "<image>")
+        return f"{token}\n{prompt}"
+
+    def _generate(self, images: list[Any], prompts: list[str]) -> list[str | None]:
+        texts = [self.render(p) for p in prompts]
+        enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        enc = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+               for k, v in enc.items()}
+        with self._torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = out[:, enc["input_ids"].shape[1]:]
+        decoded = self.processor.batch_decode(new, skip_special_tokens=True)
+        return [clean_caption(t) for t in decoded]
+
+    def caption(self, images: list[Any], prompts: list[str]) -> list[CaptionResult]:
+        """Caption `images[i]` with `prompts[i]`; images are PIL images or HxWx3 uint8 arrays."""
+        from PIL import Image
+
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image(s) for {len(prompts)} prompt(s)")
+        pil = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
+        order = sorted(range(len(pil)), key=lambda i: len(prompts[i]))  # less padding per batch
+        results: list[CaptionResult | None] = [None] * len(pil)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            try:
+                caps = self._generate([pil[i] for i in idx], [prompts[i] for i in idx])
+                for i, c in zip(idx, caps):
+                    results[i] = CaptionResult(c, None if c else "empty caption")
+            except Exception as batch_error:  # isolate the bad item(s)
+                if len(idx) == 1:
+                    results[idx[0]] = CaptionResult(None, f"{type(batch_error).__name__}: {batch_error}")
+                    continue
+                for i in idx:
+                    try:
+                        c = self._generate([pil[i]], [prompts[i]])[0]
+                        results[i] = CaptionResult(c, None if c else "empty caption")
+                    except Exception as e:
+                        results[i] = CaptionResult(None, f"{type(e).__name__}: {e}")
+        return results  # type: ignore[return-value]

@@ -1,0 +1,150 @@
+"""Typed configs of the jobs. Every field says what it does and what it trades off."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .config import StrictModel
+from .modeling import DTYPES
+
+Dtype = Literal[DTYPES]  # type: ignore[valid-type]
+
+
+class InputConfig(StrictModel):
+    path: str | list[str] = Field(description="records file(s) or folder: JSONL, JSON list or Parquet; local, "
+                                              "s3://, http(s)://")
+    format: Literal["auto", "jsonl", "json", "parquet"] = Field(
+        "auto", description="file format; auto reads it from the extension")
+    limit: int | None = Field(None, ge=1, description="process only the first N records (smoke runs)")
+
+
+class OutputConfig(StrictModel):
+    path: str = Field(description="output folder (local or s3://); rerunning into it resumes")
+    partition_by_task: bool = Field(True, description="write task=<name>/ sub-folders (Hive style)")
+
+
+class PoolConfig(StrictModel):
+    min_size: int = Field(1, ge=1, description="actors kept alive; more = less cold start on bursts")
+    max_size: int = Field(1, ge=1, description="autoscaling ceiling; each actor holds a model copy")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor (0 = CPU); fractions share a GPU")
+    num_cpus: float = Field(1, gt=0, description="CPUs per actor")
+    batch_size: int = Field(8, ge=1, description="rows per Ray batch handed to an actor; bigger = better GPU "
+                                                 "use, more memory and coarser retries")
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must be <= max_size ({self.max_size})")
+        return self
+
+
+class FetchConfig(StrictModel):
+    threads: int = Field(16, ge=1, le=256, description="concurrent fetches per fetch task (bounded concurrency)")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to connect")
+    read_timeout: float = Field(20.0, gt=0, description="seconds of silence while reading before giving up")
+    retries: int = Field(3, ge=0, description="retries on transient errors (timeouts, 429, 5xx)")
+    backoff: float = Field(0.5, ge=0, description="first backoff in seconds; doubles per retry")
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="byte cap per image")
+    schemes: list[Literal["http", "https", "s3", "gs", "az"]] = Field(
+        default_factory=lambda: ["http", "https", "s3"], description="URL schemes allowed")
+    allow_local_files: bool = Field(True, description="allow plain paths and file:// (your own catalog)")
+    block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
+    allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
+
+
+class DecodeConfig(StrictModel):
+    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: max width*height")
+    image_size: int = Field(336, ge=8, description="images are letterboxed to this square before captioning; "
+                                                   "match the captioner's input size")
+
+
+class ModelRef(StrictModel):
+    model: str = Field(description="Hugging Face model id or local path (`tiny:NAME` for the offline tiny models)")
+    revision: str | None = Field(None, description="commit hash or tag to pin (recommended for hub models)")
+    dtype: Dtype = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    trust_remote_code: bool = Field(False, description="run model code from the hub (only for trusted repos)")
+
+
+class CaptionerConfig(ModelRef):
+    max_new_tokens: int = Field(128, ge=1, le=1024, description="caption length cap (method: 128)")
+    micro_batch: int = Field(8, ge=1, description="images per generate() call inside an actor")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="captioner actor pool")
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class JudgeConfig(ModelRef):
+    name: str = Field(description="short name, used in column names (votes_<name>)")
+    mode: Literal["logits", "generate"] = Field(
+        "logits", description="logits: one forward pass, compare yes/no scores (fast); generate: as the "
+                              "research code, read the generated answer (slower, may answer neither)")
+    max_new_tokens: int = Field(16, ge=1, le=64, description="generate mode only")
+    micro_batch: int = Field(16, ge=1, description="questions per forward/generate call")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="judge actor pool")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"judge name {v!r} must match {_NAME.pattern}")
+        return v
+
+
+class DedupConfig(StrictModel):
+    enabled: bool = Field(True, description="caption each (image content, request) pair once per run")
+    claim_ttl_s: float = Field(600.0, gt=0, description="seconds before another actor may redo a pair whose "
+                                                        "claimant went silent")
+    max_entries: int = Field(2_000_000, ge=1000, description="cache size cap (captions kept in memory)")
+
+
+class LimitsConfig(StrictModel):
+    max_failed_fraction: float = Field(1.0, ge=0, le=1, description="fail the job when failed records / "
+                                                                   "records exceed this (1.0 = never)")
+    min_records: int = Field(100, ge=1, description="records seen before the fraction is checked")
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(None, description="cluster address; default: RAY_ADDRESS, else a local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster")
+    object_store_memory: int | None = Field(None, ge=78643200, description="bytes for a local object store")
+    progress_bars: bool | None = Field(None, description="default: on a terminal, off in CI")
+
+
+class EnrichConfig(StrictModel):
+    """`caslie enrich`: records in, captions + votes + enriched instruction data out."""
+
+    input: InputConfig
+    output: OutputConfig
+    fetch: FetchConfig = Field(default_factory=FetchConfig, description="image fetching")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="image decoding")
+    captioner: CaptionerConfig
+    judges: list[JudgeConfig] = Field(min_length=1, description="the judge panel; plurality of yes keeps")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="caption de-duplication")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="error-rate limit")
+    ray: RayConfig = Field(default_factory=RayConfig, description="cluster connection")
+    records_per_batch: int = Field(16, ge=1, description="records per CPU task batch (fetch, decode, write)")
+
+    @model_validator(mode="after")
+    def _unique_judges(self):
+        names = [j.name for j in self.judges]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"judge names must be unique; repeated: {dupes}")
+        return self
+
+
+JOB_CONFIGS = {"enrich": EnrichConfig}
+
+
+def config_model_for(path: str) -> type[StrictModel]:
+    """configs/<job>-<setting>.yaml -> that job's config model."""
+    from pathlib import Path
+
+    job = Path(path).name.split("-", 1)[0]
+    if job not in JOB_CONFIGS:
+        raise KeyError(f"no job named {job!r} for {path}; config names start with one of {sorted(JOB_CONFIGS)}")
+    return JOB_CONFIGS[job]
