@@ -61,11 +61,11 @@ def address_refusal(ip: str, allowlist: list[str] | None = None) -> str | None:
     if str(addr) in METADATA_ADDRESSES:
         return f"{addr} is a cloud metadata address"
     checks = [
+        ("is_unspecified", "an unspecified address"),
         ("is_loopback", "a loopback address"),
         ("is_link_local", "a link-local address"),
         ("is_private", "a private address"),
         ("is_multicast", "a multicast address"),
-        ("is_unspecified", "an unspecified address"),
         ("is_reserved", "a reserved address"),
     ]
     for attr, what in checks:
@@ -76,8 +76,8 @@ def address_refusal(ip: str, allowlist: list[str] | None = None) -> str | None:
     return None
 
 
-def _resolve_checked(host: str, port: int, policy: FetchPolicy) -> str:
-    """Resolve `host` and return an address that passes the rules (all must pass)."""
+def _resolve_checked(host: str, port: int, policy: FetchPolicy) -> list[str]:
+    """Resolve `host`; every address must pass the rules. Returns them (connect tries each in turn)."""
     host_allowed = host.lower() in {a.lower() for a in policy.allowlist}
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -91,7 +91,7 @@ def _resolve_checked(host: str, port: int, policy: FetchPolicy) -> str:
             why = address_refusal(ip, policy.allowlist)
             if why:
                 raise ImageError("fetch", f"refused: {host} resolves to {why} (allowlist it to fetch from it)")
-    return ips[0]
+    return ips
 
 
 def _http_get(url: str, policy: FetchPolicy) -> tuple[int, dict, bytes | None, str | None]:
@@ -101,13 +101,18 @@ def _http_get(url: str, policy: FetchPolicy) -> tuple[int, dict, bytes | None, s
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    ip = _resolve_checked(host, port, policy)
-    try:
-        sock = socket.create_connection((ip, port), timeout=policy.connect_timeout)
-    except TimeoutError:
-        raise ImageError("fetch", f"connect timed out after {policy.connect_timeout}s: {url}", transient=True) from None
-    except OSError as e:
-        raise ImageError("fetch", f"cannot connect to {host}:{port}: {e}", transient=True) from None
+    sock = None
+    last: Exception | None = None
+    for ip in _resolve_checked(host, port, policy):  # pinned: we connect only to checked addresses
+        try:
+            sock = socket.create_connection((ip, port), timeout=policy.connect_timeout)
+            break
+        except OSError as e:
+            last = e
+    if sock is None:
+        if isinstance(last, TimeoutError):
+            raise ImageError("fetch", f"connect timed out after {policy.connect_timeout}s: {url}", transient=True)
+        raise ImageError("fetch", f"cannot connect to {host}:{port}: {last}", transient=True)
     sock.settimeout(policy.read_timeout)
     if parts.scheme == "https":
         sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)

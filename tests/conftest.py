@@ -106,8 +106,10 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_session(tiny_models):
-    """One local Ray cluster for the whole suite (auth off: these tests do not test auth)."""
+def ray_session(tiny_models, s3_server):
+    """One local Ray cluster for the whole suite (auth off: these tests do not test auth).
+
+    Started after the S3 server so that workers inherit AWS_ENDPOINT_URL."""
     import uuid
 
     import ray

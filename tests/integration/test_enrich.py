@@ -1,0 +1,180 @@
+"""The enrichment job on a real local Ray cluster with the real tiny models."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from caslie_core.config import load_config
+from caslie_core.jobconfigs import EnrichConfig
+from caslie_core.synthetic import write_catalog
+from conftest import ROOT
+from imageserver import ImageServer
+from ray_jobs import enrich
+
+pytestmark = pytest.mark.slow
+DEMO = str(ROOT / "configs" / "enrich-demo.yaml")
+
+
+def config(inp, out, *extra):
+    return load_config(EnrichConfig, DEMO, [f"input.path={inp}", f"output.path={out}", *extra])
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    """A catalog served over HTTP, with every kind of broken image and a few unusual modes."""
+    root = tmp_path_factory.mktemp("served")
+    server = ImageServer(root / "images", slow_s=2.0)
+    m = write_catalog(root, 21, seed=11, tasks=["CC", "AP", "PRP"], base_url=server.url)
+    rows = [json.loads(line) for line in open(m["jsonl"])]
+    img = root / "images"
+    Image.new("CMYK", (30, 20), (10, 200, 30, 0)).save(img / "cmyk.jpg", "JPEG")
+    Image.new("I;16", (30, 20), 3000).save(img / "deep.png", "PNG")
+    (img / "noimage.png").write_bytes(b"this is text, not a picture")
+    full = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(full, "PNG")
+    (img / "trunc.png").write_bytes(full.getvalue()[:50])
+    (img / "huge.png").write_bytes(b"\x89PNG" + os.urandom(300_000))
+    cases = {  # record index -> (first image URL, expected status, failing stage or None)
+        0: (f"{server.url}/flaky/cmyk.jpg", "ok", None),
+        1: (f"{server.url}/deep.png", "ok", None),
+        3: (f"{server.url}/missing/x.png", "partial", "fetch"),
+        4: (f"{server.url}/slow/cmyk.jpg", "partial", "fetch"),
+        6: (f"{server.url}/noimage.png", "partial", "decode"),
+        7: (f"{server.url}/trunc.png", "partial", "decode"),
+        9: (f"{server.url}/huge.png", "partial", "fetch"),
+    }
+    for i, (url, _, _) in cases.items():
+        urls = json.loads(rows[i]["images"])
+        urls[0] = url
+        rows[i]["images"] = json.dumps(urls)
+    rows.append({**rows[2], "id": "bad-images", "images": json.dumps(["only-one"])})  # PRP needs 2
+    expected = {rows[i]["id"]: (status, stage) for i, (_, status, stage) in cases.items()}
+    expected["bad-images"] = ("failed", "validate")
+    yield rows, expected, server
+    server.close()
+
+
+HTTP_SETTINGS = ["fetch.allow_local_files=false", "fetch.allowlist=[127.0.0.1/32]", "fetch.read_timeout=0.5",
+                 "fetch.retries=1", "fetch.backoff=0.01", "fetch.max_bytes=100000"]
+
+
+def test_http_images_s3_records_and_output(ray_session, catalog, s3_bucket, tmp_path):
+    import boto3
+    import fsspec
+
+    rows, expected, server = catalog
+    local = tmp_path / "records.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), local)
+    boto3.client("s3").upload_file(str(local), s3_bucket, "in/records.parquet")
+    out = f"s3://{s3_bucket}/enriched"
+    summary = enrich.run(config(f"s3://{s3_bucket}/in/records.parquet", out, *HTTP_SETTINGS))
+
+    written = enrich.read_output(out)
+    ids = [r["id"] for r in written]
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # exactly one output row per input record
+    by_id = {r["id"]: r for r in written}
+    for rid, (status, stage) in expected.items():
+        row = by_id[rid]
+        assert row["status"] == status, (rid, row["error"])
+        if status == "partial":
+            first = json.loads(row["image_results"])[0]
+            assert first["error"]["stage"] == stage and first["caption"] is None and not first["kept"]
+        if status == "failed":
+            assert json.loads(row["error"])["stage"] == "validate" and "expected 2 images" in row["error"]
+    others = [r for r in written if r["id"] not in expected]
+    assert others and all(r["status"] == "ok" for r in others)
+    for r in written:
+        if r["status"] == "failed":
+            continue
+        res = json.loads(r["image_results"])
+        assert len(res) == r["n_images"]
+        for item in res:
+            assert set(item["votes"]) == {"judge_logits", "judge_generate"}
+            assert item["votes"]["judge_logits"] in ("yes", "no") or item["caption"] is None
+        assert r["prompt_version"] and r["config_hash"] == summary["config_hash"]
+        assert json.loads(r["judges"])[1]["mode"] == "generate"
+    assert server.hits["/flaky/cmyk.jpg"] == 2
+    assert summary["records"] == len(rows) and summary["duplicate_ids"] == 0
+    assert summary["ok"] + summary["partial"] + summary["failed"] == len(rows) and summary["failed"] == 1
+    assert summary["errors_per_stage"]["fetch"] == 3 and summary["errors_per_stage"]["decode"] == 2
+    fs = fsspec.filesystem("s3")
+    assert fs.exists(f"{s3_bucket}/enriched/summary.json") and fs.exists(f"{s3_bucket}/enriched/resolved_config.yaml")
+    assert any("task=category_classification" in p for p in enrich.list_parts(out))
+
+
+def _caption_actor_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "CaptionActor" in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_captioner_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
+    m = write_catalog(tmp_path / "cat", 48, seed=4)
+    out = tmp_path / "out"
+    cfg = config(m["jsonl"], out, "records_per_batch=4", "captioner.pool.batch_size=4")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(enrich.run(cfg)))
+    worker.start()
+    killed = False
+    deadline = time.time() + 120
+    while time.time() < deadline and worker.is_alive() and not killed:
+        if enrich.list_parts(str(out)):
+            for pid in _caption_actor_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+        time.sleep(0.2)
+    worker.join(timeout=240)
+    assert killed, "the captioner actor was never seen running"
+    assert result, "the job did not finish after its captioner was killed"
+    ids = [r["id"] for r in enrich.read_output(str(out), ["id"])]
+    assert len(ids) == 48 and len(set(ids)) == 48
+    assert result["failed"] == 0
+
+
+def test_driver_killed_then_rerun_resumes_without_duplicates(ray_session, tmp_path):
+    m = write_catalog(tmp_path / "cat", 60, seed=8, broken_images=2)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "ray_jobs.enrich", "--config", DEMO, "--set", f"input.path={m['jsonl']}",
+            "--set", f"output.path={out}", "--set", "records_per_batch=4", "--set", "captioner.pool.batch_size=4",
+            "--set", f"ray.address={ray_session}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 150
+    while time.time() < deadline and proc.poll() is None and len(enrich.list_parts(str(out))) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = len(enrich.read_output(str(out), ["id"]))
+    assert 0 < first < 60, f"the kill came too late or too early ({first} records written)"
+    summary = enrich.run(config(m["jsonl"], out, "records_per_batch=4"))
+    ids = [r["id"] for r in enrich.read_output(str(out), ["id"])]
+    assert len(ids) == 60 and len(set(ids)) == 60
+    assert summary["skipped_already_done"] == first and summary["processed_this_run"] == 60 - first
+    assert summary["partial"] == 2 and summary["duplicate_ids"] == 0
+
+
+def test_error_rate_limit_fails_the_job_with_a_clear_message(ray_session, tmp_path):
+    from caslie_core.errors import CaslieError
+
+    p = tmp_path / "bad.jsonl"
+    p.write_text("".join(json.dumps({"id": f"r{i}", "task": "CC"}) + "\n" for i in range(6)))
+    with pytest.raises(CaslieError, match="error-rate limit passed: 6 of 6"):
+        enrich.run(config(str(p), tmp_path / "o", "limits.max_failed_fraction=0.5", "limits.min_records=1"))
