@@ -14,6 +14,8 @@ from .prompts import clean_caption
 
 @dataclass
 class CaptionResult:
+    """`caption` is None both for an empty caption (no caption, not an error) and for a failure (`error`)."""
+
     caption: str | None
     error: str | None = None
 
@@ -80,7 +82,7 @@ class Captioner:
             try:
                 caps = self._generate([pil[i] for i in idx], [prompts[i] for i in idx])
                 for i, c in zip(idx, caps):
-                    results[i] = CaptionResult(c, None if c else "empty caption")
+                    results[i] = CaptionResult(c)
             except Exception as batch_error:  # isolate the bad item(s)
                 if len(idx) == 1:
                     results[idx[0]] = CaptionResult(None, f"{type(batch_error).__name__}: {batch_error}")
@@ -88,7 +90,7 @@ class Captioner:
                 for i in idx:
                     try:
                         c = self._generate([pil[i]], [prompts[i]])[0]
-                        results[i] = CaptionResult(c, None if c else "empty caption")
+                        results[i] = CaptionResult(c)
                     except Exception as e:
                         results[i] = CaptionResult(None, f"{type(e).__name__}: {e}")
         return results  # type: ignore[return-value]

@@ -43,15 +43,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply `a.b=c` overrides; a numeric segment indexes a list (`judges.0.mode=generate`)."""
     out = copy.deepcopy(data)
     for item in overrides or []:
         path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
+        node: Any = out
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError([f"override {item!r}: {'.'.join(path[:depth]) or 'list'} has "
+                                       f"{len(node)} item(s); {part!r} is not a valid index"])
+                key: Any = int(part)
+            else:
+                key = part
+                if not last and not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
     return out
 
 

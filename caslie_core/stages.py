@@ -206,33 +206,33 @@ class CaptionStage:
             row["_errors"] = errors
         results: dict[str, tuple[str | None, str | None]] = {}
         cached: set[str] = set()
-        keys = list(work)
-        status = self.cache.claim(keys, self.owner) if (self.cache and keys) else {k: ("mine", None) for k in keys}
-        mine = [k for k in keys if status[k][0] == "mine"]
-        for k in keys:
-            if status[k][0] == "hit":
-                results[k] = (status[k][1], None if status[k][1] else "empty caption")
-                cached.add(k)
-        if mine:
-            outs = self.captioner.caption([work[k][0] for k in mine], [work[k][1] for k in mine])
-            for k, res in zip(mine, outs):
-                results[k] = (res.caption, res.error)
-            if self.cache:
-                self.cache.put({k: results[k][0] for k in mine if results[k][1] is None}, self.owner)
-        pending = [k for k in keys if status[k][0] == "pending"]
+        pending = list(work)
         deadline = time.monotonic() + self.wait_s
-        while pending and self.cache and time.monotonic() < deadline:
-            got = self.cache.get(pending)
-            for k, cap in got.items():
-                results[k] = (cap, None if cap else "empty caption")
-                cached.add(k)
-            pending = [k for k in pending if k not in got]
+        while pending:
+            if self.cache is None:
+                status = {k: ("mine", None) for k in pending}
+            elif time.monotonic() > deadline:  # the claimant went silent: do it ourselves
+                status = {k: ("mine", None) for k in pending}
+            else:
+                status = self.cache.claim(pending, self.owner)
+            for k in pending:
+                if status[k][0] == "hit":
+                    results[k] = (status[k][1], None)
+                    cached.add(k)
+            mine = [k for k in pending if status[k][0] == "mine"]
+            if mine:
+                outs = self.captioner.caption([work[k][0] for k in mine], [work[k][1] for k in mine])
+                for k, res in zip(mine, outs):
+                    results[k] = (res.caption, res.error)
+                if self.cache is not None:
+                    self.cache.put({k: results[k][0] for k in mine if results[k][1] is None}, self.owner)
+                    # failures are not cached: release them so that another actor may try again
+                    failed = [k for k in mine if results[k][1] is not None]
+                    if failed and hasattr(self.cache, "release"):
+                        self.cache.release(failed, self.owner)
+            pending = [k for k in pending if k not in results]
             if pending:
                 time.sleep(self.poll_s)
-        if pending:  # the claimant went silent: do it ourselves
-            outs = self.captioner.caption([work[k][0] for k in pending], [work[k][1] for k in pending])
-            for k, res in zip(pending, outs):
-                results[k] = (res.caption, res.error)
         for r, i, key in slots:
             cap, err = results[key]
             rows[r]["captions"][i] = cap

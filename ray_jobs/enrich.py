@@ -141,6 +141,9 @@ class _RayCache:
     def get(self, keys):
         return self._ray.get(self.actor.get.remote(keys))
 
+    def release(self, keys, owner):
+        self._ray.get(self.actor.release.remote(keys, owner))
+
 
 class CaptionCacheActor:
     """Holds finished captions and in-flight claims. Claims expire after `ttl` seconds; a restarted
@@ -178,6 +181,11 @@ class CaptionCacheActor:
 
     def get(self, keys: list[str]) -> dict[str, Any]:
         return {k: self.done[k] for k in keys if k in self.done}
+
+    def release(self, keys: list[str], owner: str) -> None:
+        for k in keys:
+            if self.claims.get(k, ("", 0))[0] == owner:
+                del self.claims[k]
 
     def stats(self) -> dict:
         return {"entries": len(self.done), "hits": self.hits, "claims": len(self.claims)}

@@ -56,3 +56,10 @@ def test_overrides_create_nested_sections_and_hash_is_stable():
     a = load_config(Job, None, ["name=x"])
     b = load_config(Job, None, ["name=x", "pool.min_size=1"])
     assert config_hash(a) == config_hash(b)
+
+
+def test_list_index_overrides():
+    data = {"judges": [{"mode": "logits"}, {"mode": "logits"}]}
+    assert apply_overrides(data, ["judges.1.mode=generate"])["judges"][1]["mode"] == "generate"
+    with pytest.raises(ConfigError, match="not a valid index"):
+        apply_overrides(data, ["judges.5.mode=generate"])

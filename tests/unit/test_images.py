@@ -2,11 +2,11 @@ import io
 
 import numpy as np
 import pytest
+from imageserver import ImageServer
 from PIL import Image
 
 from caslie_core.errors import ImageError
 from caslie_core.images import FetchPolicy, address_refusal, decode_image, fetch_image
-from imageserver import ImageServer
 
 
 @pytest.mark.parametrize(

@@ -115,3 +115,50 @@ def test_caption_failure_is_recorded_per_image(tmp_path):
         assert o["status"] == "partial"
         assert json.loads(o["image_results"])[0]["error"] == {"stage": "caption",
                                                               "message": "RuntimeError: CUDA out of memory"}
+
+
+def test_claims_make_a_second_actor_wait_for_the_first(tiny_models, tmp_path):
+    """Two actors, one cache: a pair claimed by actor A is not captioned by actor B, who waits for it;
+    a pair whose claimant fails is released and captioned by the waiter."""
+    import threading
+
+    from caslie_core.captioning import CaptionResult
+    from ray_jobs.enrich import CaptionCacheActor
+
+    class Slow:
+        def __init__(self, fail=False):
+            self.calls, self.fail = 0, fail
+
+        def caption(self, images, prompts):
+            import time
+
+            self.calls += len(images)
+            time.sleep(0.3)
+            return [CaptionResult(None, "boom") if self.fail else CaptionResult(f"cap {p[-8:]}") for p in prompts]
+
+    m = write_catalog(tmp_path, 3, seed=2, tasks=["CC"])
+    base = stages.parse_rows([{"text": line} for line in open(m["jsonl"])])
+    base = stages.decode_rows(stages.fetch_rows(base, FetchPolicy(allow_local_files=True)), max_pixels=10**7,
+                              size=32)
+
+    def fresh():
+        return [dict(r) for r in base]
+
+    for fail_first in (False, True):
+        cache = CaptionCacheActor(ttl=60, max_entries=1000)
+        a, b = Slow(fail=fail_first), Slow()
+        out = {}
+        stage_a = stages.CaptionStage(a, 32, cache, owner="A")
+        ta = threading.Thread(target=lambda s=stage_a, o=out: o.update(a=s(fresh())))
+        ta.start()
+        import time
+
+        time.sleep(0.1)  # A holds the claims now
+        out["b"] = stages.CaptionStage(b, 32, cache, owner="B", poll_s=0.02)(fresh())
+        ta.join()
+        assert a.calls == 3
+        if fail_first:
+            assert b.calls == 3  # released after A failed, then B did the work
+        else:
+            assert b.calls == 0 and all(json.loads(r["captions"])[0] for r in out["b"])
+            assert all(r["caption_cached"][0] for r in out["b"])

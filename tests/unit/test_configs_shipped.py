@@ -1,0 +1,51 @@
+"""Every shipped config validates, and starts with the command that runs it."""
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from caslie_core.config import load_config
+from caslie_core.jobconfigs import config_model_for
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"enrich-demo.yaml", "enrich-mmecinstruct.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_validates_and_names_its_command(path: Path):
+    model = config_model_for(str(path))
+    cfg = load_config(model, path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("caslie " in first or "python -m" in first or "serve " in first)
+    assert cfg.model_dump()
+
+
+def test_paper_config_matches_the_method():
+    from caslie_core.jobconfigs import EnrichConfig
+
+    cfg = load_config(EnrichConfig, ROOT / "configs" / "enrich-mmecinstruct.yaml")
+    assert cfg.captioner.model == "meta-llama/Llama-3.2-11B-Vision-Instruct"
+    assert cfg.captioner.max_new_tokens == 128 and cfg.captioner.pool.num_gpus >= 1
+    assert {j.model for j in cfg.judges} == {
+        "meta-llama/Llama-3.2-3B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
+        "meta-llama/Llama-3.2-11B-Vision-Instruct", "mistralai/Mistral-7B-Instruct-v0.3",
+        "microsoft/Phi-3.5-mini-instruct",
+    }
+
+
+def test_enrich_config_errors_are_all_reported():
+    from caslie_core.errors import ConfigError
+    from caslie_core.jobconfigs import EnrichConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(EnrichConfig, ROOT / "configs" / "enrich-demo.yaml", [
+            "captioner.pool.min_size=3", "captioner.pool.max_size=2", "judges.0.mode=vote",
+            "fetch.threds=4", "judges.1.name=judge_logits",
+        ])
+    text = str(e.value)
+    assert "min_size (3) must be <= max_size (2)" in text
+    assert "judges.0.mode" in text and "fetch.threds: unknown key" in text
