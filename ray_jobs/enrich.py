@@ -347,19 +347,21 @@ def run(cfg: EnrichConfig) -> dict:
             cache = (name, ns)
         ds = build_dataset(cfg, done_ref=done_ref, cache=cache, chash=chash, run_id=run_id)
         seen = failed = 0
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            statuses = batch.column("status").to_pylist()
-            seen += len(statuses)
-            failed += statuses.count("failed")
-            lim = cfg.limits
-            if seen >= lim.min_records and failed / seen > lim.max_failed_fraction:
-                raise CaslieError(
-                    f"error-rate limit passed: {failed} of {seen} records failed "
-                    f"({failed / seen:.1%} > limits.max_failed_fraction={lim.max_failed_fraction}); "
-                    f"see the `error` column under {parts_root(cfg.output.path)}; rerun to resume")
-        cache_stats = ray.get(cache_actor.stats.remote()) if cache_actor else {}
-        if cache_actor:
-            ray.kill(cache_actor)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                statuses = batch.column("status").to_pylist()
+                seen += len(statuses)
+                failed += statuses.count("failed")
+                lim = cfg.limits
+                if seen >= lim.min_records and failed / seen > lim.max_failed_fraction:
+                    raise CaslieError(
+                        f"error-rate limit passed: {failed} of {seen} records failed "
+                        f"({failed / seen:.1%} > limits.max_failed_fraction={lim.max_failed_fraction}); "
+                        f"see the `error` column under {parts_root(cfg.output.path)}; rerun to resume")
+            cache_stats = ray.get(cache_actor.stats.remote()) if cache_actor else {}
+        finally:
+            if cache_actor:
+                ray.kill(cache_actor)
         wall = time.time() - t0
         summary = make_summary(cfg, wall=wall, processed_now=seen, resumed=len(previous), cache_stats=cache_stats,
                                chash=chash, run_id=run_id)

@@ -74,6 +74,14 @@ def test_http_images_s3_records_and_output(ray_session, catalog, s3_bucket, tmp_
     import fsspec
 
     rows, expected, server = catalog
+    # one image comes from S3 too
+    s3_img = tmp_path / "s3img.png"
+    Image.new("RGB", (20, 20), (5, 6, 7)).save(s3_img, "PNG")
+    boto3.client("s3").upload_file(str(s3_img), s3_bucket, "img/s3img.png")
+    rows = [dict(r) for r in rows]
+    urls = json.loads(rows[10]["images"])
+    urls[0] = f"s3://{s3_bucket}/img/s3img.png"
+    rows[10]["images"] = json.dumps(urls)
     local = tmp_path / "records.parquet"
     pq.write_table(pa.Table.from_pylist(rows), local)
     boto3.client("s3").upload_file(str(local), s3_bucket, "in/records.parquet")
@@ -105,6 +113,8 @@ def test_http_images_s3_records_and_output(ray_session, catalog, s3_bucket, tmp_
         assert r["prompt_version"] and r["config_hash"] == summary["config_hash"]
         assert json.loads(r["judges"])[1]["mode"] == "generate"
     assert server.hits["/flaky/cmyk.jpg"] == 2
+    s3_row = by_id[rows[10]["id"]]
+    assert s3_row["status"] == "ok" and json.loads(s3_row["image_results"])[0]["url"].startswith("s3://")
     assert summary["records"] == len(rows) and summary["duplicate_ids"] == 0
     assert summary["ok"] + summary["partial"] + summary["failed"] == len(rows) and summary["failed"] == 1
     assert summary["errors_per_stage"]["fetch"] == 3 and summary["errors_per_stage"]["decode"] == 2
