@@ -7,7 +7,7 @@ from conftest import ROOT
 
 from ray_jobs.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "tiny-models", "synth", "validate", "score"]
+SUBCOMMANDS = ["demo", "tiny-models", "synth", "validate", "score", "enrich"]
 
 
 def run_cli(*args):
