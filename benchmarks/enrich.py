@@ -277,8 +277,8 @@ class _NoCache:
     def put(self, items, owner):
         pass
 
-    def get(self, keys):
-        return {}
+    def release(self, keys, owner):
+        pass
 
 
 if __name__ == "__main__":

@@ -147,9 +147,7 @@ def _http_get(url: str, policy: FetchPolicy) -> tuple[int, dict, bytes | None, s
         return 200, headers, body, None
     except TimeoutError:
         raise ImageError("fetch", f"read timed out after {policy.read_timeout}s: {url}", transient=True) from None
-    except (http.client.HTTPException, ConnectionError, OSError) as e:
-        if isinstance(e, ImageError):
-            raise
+    except (http.client.HTTPException, OSError) as e:
         raise ImageError("fetch", f"{type(e).__name__}: {e}", transient=True) from None
     finally:
         conn.close()

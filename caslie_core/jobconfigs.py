@@ -54,6 +54,16 @@ class FetchConfig(StrictModel):
     block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
     allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
 
+    def policy(self):
+        from .images import FetchPolicy
+
+        return FetchPolicy(
+            connect_timeout=self.connect_timeout, read_timeout=self.read_timeout, max_bytes=self.max_bytes,
+            retries=self.retries, backoff=self.backoff, schemes=tuple(self.schemes),
+            allow_local_files=self.allow_local_files, block_private=self.block_private,
+            allowlist=list(self.allowlist),
+        )
+
 
 class DecodeConfig(StrictModel):
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: max width*height")

@@ -10,7 +10,6 @@ import json
 import re
 
 from .records import Record
-from .tasks import get_task
 
 PROMPT_VERSION = "caslie-prompts-v1"
 
@@ -202,5 +201,4 @@ __all__ = [
     "record_prompt",
     "extract_response",
     "default_style_for",
-    "get_task",
 ]

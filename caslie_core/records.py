@@ -303,8 +303,10 @@ def _iter_jsonl(path: str, fh) -> Iterator[tuple[int, Any]]:
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            yield lineno, RecordError(f"malformed JSON line ({e.msg} at char {e.pos})", source=path, row=lineno,
-                                      record_id=f"{path}#L{lineno}")
+            err = RecordError(f"malformed JSON line ({e.msg} at char {e.pos})", source=path, row=lineno,
+                              record_id=f"{path}#L{lineno}")
+            err.raw_text = line.rstrip("\n")  # kept so that the bad line itself can travel to the output
+            yield lineno, err
     if not seen_any:
         raise SourceError(f"{path}: file is empty (no records)")
 

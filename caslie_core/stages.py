@@ -57,7 +57,7 @@ def parse_rows(rows: Iterable[dict], *, source: str | None = None) -> list[dict]
                                          row["text"], source=row.get("path") or source))
                 continue
         try:
-            rec = parse_record(raw, source=row.get("path") if isinstance(row, dict) else source)
+            rec = parse_record(raw, source=row.get("path") or source)
         except RecordError as e:
             rej = Reject.from_error(e, raw)
             field = f" field '{rej.field}'" if rej.field else ""
@@ -145,7 +145,7 @@ class CaptionCache(Protocol):
 
     def claim(self, keys: list[str], owner: str) -> dict[str, Any]: ...
     def put(self, items: dict[str, str | None], owner: str) -> None: ...
-    def get(self, keys: list[str]) -> dict[str, Any]: ...
+    def release(self, keys: list[str], owner: str) -> None: ...
 
 
 class LocalCaptionCache:
@@ -160,8 +160,8 @@ class LocalCaptionCache:
     def put(self, items, owner):
         self.done.update(items)
 
-    def get(self, keys):
-        return {k: self.done[k] for k in keys if k in self.done}
+    def release(self, keys, owner):
+        pass  # one process: nobody else is waiting
 
 
 def caption_key(image_digest: str, prompt: str) -> str:
@@ -228,7 +228,7 @@ class CaptionStage:
                     self.cache.put({k: results[k][0] for k in mine if results[k][1] is None}, self.owner)
                     # failures are not cached: release them so that another actor may try again
                     failed = [k for k in mine if results[k][1] is not None]
-                    if failed and hasattr(self.cache, "release"):
+                    if failed:
                         self.cache.release(failed, self.owner)
             pending = [k for k in pending if k not in results]
             if pending:

@@ -168,10 +168,11 @@ def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     build_tiny_models(tmp)
-    try:
-        os.replace(tmp, root) if not root.exists() else None
-    except OSError:
-        pass  # another process won the race; its folder is complete
+    if not root.exists():
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            pass  # another process won the race; its folder is complete
     if tmp.exists():
         import shutil
 

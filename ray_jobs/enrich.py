@@ -44,12 +44,21 @@ def _expand(path: str) -> list[str]:
 
     fs, root = fsspec.core.url_to_fs(path)
     if fs.isdir(root):
-        found = sorted(p for p in fs.find(root) if p.lower().endswith((".jsonl", ".ndjson", ".json", ".parquet",
-                                                                      ".jsonl.gz")))
+        found = sorted(p for p in fs.find(root) if _is_records_file(p))
         if not found:
             raise CaslieError(f"input.path {path}: folder has no .jsonl, .json or .parquet files")
         return [fs.unstrip_protocol(p) if "://" in path else p for p in found]
     return [path]
+
+
+def _is_records_file(path: str) -> bool:
+    from caslie_core.errors import SourceError
+
+    try:
+        detect_format(path)
+        return True
+    except SourceError:
+        return False
 
 
 def read_raw(cfg: EnrichConfig):
@@ -78,7 +87,7 @@ def read_raw(cfg: EnrichConfig):
                     _parquet_to_text, batch_format="pyarrow")
         else:
             # JSON lists, compressed files and http(s)/hf URLs stream through the driver.
-            rows = [{"text": raw.args[0] if isinstance(raw, Exception) else json.dumps(raw, default=str)}
+            rows = [{"text": raw.raw_text if isinstance(raw, Exception) else json.dumps(raw, default=str)}
                     for _, raw in iter_raw_rows(path)]
             ds = ray.data.from_items(rows)
         parts.append(ds)
@@ -138,9 +147,6 @@ class _RayCache:
     def put(self, items, owner):
         self._ray.get(self.actor.put.remote(items, owner))
 
-    def get(self, keys):
-        return self._ray.get(self.actor.get.remote(keys))
-
     def release(self, keys, owner):
         self._ray.get(self.actor.release.remote(keys, owner))
 
@@ -178,9 +184,6 @@ class CaptionCacheActor:
             self.claims.pop(k, None)
         while len(self.done) > self.max_entries:
             self.done.pop(next(iter(self.done)))
-
-    def get(self, keys: list[str]) -> dict[str, Any]:
-        return {k: self.done[k] for k in keys if k in self.done}
 
     def release(self, keys: list[str], owner: str) -> None:
         for k in keys:
@@ -285,12 +288,7 @@ def done_ids(output: str) -> frozenset:
 def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache: tuple[str, str] | None, chash: str, run_id: str):
     import ray.data
 
-    policy = FetchPolicy(
-        connect_timeout=cfg.fetch.connect_timeout, read_timeout=cfg.fetch.read_timeout, max_bytes=cfg.fetch.max_bytes,
-        retries=cfg.fetch.retries, backoff=cfg.fetch.backoff, schemes=tuple(cfg.fetch.schemes),
-        allow_local_files=cfg.fetch.allow_local_files, block_private=cfg.fetch.block_private,
-        allowlist=list(cfg.fetch.allowlist),
-    )
+    policy = cfg.fetch.policy()
     size = cfg.decode.image_size
     ds = read_raw(cfg)
     ds = ds.map_batches(parse_batch, batch_format="pyarrow", batch_size=cfg.records_per_batch,

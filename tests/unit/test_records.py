@@ -204,7 +204,7 @@ def test_read_from_s3(s3_bucket, tmp_path):
     assert [r.id for r in res.records] == ["s1", "s2"]
 
 
-def test_hf_dataset_url_goes_through_fsspec(monkeypatch):
+def test_hf_dataset_url_goes_through_fsspec():
     # A hub download cannot happen here: stand in a memory filesystem for the `hf` protocol and
     # check that an `hf://datasets/...` URL of a JSON list is read through fsspec like any other.
     import fsspec
