@@ -279,6 +279,42 @@ def read_output(output: str, columns: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def drop_duplicates(output: str) -> int:
+    """Keep one row per id across parts; return how many rows were removed.
+
+    A killed driver's write tasks can still finish after it died (Ray stops a dead job's workers
+    within seconds, not at once), so a rerun that started meanwhile may write some records again.
+    Parts are visited in name order; a later part loses the ids seen before (rewritten atomically,
+    deleted when empty)."""
+    import fsspec
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    seen: set[str] = set()
+    removed = 0
+    for path in sorted(list_parts(output)):
+        fs, p = fsspec.core.url_to_fs(path)
+        with fs.open(p, "rb") as fh:
+            ids = pq.read_table(fh, columns=["id"]).column("id").to_pylist()
+        dup = [i for i in ids if i in seen]
+        seen.update(ids)
+        if not dup:
+            continue
+        removed += len(dup)
+        with fs.open(p, "rb") as fh:
+            table = pq.read_table(fh)
+        keep = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(sorted(set(dup))))))
+        if keep.num_rows == 0:
+            fs.rm(p)
+            continue
+        folder, name = p.rsplit("/", 1)
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+        with fs.open(tmp, "wb") as fh:
+            pq.write_table(keep, fh)
+        fs.mv(tmp, p)
+    return removed
+
+
 def done_ids(output: str) -> frozenset:
     return frozenset(r["id"] for r in read_output(output, ["id"]))
 
@@ -360,9 +396,11 @@ def run(cfg: EnrichConfig) -> dict:
         finally:
             if cache_actor:
                 ray.kill(cache_actor)
+        removed = drop_duplicates(cfg.output.path)
         wall = time.time() - t0
         summary = make_summary(cfg, wall=wall, processed_now=seen, resumed=len(previous), cache_stats=cache_stats,
                                chash=chash, run_id=run_id)
+        summary["duplicates_removed"] = removed
         with fsspec.open(cfg.output.path.rstrip("/") + "/summary.json", "wt") as fh:
             json.dump(summary, fh, indent=2)
         print(f"[enrich] {summary['records']} records: {summary['ok']} ok, {summary['partial']} partial, "

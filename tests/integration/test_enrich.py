@@ -172,6 +172,13 @@ def test_driver_killed_then_rerun_resumes_without_duplicates(ray_session, tmp_pa
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # The dead driver's write tasks may still finish for a moment: count once the parts stop changing.
+    settled, last = time.time(), -1
+    while time.time() - settled < 3:
+        now = len(enrich.list_parts(str(out)))
+        if now != last:
+            settled, last = time.time(), now
+        time.sleep(0.2)
     first = len(enrich.read_output(str(out), ["id"]))
     assert 0 < first < 60, f"the kill came too late or too early ({first} records written)"
     summary = enrich.run(config(m["jsonl"], out, "records_per_batch=4"))
@@ -188,3 +195,19 @@ def test_error_rate_limit_fails_the_job_with_a_clear_message(ray_session, tmp_pa
     p.write_text("".join(json.dumps({"id": f"r{i}", "task": "CC"}) + "\n" for i in range(6)))
     with pytest.raises(CaslieError, match="error-rate limit passed: 6 of 6"):
         enrich.run(config(str(p), tmp_path / "o", "limits.max_failed_fraction=0.5", "limits.min_records=1"))
+
+
+def test_drop_duplicates_keeps_one_row_per_id(tmp_path):
+    # What a late write of a killed run leaves behind: the same record in two parts.
+    schema = pa.schema([("id", pa.string()), ("status", pa.string())])
+    folder = tmp_path / "out" / "records" / "task=x"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "status": "ok"}, {"id": "b", "status": "ok"}], schema=schema),
+                   folder / "part-1.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": "b", "status": "ok"}, {"id": "c", "status": "ok"}], schema=schema),
+                   folder / "part-2.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "status": "ok"}], schema=schema), folder / "part-3.parquet")
+    assert enrich.drop_duplicates(str(tmp_path / "out")) == 2
+    ids = sorted(r["id"] for r in enrich.read_output(str(tmp_path / "out")))
+    assert ids == ["a", "b", "c"] and len(enrich.list_parts(str(tmp_path / "out"))) == 2
+    assert enrich.drop_duplicates(str(tmp_path / "out")) == 0
