@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     _add_job(sub, "enrich", "caption every image, let the judges vote, write enriched records (Ray Data)")
+    _add_job(sub, "train", "LoRA fine-tune a causal LM on enriched records (Ray Train); writes a PEFT adapter")
 
     p = sub.add_parser("tiny-models", help="build the tiny offline models (tokenizer, LLaVA captioner, Llama LM)",
                        description="Build the tiny offline models under DIR.")
@@ -123,6 +124,15 @@ def _cmd_enrich(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from caslie_core.config import load_config
+    from caslie_core.jobconfigs import TrainConfig
+    from ray_jobs.train import run
+
+    run(load_config(TrainConfig, args.config, args.overrides))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from ray_jobs.demo import run_demo
 
@@ -137,6 +147,7 @@ COMMANDS = {
     "score": _cmd_score,
     "demo": _cmd_demo,
     "enrich": _cmd_enrich,
+    "train": _cmd_train,
 }
 
 

@@ -125,3 +125,35 @@ def ray_session(tiny_models, s3_server):
     ctx.print_on_execution_start = False
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train_catalog(tmp_path_factory, tiny_models):
+    """A synthetic MMECInstruct-schema catalog whose answers follow rules readable in the text."""
+    from caslie_core.synthetic import write_catalog
+
+    out = tmp_path_factory.mktemp("train-catalog")
+    write_catalog(out, 1200, seed=3, splits={"train": 0.72, "val": 0.1, "test": 0.18})
+    return out / "records.jsonl"
+
+
+def train_config(catalog, work, *overrides):
+    from caslie_core.config import load_config
+    from caslie_core.jobconfigs import TrainConfig
+
+    return load_config(TrainConfig, ROOT / "configs" / "train-demo.yaml", [
+        f"data.path={catalog}", f"run.storage_path={work / 'runs'}", f"output.path={work / 'model'}",
+        "ray.num_cpus=null", "ray.object_store_memory=null", *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session, train_catalog, tmp_path_factory):
+    """One fine-tune through the Ray Train job, shared by the train, evaluation and serving tests."""
+    from ray_jobs import train
+
+    work = tmp_path_factory.mktemp("trained")
+    cfg = train_config(train_catalog, work, "run.name=learn", "optim.epochs=4", "checkpoint.every_steps=50",
+                       "eval.every_steps=54")
+    summary = train.run(cfg)
+    return {"summary": summary, "cfg": cfg, "work": work, "catalog": train_catalog}
