@@ -88,7 +88,17 @@ class Predictor:
         return answers
 
     def answer(self, prompts: list[str]) -> list[Answer]:
-        """One answer per prompt, in order; a failing batch is retried prompt by prompt."""
+        """One answer per prompt, in order; a failing batch is retried prompt by prompt.
+
+        Prompts are batched by length (less padding), answers returned in the caller's order."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        sorted_answers = self._answer_in_order([prompts[i] for i in order])
+        results: list[Answer | None] = [None] * len(prompts)
+        for pos, i in enumerate(order):
+            results[i] = sorted_answers[pos]
+        return results  # type: ignore[return-value]
+
+    def _answer_in_order(self, prompts: list[str]) -> list[Answer]:
         results: list[Answer] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     _add_job(sub, "enrich", "caption every image, let the judges vote, write enriched records (Ray Data)")
+    _add_job(sub, "evaluate", "answer the test splits (Ray Data), score per task, table + chart, ablations")
     _add_job(sub, "train", "LoRA fine-tune a causal LM on enriched records (Ray Train); writes a PEFT adapter")
 
     p = sub.add_parser("tiny-models", help="build the tiny offline models (tokenizer, LLaVA captioner, Llama LM)",
@@ -133,6 +134,15 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from caslie_core.config import load_config
+    from caslie_core.jobconfigs import EvaluateConfig
+    from ray_jobs.evaluate import run
+
+    run(load_config(EvaluateConfig, args.config, args.overrides))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from ray_jobs.demo import run_demo
 
@@ -148,6 +158,7 @@ COMMANDS = {
     "demo": _cmd_demo,
     "enrich": _cmd_enrich,
     "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
 }
 
 

@@ -37,6 +37,14 @@ def run_demo(workdir: str, *, records: int = 140, seed: int = 0) -> dict:
     summary["stages"]["enrich"] = _enrich(work)
     summary["stages"]["enrich"]["seconds"] = round(time.time() - t, 2)
 
+    t = time.time()
+    summary["stages"]["train"] = _train(work)
+    summary["stages"]["train"]["seconds"] = round(time.time() - t, 2)
+
+    t = time.time()
+    summary["stages"]["evaluate"] = _evaluate(work)
+    summary["stages"]["evaluate"]["seconds"] = round(time.time() - t, 2)
+
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[demo] summary: {work / 'summary.json'}")
     return summary
@@ -57,3 +65,39 @@ def _enrich(work: Path) -> dict:
         "records": s["records"], "ok": s["ok"], "partial": s["partial"], "failed": s["failed"],
         "kept_share_per_task": s["kept_share_per_task"], "errors_per_stage": s["errors_per_stage"],
     }
+
+
+def _train(work: Path) -> dict:
+    from caslie_core.config import load_config
+    from caslie_core.jobconfigs import TrainConfig
+    from ray_jobs import train
+    from ray_jobs.common import ROOT
+
+    cfg = load_config(TrainConfig, ROOT / "configs" / "train-demo.yaml", [
+        f"data.path={work / 'enriched'}", f"run.storage_path={work / 'train-runs'}", f"output.path={work / 'model'}",
+    ])
+    s = train.run(cfg)
+    curve = s["loss_curve"]
+    losses = curve["loss"]
+    marks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4, len(losses) - 1}) if losses else []
+    print("[demo] loss curve: " + ", ".join(f"step {curve['steps'][i]}: {losses[i]:.3f}" for i in marks)
+          + (f"; eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""))
+    return {
+        "adapter": s["adapter"], "steps": s["steps"], "train_rows": s["data"]["train_rows_used"],
+        "skipped_failed": s["data"]["skipped_failed"], "loss_first": curve["first"], "loss_last": curve["last"],
+        "eval_loss": s["eval_loss"], "tokens_per_s": s["tokens_per_s"], "run": s["storage"],
+    }
+
+
+def _evaluate(work: Path) -> dict:
+    from caslie_core.config import load_config
+    from caslie_core.jobconfigs import EvaluateConfig
+    from ray_jobs import evaluate
+    from ray_jobs.common import ROOT
+
+    cfg = load_config(EvaluateConfig, ROOT / "configs" / "evaluate-demo.yaml", [
+        f"model.path={work / 'model'}", f"data.path={work / 'enriched'}", f"output.path={work / 'evaluation'}",
+    ])
+    s = evaluate.run(cfg)  # prints the table
+    return {"results": s["results"], "prompts": s["prompts"], "invalid": s["invalid"],
+            "not_evaluated": s["not_evaluated"], "prompts_per_second": s["prompts_per_second"]}

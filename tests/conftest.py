@@ -133,7 +133,7 @@ def train_catalog(tmp_path_factory, tiny_models):
     from caslie_core.synthetic import write_catalog
 
     out = tmp_path_factory.mktemp("train-catalog")
-    write_catalog(out, 1200, seed=3, splits={"train": 0.72, "val": 0.1, "test": 0.18})
+    write_catalog(out, 1200, seed=3, splits={"train": 0.72, "val": 0.08, "test": 0.1, "ood_test": 0.1})
     return out / "records.jsonl"
 
 
@@ -153,7 +153,7 @@ def trained(ray_session, train_catalog, tmp_path_factory):
     from ray_jobs import train
 
     work = tmp_path_factory.mktemp("trained")
-    cfg = train_config(train_catalog, work, "run.name=learn", "optim.epochs=4", "checkpoint.every_steps=50",
+    cfg = train_config(train_catalog, work, "run.name=learn", "optim.epochs=6", "checkpoint.every_steps=50",
                        "eval.every_steps=54")
     summary = train.run(cfg)
     return {"summary": summary, "cfg": cfg, "work": work, "catalog": train_catalog}

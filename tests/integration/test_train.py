@@ -37,7 +37,7 @@ def test_the_adapter_learns_the_rules(trained):
     assert curve["steps"] == list(range(1, s["steps"] + 1))
     assert curve["last"] < 0.25 * curve["first"]
     assert s["eval_loss"] is not None and s["eval_loss"] < 0.5
-    assert s["tokens_per_s"] > 0 and s["data"]["train_rows_used"] > 800
+    assert s["tokens_per_s"] > 0 and s["data"]["train_rows_used"] > 750
     examples = _held_out(trained["catalog"])
     prompts = [e.prompt for e in examples]
     tuned = Predictor("tiny:lm", adapter=s["adapter"], max_new_tokens=4, batch_size=64)

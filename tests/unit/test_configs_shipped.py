@@ -49,3 +49,32 @@ def test_enrich_config_errors_are_all_reported():
     text = str(e.value)
     assert "min_size (3) must be <= max_size (2)" in text
     assert "judges.0.mode" in text and "fetch.threds: unknown key" in text
+
+
+@pytest.mark.parametrize("size,model,arch", [
+    ("s", "meta-llama/Llama-3.2-3B-Instruct", "llama"), ("m", "mistralai/Mistral-7B-Instruct-v0.3", "mistral"),
+    ("l", "meta-llama/Llama-2-13b-chat-hf", "llama"),
+])
+def test_paper_train_configs_match_the_method_and_their_architectures(size, model, arch):
+    """The three CASLIE bases: method LoRA settings, effective batch 128, targets that exist in the architecture
+    (checked on a meta-device skeleton of the same architecture family; no download)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    from caslie_core.jobconfigs import TrainConfig
+    from caslie_core.training import lora_target_problems
+
+    cfg = load_config(TrainConfig, ROOT / "configs" / f"train-caslie-{size}.yaml")
+    assert cfg.model.model == model and cfg.scaling.use_gpu and cfg.model.dtype == "bfloat16"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 16, 0.1)
+    assert cfg.optim.lr == 1e-4 and cfg.optim.warmup_ratio == 0.05 and cfg.data.max_length == 2048
+    assert cfg.optim.batch_size * cfg.optim.grad_accum * cfg.scaling.num_workers == 128
+    assert cfg.model.prompt_style == ("mistral" if arch == "mistral" else "alpaca")
+    if size == "l":
+        assert cfg.scaling.strategy == "fsdp" and cfg.model.gradient_checkpointing
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=100)
+    conf = MistralConfig(**small) if arch == "mistral" else LlamaConfig(**small)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(conf)
+    assert lora_target_problems(skeleton, cfg.lora.target_modules) == []
