@@ -213,7 +213,13 @@ def build_dataset(cfg: EvaluateConfig, pre: dict):
 def run(cfg: EvaluateConfig) -> dict:
     import fsspec
 
-    from caslie_core.evaluation import mark_valid, render_chart, results_table, score_predictions, table_markdown
+    from caslie_core.evaluation import (
+        mark_valid,
+        render_chart,
+        results_table,
+        score_predictions,
+        table_markdown,
+    )
 
     pre = precheck(cfg)
     started = init_ray(cfg.ray)

@@ -12,7 +12,8 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs():
-    assert {p.name for p in CONFIGS} >= {"enrich-demo.yaml", "enrich-mmecinstruct.yaml"}
+    assert {p.name for p in CONFIGS} >= {"enrich-demo.yaml", "enrich-mmecinstruct.yaml", "train-demo.yaml",
+                                         "train-caslie-s.yaml", "evaluate-demo.yaml", "evaluate-caslie-m.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -78,3 +79,13 @@ def test_paper_train_configs_match_the_method_and_their_architectures(size, mode
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(conf)
     assert lora_target_problems(skeleton, cfg.lora.target_modules) == []
+
+
+@pytest.mark.parametrize("size", ["s", "m", "l"])
+def test_paper_evaluate_configs_use_the_method_decoding(size):
+    from caslie_core.jobconfigs import EvaluateConfig
+
+    cfg = load_config(EvaluateConfig, ROOT / "configs" / f"evaluate-caslie-{size}.yaml")
+    assert cfg.generation.max_new_tokens == 100 and cfg.pool.num_gpus >= 1
+    assert cfg.model.path.endswith(f"caslie-{size}") and cfg.ablations == ["kept", "none", "all"]
+    assert cfg.data.splits == ["test", "ood_test"]
