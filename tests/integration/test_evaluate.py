@@ -82,8 +82,10 @@ def test_table_has_a_row_per_ablation_and_a_cell_per_task_and_split(evaluated):
     results = json.loads((evaluated["out"] / "results.json").read_text())
     table = results["table"]
     assert [r["variant"] for r in table["rows"]] == ["kept", "none", "all", None]
-    ours = table["rows"][0]
-    assert all(v is not None for v in ours["values"])  # 7 IND tasks + 5 OOD tasks all present
+    for ours in table["rows"][:3]:  # 7 IND tasks + 5 OOD tasks scored for every ablation
+        assert all(n and n > 0 for n in ours["n"]), ours
+        # a research figure is None only when every answer of the group was invalid
+        assert all(v is not None or inv == n for v, inv, n in zip(ours["values"], ours["invalid"], ours["n"]))
     md = (evaluated["out"] / "results.md").read_text()
     assert "| paper: CASLIE-M | 0.891 |" in md
 
