@@ -8,7 +8,6 @@ Ablations (section 2 of the method page):
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 
@@ -17,6 +16,7 @@ from .metrics import parse_prediction, score_task
 from .prompts import instruction_prompt
 from .records import Record
 from .tasks import get_task
+from .training import json_or_text
 
 VARIANTS = {
     "kept": "kept captions (CASLIE)",
@@ -42,14 +42,7 @@ def column_label(split: str, abbr: str) -> str:
 
 
 def _loads(value, default):
-    if value is None:
-        return default
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
+    return default if value is None else json_or_text(value)
 
 
 def is_enriched(row: dict) -> bool:

@@ -34,7 +34,8 @@ class Example:
     response: str
 
 
-def _json_or_text(value: Any) -> Any:
+def json_or_text(value: Any) -> Any:
+    """A JSON string parsed, any other value (or non-JSON text) as it is."""
     if isinstance(value, str):
         try:
             return json.loads(value)
@@ -52,8 +53,8 @@ def training_example(row: dict, *, style: str = "alpaca", use_enriched: bool = T
         input_value, options = row.get("original_input"), row.get("original_options")
     else:
         input_value, options = row.get("input"), row.get("options")
-    prompt = instruction_prompt(row.get("instruction") or "", _json_or_text(input_value),
-                                _json_or_text(options), style=style)
+    prompt = instruction_prompt(row.get("instruction") or "", json_or_text(input_value),
+                                json_or_text(options), style=style)
     return Example(id=str(row.get("id")), task=str(row.get("task")), split=str(row.get("split")),
                    prompt=prompt, response=str(row.get("output") or "").strip())
 
