@@ -75,22 +75,10 @@ class Captioner:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} image(s) for {len(prompts)} prompt(s)")
         pil = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
-        order = sorted(range(len(pil)), key=lambda i: len(prompts[i]))  # less padding per batch
-        results: list[CaptionResult | None] = [None] * len(pil)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            try:
-                caps = self._generate([pil[i] for i in idx], [prompts[i] for i in idx])
-                for i, c in zip(idx, caps):
-                    results[i] = CaptionResult(c)
-            except Exception as batch_error:  # isolate the bad item(s)
-                if len(idx) == 1:
-                    results[idx[0]] = CaptionResult(None, f"{type(batch_error).__name__}: {batch_error}")
-                    continue
-                for i in idx:
-                    try:
-                        c = self._generate([pil[i]], [prompts[i]])[0]
-                        results[i] = CaptionResult(c)
-                    except Exception as e:
-                        results[i] = CaptionResult(None, f"{type(e).__name__}: {e}")
-        return results  # type: ignore[return-value]
+        from .batching import error_text, run_batched
+
+        def run(chunk):
+            return [CaptionResult(c) for c in self._generate([im for im, _ in chunk], [p for _, p in chunk])]
+
+        return run_batched(list(zip(pil, prompts)), self.batch_size, run,
+                           lambda e: CaptionResult(None, error_text(e)), sort_key=lambda item: len(item[1]))

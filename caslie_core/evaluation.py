@@ -75,10 +75,6 @@ def variant_prompt(row: dict, variant: str, *, style: str) -> str:
     return instruction_prompt(row.get("instruction") or "", input_value, options, style=style)
 
 
-def parsed_answer(raw: str | None, task: str, valid: set[str]) -> str | None:
-    return parse_prediction(raw, valid)
-
-
 def score_predictions(rows: list[dict]) -> dict:
     """{variant: {split: {abbr: TaskScore dict}}} from prediction rows (variant, split, task, reference, raw)."""
     groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: ([], []))))
@@ -101,7 +97,7 @@ def mark_valid(rows: list[dict]) -> None:
     for r in rows:
         labels[(r["variant"], r["split"], r["task"])].add(r["reference"])
     for r in rows:
-        answer = parsed_answer(r["raw"], r["task"], labels[(r["variant"], r["split"], r["task"])])
+        answer = parse_prediction(r["raw"], labels[(r["variant"], r["split"], r["task"])])
         r["answer"] = answer
         r["valid"] = answer is not None
         r["correct"] = answer == r["reference"]

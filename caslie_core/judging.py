@@ -88,15 +88,6 @@ class Judge:
 
     def vote(self, questions: list[str]) -> list[Vote]:
         """One vote per question; a batch that raises is retried item by item."""
-        results: list[Vote] = []
-        for start in range(0, len(questions), self.batch_size):
-            chunk = questions[start:start + self.batch_size]
-            try:
-                results.extend(self._batch(chunk))
-            except Exception:
-                for q in chunk:
-                    try:
-                        results.extend(self._batch([q]))
-                    except Exception as e:
-                        results.append(Vote(None, None, f"{type(e).__name__}: {e}"))
-        return results
+        from .batching import error_text, run_batched
+
+        return run_batched(questions, self.batch_size, self._batch, lambda e: Vote(None, None, error_text(e)))

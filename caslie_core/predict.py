@@ -56,14 +56,14 @@ class Predictor:
         self._torch = torch
 
     def _encode(self, prompts: list[str]):
+        from .training import cut_middle
+
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         rows = []
         for p in prompts:
-            ids = bos + tok(p, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.max_prompt_tokens:  # as in training: keep head and the response marker
-                ids = ids[: self.max_prompt_tokens - 8] + ids[-8:]
-            rows.append(ids)
+            # as in training: over the budget, keep the head and the response marker
+            rows.append(cut_middle(bos + tok(p, add_special_tokens=False)["input_ids"], self.max_prompt_tokens))
         longest = max(len(r) for r in rows)
         pad = tok.pad_token_id
         ids = self._torch.tensor([[pad] * (longest - len(r)) + r for r in rows], dtype=self._torch.long)
@@ -91,23 +91,6 @@ class Predictor:
         """One answer per prompt, in order; a failing batch is retried prompt by prompt.
 
         Prompts are batched by length (less padding), answers returned in the caller's order."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        sorted_answers = self._answer_in_order([prompts[i] for i in order])
-        results: list[Answer | None] = [None] * len(prompts)
-        for pos, i in enumerate(order):
-            results[i] = sorted_answers[pos]
-        return results  # type: ignore[return-value]
+        from .batching import error_text, run_batched
 
-    def _answer_in_order(self, prompts: list[str]) -> list[Answer]:
-        results: list[Answer] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start:start + self.batch_size]
-            try:
-                results.extend(self._batch(chunk))
-            except Exception:
-                for p in chunk:
-                    try:
-                        results.extend(self._batch([p]))
-                    except Exception as e:
-                        results.append(Answer(None, f"{type(e).__name__}: {e}"))
-        return results
+        return run_batched(prompts, self.batch_size, self._batch, lambda e: Answer(None, error_text(e)), sort_key=len)

@@ -59,6 +59,14 @@ def training_example(row: dict, *, style: str = "alpaca", use_enriched: bool = T
                    prompt=prompt, response=str(row.get("output") or "").strip())
 
 
+def cut_middle(ids: list[int], budget: int, *, keep_tail: int = 8) -> list[int]:
+    """`ids` if they fit in `budget`, else their head and their last `keep_tail` tokens (at most half)."""
+    if len(ids) <= budget:
+        return ids
+    tail = min(keep_tail, budget // 2)
+    return ids[: budget - tail] + (ids[-tail:] if tail else [])
+
+
 def tokenize_example(tokenizer, prompt: str, response: str, max_length: int, *, keep_tail: int = 8
                      ) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated). Labels are IGNORE_INDEX on the prompt, the response + EOS else.
@@ -76,9 +84,7 @@ def tokenize_example(tokenizer, prompt: str, response: str, max_length: int, *, 
     if len(p) + len(r) > max_length:
         truncated = True
         r = r[: max(1, max_length // 2)] if len(r) > max_length // 2 else r
-        budget = max_length - len(r)
-        tail = min(keep_tail, budget // 2)
-        p = p[: budget - tail] + (p[-tail:] if tail else [])
+        p = cut_middle(p, max_length - len(r), keep_tail=keep_tail)
     return p + r, [IGNORE_INDEX] * len(p) + r, truncated
 
 
@@ -184,6 +190,6 @@ def steps_per_epoch(n_rows: int, *, num_workers: int, batch_size: int, grad_accu
 
 __all__ = [
     "IGNORE_INDEX", "TRAINABLE_STATUSES", "DEFAULT_LORA_TARGETS", "Example", "training_example",
-    "tokenize_example", "collate", "micro_batch_loss", "module_leaf_names", "lora_target_problems",
+    "cut_middle", "tokenize_example", "collate", "micro_batch_loss", "module_leaf_names", "lora_target_problems",
     "apply_lora", "make_optimizer", "make_scheduler", "steps_per_epoch",
 ]

@@ -116,31 +116,27 @@ def _cmd_score(args) -> int:
     return 0
 
 
-def _cmd_enrich(args) -> int:
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import EnrichConfig
-    from ray_jobs.enrich import run
+def _run_job(name: str, args) -> int:
+    """A config-driven job: validate CONFIG (+ --set overrides) with its model, then run it."""
+    import importlib
 
-    run(load_config(EnrichConfig, args.config, args.overrides))
+    from caslie_core.config import load_config
+    from caslie_core.jobconfigs import JOB_CONFIGS
+
+    importlib.import_module(f"ray_jobs.{name}").run(load_config(JOB_CONFIGS[name], args.config, args.overrides))
     return 0
+
+
+def _cmd_enrich(args) -> int:
+    return _run_job("enrich", args)
 
 
 def _cmd_train(args) -> int:
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import TrainConfig
-    from ray_jobs.train import run
-
-    run(load_config(TrainConfig, args.config, args.overrides))
-    return 0
+    return _run_job("train", args)
 
 
 def _cmd_evaluate(args) -> int:
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import EvaluateConfig
-    from ray_jobs.evaluate import run
-
-    run(load_config(EvaluateConfig, args.config, args.overrides))
-    return 0
+    return _run_job("evaluate", args)
 
 
 def _cmd_demo(args) -> int:

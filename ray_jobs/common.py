@@ -46,3 +46,17 @@ def to_table(rows: list[dict], types: dict):
 
     schema = pa.schema([(name, typ) for name, typ in types.items()])
     return pa.Table.from_pylist([{k: r.get(k) for k in types} for r in rows], schema=schema)
+
+
+def job_main(name: str, model, run, doc: str | None, argv: list[str] | None) -> int:
+    """`python -m ray_jobs.<name> --config FILE [--set k=v ...]`: load and validate the config, run the job."""
+    import argparse
+
+    from caslie_core.config import load_config
+
+    parser = argparse.ArgumentParser(prog=f"python -m ray_jobs.{name}", description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--config", required=True, help=f"YAML config (see configs/{name}-*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    run(load_config(model, args.config, args.overrides))
+    return 0

@@ -10,7 +10,6 @@ written are skipped (parts are written atomically, keyed by record id).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -20,12 +19,12 @@ from typing import Any
 import pyarrow as pa
 
 from caslie_core import stages
-from caslie_core.config import config_hash, load_config, write_resolved
+from caslie_core.config import config_hash, write_resolved
 from caslie_core.errors import CaslieError
 from caslie_core.images import FetchPolicy
 from caslie_core.jobconfigs import EnrichConfig
 from caslie_core.records import detect_format, iter_raw_rows
-from ray_jobs.common import configure_data_context, init_ray, to_table
+from ray_jobs.common import configure_data_context, init_ray, job_main, to_table
 
 RAW = {"text": pa.string()}
 PARSED = {"id": pa.string(), "task": pa.string(), "split": pa.string(), "status": pa.string(),
@@ -439,12 +438,7 @@ def make_summary(cfg: EnrichConfig, *, wall: float, processed_now: int, resumed:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.enrich", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (see configs/enrich-*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    run(load_config(EnrichConfig, args.config, args.overrides))
-    return 0
+    return job_main("enrich", EnrichConfig, run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ them with `caslie_core.metrics`, and write the paper-layout table (Markdown, JSO
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -17,11 +16,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from caslie_core.config import load_config, write_resolved
+from caslie_core.config import write_resolved
 from caslie_core.errors import CaslieError, ConfigError
 from caslie_core.jobconfigs import EvaluateConfig
 
-from .common import configure_data_context, init_ray, to_table
+from .common import configure_data_context, init_ray, job_main, to_table
 
 PROMPTS = {"id": pa.string(), "task": pa.string(), "split": pa.string(), "variant": pa.string(),
            "prompt": pa.string(), "reference": pa.string(), "skip": pa.string()}
@@ -307,12 +306,7 @@ def make_summary(cfg, rows, skipped, pre, wall, chart, paths, out) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (see configs/evaluate-*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    run(load_config(EvaluateConfig, args.config, args.overrides))
-    return 0
+    return job_main("evaluate", EvaluateConfig, run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ report metrics and checkpoints through `ray.train.report`.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import functools
 import json
 import os
@@ -21,14 +21,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from caslie_core.config import config_hash, load_config, write_resolved
+from caslie_core.config import config_hash, write_resolved
 from caslie_core.errors import CaslieError, ConfigError
 from caslie_core.jobconfigs import TrainConfig
 from caslie_core.records import detect_format, normalise_split
 from caslie_core.tasks import get_task
 from caslie_core.training import TRAINABLE_STATUSES
 
-from .common import configure_data_context, init_ray
+from .common import configure_data_context, init_ray, job_main
 
 ENRICHED_COLUMNS = ["id", "task", "split", "status", "instruction", "input", "options", "output",
                     "original_input", "original_options"]
@@ -214,8 +214,6 @@ def precheck(cfg: TrainConfig) -> dict:
     except KeyError as e:
         problems.append(f"data.tasks: {e.args[0]}")
         task_names = None
-    if cfg.lora.alpha < 1 or cfg.lora.r < 1:
-        problems.append("lora.r and lora.alpha must be >= 1")
     problems += _model_problems(cfg)
     counts, train, evals = Counter(), {}, {}
     if not problems:
@@ -347,7 +345,7 @@ def train_loop_per_worker(c: dict) -> None:
         ckpt.to_directory(ckpt_dir)
         state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
         saved = torch.load(Path(ckpt_dir) / "trainable.pt", map_location="cpu")
-        missing = set(_trainable_state(model)) - set(saved)
+        missing = {n for n, p in _unwrap(model).named_parameters() if p.requires_grad} - set(saved)
         if missing:
             raise RuntimeError(f"checkpoint does not match the model/LoRA config: missing {sorted(missing)[:3]}")
         _unwrap(model).load_state_dict(saved, strict=False)
@@ -452,7 +450,7 @@ def train_loop_per_worker(c: dict) -> None:
                 b = collate(batch["input_ids"], batch["labels"], pad, device=device)
                 sync = (pending + 1 == accum)
                 ctx_mgr = model.no_sync() if (world > 1 and not sync and hasattr(model, "no_sync")) \
-                    else _nullcontext()
+                    else contextlib.nullcontext()
                 with ctx_mgr:
                     ls, nt = micro_batch_loss(model, b)
                     (ls / max(nt, 1) / accum).backward()
@@ -514,14 +512,6 @@ def train_loop_per_worker(c: dict) -> None:
         # Data ran out before total_steps (e.g. fewer rows than counted): finish with a checkpoint.
         state["finished"] = True
         save_and_report({"step": state["step"], "epoch": state["epoch"]}, with_checkpoint=True)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _wrap_fsdp(model, device):
@@ -730,12 +720,7 @@ def _merge(cfg: TrainConfig, adapter: str, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (see configs/train-*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    run(load_config(TrainConfig, args.config, args.overrides))
-    return 0
+    return job_main("train", TrainConfig, run, __doc__, argv)
 
 
 if __name__ == "__main__":

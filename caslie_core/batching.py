@@ -1,0 +1,38 @@
+"""Running a model over items in batches without letting one bad item fail its neighbours."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def run_batched(items: Sequence[T], batch_size: int, run: Callable[[list[T]], list[R]],
+                failed: Callable[[BaseException], R], *, sort_key: Callable[[T], Any] | None = None) -> list[R]:
+    """`run` over batches of `items`; results in the items' order.
+
+    A batch that raises is retried item by item, and an item that still raises gets `failed(error)`.
+    `sort_key` groups similar items (e.g. prompt length: less padding per batch)."""
+    order = sorted(range(len(items)), key=lambda i: sort_key(items[i])) if sort_key else list(range(len(items)))
+    results: list[Any] = [None] * len(items)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        try:
+            for i, r in zip(idx, run([items[i] for i in idx]), strict=True):
+                results[i] = r
+        except Exception as batch_error:  # isolate the bad item(s)
+            if len(idx) == 1:
+                results[idx[0]] = failed(batch_error)
+                continue
+            for i in idx:
+                try:
+                    results[i] = run([items[i]])[0]
+                except Exception as e:
+                    results[i] = failed(e)
+    return results
