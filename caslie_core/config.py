@@ -127,9 +127,26 @@ def read_yaml(path: str | Path) -> dict:
     return data or {}
 
 
+SERVE_IMPORT_PATH = "ray_jobs.serve:build_app"
+
+
+def serve_app_args(data: dict, *, source: str | None = None) -> dict:
+    """The `args` of our application in a Ray Serve config file (`applications: [{import_path, args}]`)."""
+    apps = [a for a in data.get("applications") or [] if isinstance(a, dict)
+            and a.get("import_path") == SERVE_IMPORT_PATH]
+    if len(apps) != 1:
+        raise ConfigError([f"a Serve config file needs exactly one application with import_path "
+                           f"{SERVE_IMPORT_PATH}; found {len(apps)}"], source=source)
+    return apps[0].get("args") or {}
+
+
 def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
-    """YAML file (optional) + dotted overrides -> a validated config model."""
+    """YAML file (optional) + dotted overrides -> a validated config model.
+
+    A Ray Serve config file (with `applications:`) contributes our application's `args`."""
     data = read_yaml(path) if path else {}
+    if isinstance(data, dict) and "applications" in data:
+        data = serve_app_args(data, source=str(path))
     data = apply_overrides(data, overrides)
     return validate_config(model, data, source=str(path) if path else None)
 

@@ -49,6 +49,11 @@ _JUDGE = {
 }
 JUDGE_SUFFIX = " Will the information extracted from the image help with this task? Answer only yes or no."
 
+# Free-form requests (chat): the caption and the judge are conditioned on the user's own words.
+CHAT_CAPTION_CONTEXT = "The caption should help answer this request about the product: {request}"
+CHAT_JUDGE = "A model must answer a request about a product: '{request}'. Information extracted from the " \
+    "product image: '{caption}'."
+
 _WS = re.compile(r"[\s]+")
 
 
@@ -105,6 +110,15 @@ def judge_question(record: Record, index: int, caption: str) -> str:
     else:
         body = _JUDGE["SR"].format(title=item_title(_sr_item(record, index)), caption=caption)
     return body + JUDGE_SUFFIX
+
+
+def chat_caption_request(request: str, *, max_chars: int = 500) -> str:
+    """Caption request for an image attached to a free-form (chat) request."""
+    return f"{CAPTION_GENERAL} {CHAT_CAPTION_CONTEXT.format(request=_WS.sub(' ', request).strip()[:max_chars])}"
+
+
+def chat_judge_question(request: str, caption: str, *, max_chars: int = 500) -> str:
+    return CHAT_JUDGE.format(request=_WS.sub(" ", request).strip()[:max_chars], caption=caption) + JUDGE_SUFFIX
 
 
 def clean_caption(text: str | None, *, min_chars: int = 3) -> str | None:

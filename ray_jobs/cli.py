@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job(sub, "enrich", "caption every image, let the judges vote, write enriched records (Ray Data)")
     _add_job(sub, "evaluate", "answer the test splits (Ray Data), score per task, table + chart, ablations")
     _add_job(sub, "train", "LoRA fine-tune a causal LM on enriched records (Ray Train); writes a PEFT adapter")
+    _add_job(sub, "serve", "serve captioner, judges and the fine-tuned model over HTTP (Ray Serve) until Ctrl-C")
 
     p = sub.add_parser("tiny-models", help="build the tiny offline models (tokenizer, LLaVA captioner, Llama LM)",
                        description="Build the tiny offline models under DIR.")
@@ -139,6 +140,10 @@ def _cmd_evaluate(args) -> int:
     return _run_job("evaluate", args)
 
 
+def _cmd_serve(args) -> int:
+    return _run_job("serve", args)
+
+
 def _cmd_demo(args) -> int:
     from ray_jobs.demo import run_demo
 
@@ -155,6 +160,7 @@ COMMANDS = {
     "enrich": _cmd_enrich,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
+    "serve": _cmd_serve,
 }
 
 

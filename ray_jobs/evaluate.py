@@ -32,68 +32,19 @@ READ_COLUMNS = ["id", "task", "split", "status", "instruction", "input", "option
 
 # ------------------------------------------------------------------------------------------ model
 
-def _read_text(path: str) -> str | None:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
-    return fs.cat_file(root).decode() if fs.exists(root) else None
-
-
 def resolve_model(cfg: EvaluateConfig) -> dict:
-    """{base, adapter, revision, style, source}: what to load, from the config and what the path holds."""
-    import yaml
+    from caslie_core.predict import resolve_model_source
 
-    from caslie_core.prompts import default_style_for
-
-    m = cfg.model
-    base, adapter, revision, style, source = m.model, None, m.revision, None, "model"
-    if m.path:
-        p = m.path.rstrip("/")
-        resolved = _read_text(p + "/resolved_config.yaml")
-        if _read_text(p + "/adapter/adapter_config.json") is not None:
-            adapter, source = p + "/adapter", "train_output"
-            if resolved:
-                train_cfg = yaml.safe_load(resolved)
-                recorded = train_cfg.get("model", {})
-                base = base or recorded.get("model")
-                revision = revision or recorded.get("revision")
-                style = recorded.get("prompt_style")
-        elif (text := _read_text(p + "/adapter_config.json")) is not None:
-            adapter, source = p, "adapter"
-            base = base or json.loads(text).get("base_model_name_or_path")
-        elif _read_text(p + "/config.json") is not None:
-            base, source = p, "model_folder"
-        else:
-            raise ConfigError([f"model.path: {m.path} holds no adapter/ (training output), adapter_config.json "
-                               "(adapter) or config.json (model)"])
-        if not base:
-            raise ConfigError([f"model.path: {m.path} does not say its base model; set model.model"])
-    if m.prompt_style != "auto":
-        style = m.prompt_style
-    elif not style or style == "auto":
-        style = default_style_for(base)
-    return {"base": base, "adapter": adapter, "revision": revision, "style": style, "source": source}
-
-
-def _local_copy(path: str | None) -> str | None:
-    """Adapters on s3:// are copied next to the actor; local paths are used as they are."""
-    if not path or "://" not in path:
-        return path
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
-    dest = tempfile.mkdtemp(prefix="caslie-adapter-")
-    fs.get(root.rstrip("/") + "/", dest, recursive=True)
-    return dest
+    return resolve_model_source(cfg.model)
 
 
 class PredictActor:
     """One model copy (base + merged adapter) answering prompt batches."""
 
     def __init__(self, spec: dict) -> None:
-        from caslie_core.predict import Predictor
+        from caslie_core.predict import Predictor, local_copy
 
-        self.predictor = Predictor(spec["base"], adapter=_local_copy(spec["adapter"]), revision=spec["revision"],
+        self.predictor = Predictor(spec["base"], adapter=local_copy(spec["adapter"]), revision=spec["revision"],
                                    dtype=spec["dtype"], max_new_tokens=spec["max_new_tokens"],
                                    batch_size=spec["micro_batch"], max_prompt_tokens=spec["max_prompt_tokens"],
                                    trust_remote_code=spec["trust_remote_code"])

@@ -1,0 +1,504 @@
+"""`caslie serve CONFIG`: CASLIE online on Ray Serve (also `serve run configs/serve-demo.yaml`, `serve deploy`).
+
+Deployments (each with its own autoscaling, and `@serve.batch` where a model runs):
+    Captioner         context-conditioned captions of client images
+    Judge_<name>      one per judge model: yes/no on each caption
+    Predictor         base model + PEFT adapters side by side, chosen per request (model multiplexing)
+    Ingress           FastAPI: /v1/predict, /v1/enrich, /v1/chat/completions, /v1/models, /healthz
+
+The deployments are shims over `caslie_core` (captioning, judging, predict, serving). The ingress fetches
+and decodes images itself (threads; SSRF-safe), fans the captions and votes out concurrently, and retries
+a model call whose replica died. Overload gives 503 with Retry-After (Serve's max_queued_requests), a
+passed deadline 504.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real annotations (Request) on the routes.
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from caslie_core import serving as sv
+from caslie_core.errors import ConfigError, ImageError
+from caslie_core.jobconfigs import ServeConfig
+
+from .common import ROOT, init_ray
+
+log = logging.getLogger("ray.serve")
+APP_NAME = "caslie"
+api = FastAPI(title="CASLIE", version="1", description="Context-conditioned captions, caption-quality "
+              "votes and answers of a fine-tuned model for e-commerce products.")
+
+
+def _batching(handler, settings: dict) -> None:
+    """Apply the configured batch size and wait to a `@serve.batch` method (off = batches of one)."""
+    handler.set_max_batch_size(settings["max_batch_size"] if settings["enabled"] else 1)
+    handler.set_batch_wait_timeout_s(settings["wait_timeout_s"] if settings["enabled"] else 0.0)
+
+
+class _Health:
+    """A replica whose every item failed in `LIMIT` batches in a row (a broken device or model) reports
+    itself unhealthy; Serve then replaces it."""
+
+    LIMIT = 3
+    _bad = 0
+
+    def _track(self, errors: list) -> None:
+        self._bad = self._bad + 1 if errors and all(errors) else 0
+
+    def check_health(self) -> None:
+        if self._bad >= self.LIMIT:
+            raise RuntimeError(f"{self._bad} batches in a row failed on every item")
+
+    async def ping(self) -> str:
+        return "ok"
+
+
+# ----------------------------------------------------------------------------------- model replicas
+
+@serve.deployment
+class Captioner(_Health):
+    def __init__(self, cfg: dict, batching: dict) -> None:
+        from caslie_core.captioning import Captioner as Model
+
+        self.model = Model(cfg["model"], revision=cfg["revision"], dtype=cfg["dtype"],
+                           max_new_tokens=cfg["max_new_tokens"], batch_size=batching["max_batch_size"],
+                           trust_remote_code=cfg["trust_remote_code"])
+        _batching(self.caption, batching)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def caption(self, pixels: list, prompts: list[str]) -> list[dict]:
+        results = await asyncio.to_thread(self.model.caption, pixels, prompts)
+        self._track([r.error for r in results])
+        return [{"caption": r.caption, "error": r.error} for r in results]
+
+
+@serve.deployment
+class Judge(_Health):
+    def __init__(self, cfg: dict, batching: dict) -> None:
+        from caslie_core.judging import Judge as Model
+
+        self.model = Model(cfg["model"], mode=cfg["mode"], revision=cfg["revision"], dtype=cfg["dtype"],
+                           max_new_tokens=cfg["max_new_tokens"], batch_size=batching["max_batch_size"],
+                           trust_remote_code=cfg["trust_remote_code"])
+        _batching(self.vote, batching)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def vote(self, questions: list[str]) -> list[dict]:
+        votes = await asyncio.to_thread(self.model.vote, questions)
+        self._track([v.error for v in votes])
+        return [{"vote": v.vote, "error": v.error} for v in votes]
+
+
+class _Loaded:
+    """What the multiplexer keeps per adapter; evicting it (LRU) unloads the adapter from the replica."""
+
+    def __init__(self, model, name: str) -> None:
+        self.model, self.name, self.done = model, name, False
+
+    def __del__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.model.unload(self.name)
+
+
+def predictor_deployment(max_adapters: int):
+    """The Predictor deployment class (the multiplexer's capacity is fixed when the class is made)."""
+
+    @serve.deployment(name="Predictor")
+    class Predictor(_Health):
+        def __init__(self, spec: dict, batching: dict) -> None:
+            from caslie_core.predict import AdapterPredictor
+
+            self.model = AdapterPredictor(spec["base"], revision=spec["revision"], dtype=spec["dtype"],
+                                          max_new_tokens=spec["max_new_tokens"],
+                                          batch_size=batching["max_batch_size"],
+                                          max_prompt_tokens=spec["max_prompt_tokens"],
+                                          trust_remote_code=spec["trust_remote_code"])
+            self.paths: dict[str, str] = spec["adapters"]
+            _batching(self._answer, batching)
+
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def adapter(self, name: str) -> _Loaded:
+            from caslie_core.predict import local_copy
+
+            path = await asyncio.to_thread(local_copy, self.paths[name])
+            await asyncio.to_thread(self.model.load, name, path)
+            return _Loaded(self.model, name)
+
+        async def predict(self, prompt: str, max_new_tokens: int | None = None) -> dict:
+            name = serve.get_multiplexed_model_id() or sv.BASE_MODEL_NAME
+            if name != sv.BASE_MODEL_NAME:
+                if name not in self.paths:
+                    raise KeyError(f"unknown adapter {name!r}")
+                await self.adapter(name)
+            return await self._answer(prompt, None if name == sv.BASE_MODEL_NAME else name, max_new_tokens)
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def _answer(self, prompts: list[str], adapters: list, limits: list) -> list[dict]:
+            out: list[Any] = [None] * len(prompts)
+            for key in dict.fromkeys(zip(adapters, limits)):
+                idx = [i for i, k in enumerate(zip(adapters, limits)) if k == key]
+                adapter, limit = key
+                if adapter is not None and adapter not in self.model.loaded:  # evicted while queued
+                    await self.adapter(adapter)
+                answers = await asyncio.to_thread(self.model.answer, [prompts[i] for i in idx], adapter, limit)
+                for i, a in zip(idx, answers):
+                    out[i] = dataclasses.asdict(a)
+            self._track([a["error"] for a in out])
+            return out
+
+    return Predictor
+
+
+# ------------------------------------------------------------------------------------------- ingress
+
+def _downstream_errors():
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return (RayActorError, ActorUnavailableError)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, spec: dict, captioner, judges: list, predictor) -> None:
+        cfg = ServeConfig.model_validate(spec["config"])
+        self.cfg = cfg
+        self.captioner, self.predictor = captioner, predictor
+        self.judges = dict(zip([j.name for j in cfg.judges], judges))
+        self.models: dict[str, str] = spec["models"]  # served name -> multiplexed id (adapter or "base")
+        self.default_model = next(iter(self.models))
+        self.style = spec["style"]
+        self.key_digest = spec["key_digest"]
+        self.policy = cfg.fetch.policy()
+        self.retryable = _downstream_errors()
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.cfg.http.max_body_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise sv.ApiError(413, f"request body of {length} bytes is over the {limit}-byte limit")
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                raise sv.ApiError(413, f"request body is over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _error(self, err: sv.ApiError, openai: bool) -> JSONResponse:
+        body = err.openai_body() if openai else {"detail": err.detail}
+        return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+    def _overloaded(self, why: str) -> sv.ApiError:
+        return sv.ApiError(503, f"overloaded: {why}; retry later",
+                           {"Retry-After": str(max(1, round(self.cfg.http.retry_after_s)))}, code="overloaded")
+
+    async def _handle(self, request: Request, model, work, *, openai: bool = False):
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        stage = {"name": "reading the request"}
+        try:
+            if not sv.key_matches({k.lower(): v for k, v in request.headers.items()}, self.key_digest):
+                raise sv.ApiError(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
+                                  {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+            req = sv.parse_body(await self._body(request), model)
+            timeout = min(req.timeout_s or self.cfg.http.request_timeout_s, self.cfg.http.request_timeout_s)
+            try:
+                return await asyncio.wait_for(work(req, stage), timeout)
+            except TimeoutError:
+                raise sv.ApiError(504, f"deadline of {timeout:g}s passed while {stage['name']}",
+                                  code="timeout") from None
+        except sv.ApiError as e:
+            return self._error(e, openai)
+        except BackPressureError as e:
+            return self._error(self._overloaded(str(e)), openai)
+        except DeploymentUnavailableError as e:
+            return self._error(self._overloaded(f"a deployment is unavailable ({e})"), openai)
+        except Exception as e:  # a bug or a model crash: say so, keep serving
+            log.exception("request failed")
+            return self._error(sv.ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal"),
+                               openai)
+
+    async def _call(self, make):
+        """Await a model call; a replica that died mid-request is retried on another (idempotent)."""
+        retries = self.cfg.http.downstream_retries
+        for attempt in range(retries + 1):
+            try:
+                return await make()
+            except self.retryable as e:
+                if attempt >= retries:
+                    raise self._overloaded(f"a model replica was lost ({type(e).__name__})") from None
+                await asyncio.sleep(0.5 * 2 ** attempt)
+
+    def _model_id(self, name: str | None) -> tuple[str, str]:
+        name = name or self.default_model
+        if name not in self.models:
+            raise sv.ApiError(404, f"unknown model {name!r}; served: {sorted(self.models)}", code="model_not_found")
+        return name, self.models[name]
+
+    # ------------------------------------------------------------------ stages
+
+    async def _images(self, slots: list[sv.ImageSlot], mode: str, stage: dict) -> None:
+        stage["name"] = "fetching images"
+        cap = self.cfg.fetch.max_images
+        if len(slots) > cap:
+            raise sv.ApiError(422, [{"loc": ["body", "images"], "msg": f"{len(slots)} images; at most {cap}",
+                                     "type": "too_long"}])
+        size, max_pixels = self.cfg.captioner.image_size, self.cfg.fetch.max_pixels
+        failures: list[tuple[sv.ImageSlot, ImageError]] = []
+
+        async def one(slot: sv.ImageSlot) -> None:
+            try:
+                slot.pixels = await asyncio.to_thread(sv.load_image, slot.url, self.policy, size=size,
+                                                      max_pixels=max_pixels)
+            except ImageError as e:
+                slot.error = {"stage": e.stage, "message": e.reason}
+                failures.append((slot, e))
+
+        await asyncio.gather(*(one(s) for s in slots))
+        if failures and mode == "fail":
+            status = min(sv.image_failure_status(e) for _, e in failures)
+            raise sv.ApiError(status, [{"loc": ["body", "images", s.index], "msg": f"{e.stage}: {e.reason}",
+                                        "type": f"image_{e.stage}_error"} for s, e in
+                                       sorted(failures, key=lambda f: f[0].index)])
+
+    async def _caption(self, slots: list[sv.ImageSlot], stage: dict) -> None:
+        stage["name"] = "captioning"
+
+        async def one(slot: sv.ImageSlot) -> None:
+            sv.caption_outcome(slot, await self._call(
+                lambda: self.captioner.caption.remote(slot.pixels, slot.prompt)))
+            slot.pixels = None
+
+        await asyncio.gather(*(one(s) for s in slots if s.error is None))
+
+    async def _judge(self, slots: list[sv.ImageSlot], questions: dict[int, str], stage: dict) -> None:
+        stage["name"] = "judging captions"
+        by_index = {s.index: s for s in slots}
+
+        async def one(index: int, name: str, handle) -> None:
+            reply = await self._call(lambda: handle.vote.remote(questions[index]))
+            by_index[index].votes[name] = reply["vote"]
+
+        await asyncio.gather(*(one(i, n, h) for i in questions for n, h in self.judges.items()))
+
+    async def _answer(self, prompt: str, model_id: str, stage: dict, max_new_tokens: int | None = None) -> dict:
+        stage["name"] = "answering"
+        return await self._call(lambda: self.predictor.options(multiplexed_model_id=model_id).predict.remote(
+            prompt, max_new_tokens))
+
+    async def _enrich(self, req: sv.EnrichRequest, stage: dict, timings: dict):
+        stage["name"] = "validating the record"
+        record = sv.to_record(req)
+        slots = sv.record_slots(record)
+        for name, step in (("fetch", lambda: self._images(slots, req.image_errors, stage)),
+                           ("caption", lambda: self._caption(slots, stage)),
+                           ("judge", lambda: self._judge(slots, sv.record_questions(record, slots), stage))):
+            t = time.perf_counter()
+            await step()
+            timings[name] = round((time.perf_counter() - t) * 1000, 1)
+        return record, sv.enriched(record, slots)
+
+    # ------------------------------------------------------------------ routes
+
+    @api.post("/v1/enrich")
+    async def enrich(self, request: Request):
+        async def work(req: sv.EnrichRequest, stage: dict):
+            t0, timings = time.perf_counter(), {}
+            record, out = await self._enrich(req, stage, timings)
+            timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
+            return {"id": record.id, "task": record.task, **out, "timings_ms": timings}
+
+        return await self._handle(request, sv.EnrichRequest, work)
+
+    @api.post("/v1/predict")
+    async def predict(self, request: Request):
+        from caslie_core.prompts import instruction_prompt
+
+        async def work(req: sv.PredictRequest, stage: dict):
+            t0, timings = time.perf_counter(), {}
+            name, model_id = self._model_id(req.adapter)
+            record, out = await self._enrich(req, stage, timings)
+            prompt = instruction_prompt(record.instruction, out["input"], out["options"], style=self.style)
+            t = time.perf_counter()
+            ans = await self._answer(prompt, model_id, stage)
+            timings["predict"] = round((time.perf_counter() - t) * 1000, 1)
+            timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
+            if ans["error"]:
+                raise sv.ApiError(500, f"the model failed on this record: {ans['error']}", code="model_error")
+            return {"id": record.id, "task": record.task, "model": name, "answer": ans["text"],
+                    "valid": ans["text"] in record.labels, "raw_output": ans["raw"], **out,
+                    "usage": {"prompt_tokens": ans["n_prompt_tokens"], "completion_tokens": ans["n_new_tokens"]},
+                    "timings_ms": timings}
+
+        return await self._handle(request, sv.PredictRequest, work)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        async def work(req: sv.ChatRequest, stage: dict):
+            name, model_id = self._model_id(req.model)
+            text, urls = sv.chat_request_text(req)
+            slots = sv.chat_slots(text, urls)
+            await self._images(slots, "fail", stage)
+            await self._caption(slots, stage)
+            await self._judge(slots, sv.chat_questions(text, slots), stage)
+            limit = req.max_completion_tokens or req.max_tokens
+            ans = await self._answer(sv.chat_prompt(text, slots, style=self.style), model_id, stage, limit)
+            if ans["error"]:
+                raise sv.ApiError(500, f"the model failed: {ans['error']}", code="model_error")
+            cap = min(limit or self.cfg.model.max_new_tokens, self.cfg.model.max_new_tokens)
+            done = sv.chat_completion(
+                name, ans["text"], prompt_tokens=ans["n_prompt_tokens"], completion_tokens=ans["n_new_tokens"],
+                finish_reason="length" if ans["n_new_tokens"] >= cap else "stop",
+                extra={"images": [s.report() for s in slots]})
+            if req.stream:
+                return StreamingResponse(iter(sv.chat_chunks(done)), media_type="text/event-stream")
+            return done
+
+        return await self._handle(request, sv.ChatRequest, work, openai=True)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        if not sv.key_matches({k.lower(): v for k, v in request.headers.items()}, self.key_digest):
+            return self._error(sv.ApiError(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"},
+                                           code="invalid_api_key"), True)
+        return sv.models_list(list(self.models))
+
+    @api.get("/healthz")
+    async def healthz(self, deep: bool = False):
+        """Liveness (no auth). `?deep=true` also pings one replica of every model deployment."""
+        body: dict = {"status": "ok", "models": list(self.models)}
+        if deep:
+            handles = {"Captioner": self.captioner, "Predictor": self.predictor,
+                       **{f"Judge_{n}": h for n, h in self.judges.items()}}
+
+            async def ping(h):
+                try:
+                    return await asyncio.wait_for(h.ping.remote(), 10)
+                except Exception as e:
+                    return f"{type(e).__name__}: {e}"
+
+            replies = await asyncio.gather(*(ping(h) for h in handles.values()))
+            body["deployments"] = dict(zip(handles, replies))
+            if any(r != "ok" for r in replies):
+                body["status"] = "degraded"
+                return JSONResponse(body, status_code=503)
+        return body
+
+
+# ------------------------------------------------------------------------------------------- builder
+
+def _abs(path: str | None) -> str | None:
+    """Relative local paths resolve against the working directory, else the repo root."""
+    if not path or "://" in path or os.path.isabs(path):
+        return path
+    return os.path.abspath(path) if os.path.exists(path) else str(ROOT / path)
+
+
+def app_spec(cfg: ServeConfig) -> dict:
+    """What the deployments need, resolved once where the app is built (model sources, names, key digest)."""
+    from caslie_core.predict import resolve_model_source
+
+    m = cfg.model.model_copy(update={"path": _abs(cfg.model.path)})
+    source = resolve_model_source(m)
+    adapters = {cfg.model.name: source["adapter"]} if source["adapter"] else {}
+    adapters.update({n: _abs(p) for n, p in cfg.model.adapters.items()})
+    missing = [f"model.adapters.{n}: {p} has no adapter_config.json" for n, p in adapters.items()
+               if "://" not in p and not (Path(p) / "adapter_config.json").exists()]
+    if missing:
+        raise ConfigError(missing)
+    models = {n: n for n in adapters}
+    if cfg.model.serve_base or not models:
+        models[sv.BASE_MODEL_NAME if models else cfg.model.name] = sv.BASE_MODEL_NAME
+    digest = None
+    if cfg.http.api_key_env:
+        key = os.environ.get(cfg.http.api_key_env)
+        if not key:
+            raise ConfigError([f"http.api_key_env: environment variable {cfg.http.api_key_env} is not set"])
+        digest = sv.key_digest(key)
+    predictor = {"base": source["base"], "revision": source["revision"], "dtype": cfg.model.dtype,
+                 "max_new_tokens": cfg.model.max_new_tokens, "max_prompt_tokens": cfg.model.max_prompt_tokens,
+                 "trust_remote_code": cfg.model.trust_remote_code, "adapters": adapters}
+    return {"predictor": predictor, "models": models, "style": source["style"], "key_digest": digest}
+
+
+def build_app(args: ServeConfig) -> serve.Application:
+    """The Serve application; `args` is the `args:` mapping of a Serve config file (validated by Serve)."""
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
+    spec = app_spec(cfg)
+    retry = cfg.http.retry_after_s
+    c = cfg.captioner
+    captioner = Captioner.options(**c.deployment.options("Captioner", retry)).bind(
+        c.model_dump(exclude={"deployment"}), c.deployment.batching.model_dump())
+    judges = [Judge.options(**j.deployment.options(f"Judge_{j.name}", retry)).bind(
+        j.model_dump(exclude={"deployment"}), j.deployment.batching.model_dump()) for j in cfg.judges]
+    m = cfg.model
+    predictor = predictor_deployment(m.max_adapters_per_replica).options(
+        **m.deployment.options("Predictor", retry)).bind(spec["predictor"], m.deployment.batching.model_dump())
+    ingress_spec = {"config": cfg.model_dump(mode="json"), "models": spec["models"], "style": spec["style"],
+                    "key_digest": spec["key_digest"]}
+    return Ingress.options(**cfg.http.ingress.options("Ingress", retry)).bind(
+        ingress_spec, captioner, judges, predictor)
+
+
+def start(cfg: ServeConfig, *, name: str = APP_NAME) -> str:
+    """Start Serve on `http.host:http.port` and deploy the app; returns the base URL once it is ready."""
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(build_app(cfg), name=name, route_prefix="/")
+    return f"http://{cfg.http.host}:{cfg.http.port}"
+
+
+@contextlib.contextmanager
+def serving(cfg: ServeConfig):
+    """`with serving(cfg) as url:` the app runs inside the block and is shut down after it."""
+    started = init_ray(cfg.ray)
+    try:
+        yield start(cfg)
+    finally:
+        serve.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def run(cfg: ServeConfig) -> None:
+    """`caslie serve`: serve until interrupted (Ctrl-C or SIGTERM), then shut Serve down."""
+    stopped = {"flag": False}
+
+    def on_signal(*_):
+        stopped["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    with serving(cfg) as url:
+        print(f"CASLIE is serving at {url} (models: {', '.join(app_spec(cfg)['models'])}); Ctrl-C stops it")
+        print(f"  curl {url}/healthz        API: {url}/docs")
+        try:
+            while not stopped["flag"]:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        print("shutting down")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .common import job_main
+
+    return job_main("serve", ServeConfig, run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
