@@ -322,6 +322,8 @@ class AutoscalingSettings(StrictModel):
     upscale_delay_s: float = Field(30.0, ge=0, description="load must last this long before scaling up")
     downscale_delay_s: float = Field(600.0, ge=0, description="idle this long before scaling down")
     look_back_period_s: float = Field(30.0, gt=0, description="window over which load is averaged")
+    metrics_interval_s: float = Field(10.0, gt=0, description="how often replicas report load; keep it below "
+                                                              "look_back_period_s")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -329,6 +331,9 @@ class AutoscalingSettings(StrictModel):
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
             raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.metrics_interval_s >= self.look_back_period_s:
+            raise ValueError(f"metrics_interval_s ({self.metrics_interval_s}) must be < look_back_period_s "
+                             f"({self.look_back_period_s})")
         return self
 
     def serve_dict(self) -> dict:
