@@ -448,11 +448,10 @@ class ServeModelConfig(StrictModel):
     def _names(self):
         if not self.path and not self.model:
             raise ValueError("set model.path (training output or adapter) or model.model")
-        names = [self.name, *self.adapters] if self.path else list(self.adapters)
+        # without adapters the base model itself is served under `name`
+        names = [self.name, *self.adapters]
         if len(set(names)) != len(names) or "base" in names:
             raise ValueError(f"model names must be unique and not 'base': {names}")
-        if not names and not self.serve_base:
-            raise ValueError("nothing to serve: set model.path, model.adapters or model.serve_base")
         return self
 
 
