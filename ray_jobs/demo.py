@@ -45,6 +45,10 @@ def run_demo(workdir: str, *, records: int = 140, seed: int = 0) -> dict:
     summary["stages"]["evaluate"] = _evaluate(work)
     summary["stages"]["evaluate"]["seconds"] = round(time.time() - t, 2)
 
+    t = time.time()
+    summary["stages"]["serve"] = _serve(work)
+    summary["stages"]["serve"]["seconds"] = round(time.time() - t, 2)
+
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[demo] summary: {work / 'summary.json'}")
     return summary
@@ -101,3 +105,48 @@ def _evaluate(work: Path) -> dict:
     s = evaluate.run(cfg)  # prints the table
     return {"results": s["results"], "prompts": s["prompts"], "invalid": s["invalid"],
             "not_evaluated": s["not_evaluated"], "prompts_per_second": s["prompts_per_second"]}
+
+
+def _free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def _serve(work: Path) -> dict:
+    """Start the app with the fine-tuned model, send one product with its image, print the answer, stop."""
+    import base64
+
+    import requests
+
+    from caslie_core.config import load_config
+    from caslie_core.jobconfigs import ServeConfig
+    from ray_jobs.common import ROOT
+    from ray_jobs.serve import serving
+
+    cfg = load_config(ServeConfig, ROOT / "configs" / "serve-demo.yaml", [f"model.path={work / 'model'}"])
+    cfg.http.port = _free_port(cfg.http.port)
+    rec = next(r for r in map(json.loads, (work / "catalog" / "records.jsonl").read_text().splitlines())
+               if r["split"] == "test" and len(json.loads(r["images"])) == 1)
+    image = Path(json.loads(rec["images"])[0])
+    body = {k: rec[k] for k in ("id", "task", "instruction", "input", "options")}
+    body["images"] = ["data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()]
+    body["image_errors"] = "skip"  # the catalog breaks some images on purpose
+    with serving(cfg) as url:
+        r = requests.post(f"{url}/v1/predict", json=body, timeout=120)
+        r.raise_for_status()
+        out = r.json()
+    img = out["images"][0]
+    print(f"[demo] served at {url}: POST /v1/predict {rec['task']} {rec['id']} -> answer {out['answer']!r} "
+          f"(gold {rec['output']!r}); caption kept: {img['kept']} (votes {img['votes']}); "
+          f"{out['timings_ms']['total']:.0f} ms")
+    return {"url": url, "request": {"id": rec["id"], "task": rec["task"]}, "answer": out["answer"],
+            "gold": rec["output"], "valid": out["valid"], "status": out["status"], "caption_kept": img["kept"],
+            "votes": img["votes"], "timings_ms": out["timings_ms"], "config": "configs/serve-demo.yaml"}

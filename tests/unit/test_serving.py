@@ -217,3 +217,27 @@ def test_adapter_predictor_switches_adapters_like_separate_models(two_adapters):
     assert [x.raw for x in p.answer(prompts)] == ref["base"]
     p.load("red", two_adapters["red"])
     assert [x.raw for x in p.answer(prompts, "red")] == ref["red"] and list(p.peft.peft_config) == ["red"]
+
+
+def test_the_builder_takes_the_config_files_args_as_serve_run_passes_them(tiny_models):
+    """What `serve run configs/serve-demo.yaml` does with our import path and args (no cluster needed)."""
+    import importlib
+
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    from caslie_core.config import apply_overrides, read_yaml
+    from caslie_core.jobconfigs import ServeConfig
+
+    app_cfg = ServeDeploySchema.model_validate(read_yaml(ROOT / "configs" / "serve-demo.yaml")).applications[0]
+    module, attr = app_cfg.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    args = apply_overrides(app_cfg.args, ["model.path=null", "model.model=tiny:lm"])
+    app = call_user_app_builder_with_args_if_necessary(builder, args)
+    assert type(app).__name__ == "Application"
+    from ray_jobs.serve import app_spec
+
+    spec = app_spec(ServeConfig.model_validate(args))
+    assert spec["models"] == {"caslie-demo": "base"} and spec["key_digest"] is None
+    with pytest.raises(Exception, match="judges"):
+        call_user_app_builder_with_args_if_necessary(builder, {**args, "judges": []})
