@@ -35,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job(sub, "train", "LoRA fine-tune a causal LM on enriched records (Ray Train); writes a PEFT adapter")
     _add_job(sub, "serve", "serve captioner, judges and the fine-tuned model over HTTP (Ray Serve) until Ctrl-C")
 
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API; token auth from the "
+                       "environment or ~/.ray/auth_token)", description="Validate CONFIG, then submit `python -m "
+                       "ray_jobs.JOB --config CONFIG` with cluster/runtime_env.yaml and this repo as working dir.")
+    p.add_argument("job", choices=["enrich", "train", "evaluate"])
+    p.add_argument("config", help="YAML config (path inside this repo, uploaded with it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", default=None, help="Jobs API URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, "
+                   "http://127.0.0.1:8265)")
+    p.add_argument("--wait", action="store_true", help="wait for the end; exit 1 unless it SUCCEEDED")
+    p.add_argument("--runtime-env", default=None, help="runtime env YAML (default: cluster/runtime_env.yaml)")
+    p.add_argument("--no-upload", action="store_true", help="do not upload this repo (the image has the code)")
+
     p = sub.add_parser("tiny-models", help="build the tiny offline models (tokenizer, LLaVA captioner, Llama LM)",
                        description="Build the tiny offline models under DIR.")
     p.add_argument("dir", help="output folder")
@@ -144,6 +156,14 @@ def _cmd_serve(args) -> int:
     return _run_job("serve", args)
 
 
+def _cmd_submit(args) -> int:
+    from ray_jobs.submit import submit
+
+    res = submit(args.job, args.config, args.overrides, address=args.address, wait=args.wait,
+                 runtime_env_path=args.runtime_env, upload=not args.no_upload)
+    return 0 if not args.wait or res["status"] == "SUCCEEDED" else 1
+
+
 def _cmd_demo(args) -> int:
     from ray_jobs.demo import run_demo
 
@@ -161,6 +181,7 @@ COMMANDS = {
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "serve": _cmd_serve,
+    "submit": _cmd_submit,
 }
 
 
