@@ -63,7 +63,8 @@ def submit(job: str, config: str, overrides: list[str], *, address: str | None =
                                 metadata={"caslie_job": job, "config": os.path.basename(config)})
     except Exception as e:
         text = str(e)
-        if "401" in text or "403" in text or "nauthenticated" in text or "uthoriz" in text:
+        if type(e).__name__ == "AuthenticationError" or any(
+                k in text for k in ("401", "403", "nauthenticated", "uthoriz")):
             raise CaslieError(f"the cluster at {address} refused the submission: authentication failed; set "
                               "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's "
                               "token") from None

@@ -23,24 +23,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def secured_cluster(tiny_models, tmp_path_factory):
-    from ray.cluster_utils import Cluster
-
     token = secrets.token_hex(16)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
-    dash = free_port()
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": True, "dashboard_port": dash, "dashboard_host": "127.0.0.1",
-            "object_store_memory": 200 * 1024 * 1024})
-        cluster.add_node(num_cpus=1, object_store_memory=200 * 1024 * 1024)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    url = f"http://127.0.0.1:{dash}"
+    # the project's venv first on PATH: job entrypoints say `python`, as on a cluster image
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
+    host = subprocess.Popen([sys.executable, str(ROOT / "tests" / "clusterhost.py"), str(free_port())], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    # logical CPUs: 2 per node (one 1-CPU task must fit next to the fractional actors on a node)
+    info = json.loads(host.stdout.readline())
+    url = info["dashboard"]
     deadline = time.time() + 90
     while time.time() < deadline:  # the Jobs API answers (401 without a token) once the dashboard is up
         try:
@@ -52,8 +43,10 @@ def secured_cluster(tiny_models, tmp_path_factory):
     env_file = tmp_path_factory.mktemp("renv") / "runtime_env.yaml"
     env_file.write_text("working_dir: .\nexcludes: ['.venv', '.git', 'demo-out', 'bench-out', '**/__pycache__', "
                         "'.pytest_cache', '*.egg-info']\n")
-    yield {"url": url, "token": token, "cluster": cluster, "runtime_env": str(env_file)}
-    cluster.shutdown()
+    yield {"url": url, "token": token, "host": host, "runtime_env": str(env_file)}
+    host.stdin.write("stop\n")
+    host.stdin.flush()
+    host.wait(timeout=60)
 
 
 def _client_env(token: str | None) -> dict:
@@ -90,7 +83,7 @@ def test_submit_enrichment_through_the_jobs_api(secured_cluster, tmp_path):
     assert secured_cluster["token"] not in refused.stdout + refused.stderr
 
     done = subprocess.run(args, cwd=ROOT, env=_client_env(secured_cluster["token"]), capture_output=True,
-                          text=True, timeout=400)
+                          text=True, timeout=300)
     text = done.stdout + done.stderr
     assert done.returncode == 0 and "SUCCEEDED" in done.stdout, text[-3000:]
     assert secured_cluster["token"] not in text
