@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import threading
@@ -78,7 +79,7 @@ def app(ray_session, trained, second_adapter, images):
         "fetch.allowlist=[localhost]", "fetch.retries=0", "ray.num_cpus=null",
     ])
     url = start(cfg)
-    yield {"url": url, "cfg": cfg, "headers": {"Authorization": f"Bearer {KEY}"}}
+    yield {"url": url, "cfg": cfg, "headers": {"Authorization": f"Bearer {KEY}"}, "catalog": trained["catalog"]}
     serve.shutdown()
 
 
@@ -211,12 +212,29 @@ def test_bad_input_gets_clear_errors_and_the_service_stays_up(app, trained, imag
     assert post(app, "/v1/predict", good).status_code == 200
 
 
-def _load(app, body, stop: threading.Event, codes: Counter, path="/v1/predict"):
-    while not stop.is_set():
-        try:
-            codes[post(app, path, body).status_code] += 1
-        except requests.RequestException as e:
-            codes[type(e).__name__] += 1
+@contextlib.contextmanager
+def _under_load(app, clients: int):
+    """`clients` threads posting one CC record back to back inside the block; yields the status counts."""
+    rec = _records(Path(app["catalog"]), "category_classification", 1)[0]
+    body = _request(rec, [_data_uri(json.loads(rec["images"])[0])])
+    stop, codes = threading.Event(), Counter()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                codes[post(app, "/v1/predict", body).status_code] += 1
+            except requests.RequestException as e:
+                codes[type(e).__name__] += 1
+
+    threads = [threading.Thread(target=loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield codes
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def _replicas(name: str) -> int:
@@ -248,33 +266,17 @@ def test_overload_gets_503_with_retry_after(app, trained):
     assert post(app, "/v1/predict", body).status_code == 200
 
 
-def test_autoscaling_up_under_load_and_back(app, trained):
-    rec = _records(Path(trained["catalog"]), "category_classification", 1)[0]
-    body = _request(rec, [_data_uri(json.loads(rec["images"])[0])])
-    stop, codes = threading.Event(), Counter()
-    threads = [threading.Thread(target=_load, args=(app, body, stop, codes)) for _ in range(6)]
-    for t in threads:
-        t.start()
-    try:
+def test_autoscaling_up_under_load_and_back(app):
+    with _under_load(app, 6) as codes:
         _wait(lambda: _replicas("Predictor") >= 2, 90, "the Predictor to scale to 2 replicas")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert codes[200] > 0 and set(codes) <= {200, 503}, codes
     _wait(lambda: _replicas("Predictor") == 1, 90, "the Predictor to scale back to 1 replica")
 
 
-def test_killed_replica_recovers_without_manual_action(app, trained):
+def test_killed_replica_recovers_without_manual_action(app):
     import ray
 
-    rec = _records(Path(trained["catalog"]), "category_classification", 1)[0]
-    body = _request(rec, [_data_uri(json.loads(rec["images"])[0])])
-    stop, codes = threading.Event(), Counter()
-    threads = [threading.Thread(target=_load, args=(app, body, stop, codes)) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
+    with _under_load(app, 3) as codes:
         _wait(lambda: codes[200] >= 3, 60, "requests to flow")
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if "#Predictor#" in a["name"]]
@@ -283,9 +285,5 @@ def test_killed_replica_recovers_without_manual_action(app, trained):
             ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         served_before = codes[200]
         _wait(lambda: codes[200] >= served_before + 5, 90, "requests to be served again after the kill")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert set(codes) <= {200}, codes
     _wait(lambda: _replicas("Predictor") >= 1, 60, "a replacement Predictor replica")
