@@ -33,21 +33,10 @@ def run_demo(workdir: str, *, records: int = 140, seed: int = 0) -> dict:
     print(f"[demo] synthetic catalog: {manifest['records']} records, {manifest['images']} images "
           f"({len(manifest['broken_images'])} broken on purpose) in {work / 'catalog'}")
 
-    t = time.time()
-    summary["stages"]["enrich"] = _enrich(work)
-    summary["stages"]["enrich"]["seconds"] = round(time.time() - t, 2)
-
-    t = time.time()
-    summary["stages"]["train"] = _train(work)
-    summary["stages"]["train"]["seconds"] = round(time.time() - t, 2)
-
-    t = time.time()
-    summary["stages"]["evaluate"] = _evaluate(work)
-    summary["stages"]["evaluate"]["seconds"] = round(time.time() - t, 2)
-
-    t = time.time()
-    summary["stages"]["serve"] = _serve(work)
-    summary["stages"]["serve"]["seconds"] = round(time.time() - t, 2)
+    for name, stage in (("enrich", _enrich), ("train", _train), ("evaluate", _evaluate), ("serve", _serve)):
+        t = time.time()
+        summary["stages"][name] = stage(work)
+        summary["stages"][name]["seconds"] = round(time.time() - t, 2)
 
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[demo] summary: {work / 'summary.json'}")

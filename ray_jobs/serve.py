@@ -198,6 +198,11 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _authorize(self, request: Request) -> None:
+        if not sv.key_matches({k.lower(): v for k, v in request.headers.items()}, self.key_digest):
+            raise sv.ApiError(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
+                              {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+
     def _error(self, err: sv.ApiError, openai: bool) -> JSONResponse:
         body = err.openai_body() if openai else {"detail": err.detail}
         return JSONResponse(body, status_code=err.status, headers=err.headers)
@@ -211,9 +216,7 @@ class Ingress:
 
         stage = {"name": "reading the request"}
         try:
-            if not sv.key_matches({k.lower(): v for k, v in request.headers.items()}, self.key_digest):
-                raise sv.ApiError(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
-                                  {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+            self._authorize(request)
             req = sv.parse_body(await self._body(request), model)
             timeout = min(req.timeout_s or self.cfg.http.request_timeout_s, self.cfg.http.request_timeout_s)
             try:
@@ -372,9 +375,10 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        if not sv.key_matches({k.lower(): v for k, v in request.headers.items()}, self.key_digest):
-            return self._error(sv.ApiError(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"},
-                                           code="invalid_api_key"), True)
+        try:
+            self._authorize(request)
+        except sv.ApiError as e:
+            return self._error(e, True)
         return sv.models_list(list(self.models))
 
     @api.get("/healthz")
