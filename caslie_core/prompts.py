@@ -148,6 +148,12 @@ def plurality(votes: list[str | None]) -> bool:
     return yes > no
 
 
+def keep_caption(caption: str | None, error: dict | None, votes: list[str | None]) -> bool:
+    """The method's keep rule, for the batch job and the service alike: a caption exists, its image did
+    not fail, and `yes` wins the plurality of the judges' votes."""
+    return caption is not None and error is None and plurality(votes)
+
+
 # ---------------------------------------------------------------------------------------------
 # Instruction prompt (uniM3)
 
@@ -211,6 +217,7 @@ __all__ = [
     "clean_caption",
     "parse_judge_answer",
     "plurality",
+    "keep_caption",
     "instruction_prompt",
     "record_prompt",
     "extract_response",

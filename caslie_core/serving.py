@@ -33,7 +33,7 @@ from .prompts import (
     clean_caption,
     instruction_prompt,
     judge_question,
-    plurality,
+    keep_caption,
 )
 from .records import Record, parse_record
 
@@ -168,7 +168,7 @@ class ImageSlot:
 
     @property
     def kept(self) -> bool:
-        return self.caption is not None and self.error is None and plurality(list(self.votes.values()))
+        return keep_caption(self.caption, self.error, list(self.votes.values()))
 
     def report(self) -> dict:
         return {"index": self.index, "url": shown_url(self.url), "caption": self.caption, "votes": self.votes,
@@ -316,9 +316,9 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def key_matches(headers: dict, digest: str | None) -> bool:
-    """`Authorization: Bearer KEY` or `X-API-Key: KEY` against the configured key's digest (constant time).
-    No digest configured = no auth."""
+def key_matches(headers, digest: str | None) -> bool:
+    """`Authorization: Bearer KEY` or `X-API-Key: KEY` against the configured key's digest (constant time);
+    `headers` maps lower-case names (a dict) or is case-insensitive (Starlette). No digest = no auth."""
     if digest is None:
         return True
     auth = headers.get("authorization", "")

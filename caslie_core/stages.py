@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from .enrichment import assemble
 from .errors import ImageError, RecordError
 from .images import FetchPolicy, decode_image, digest, fetch_image
-from .prompts import PROMPT_VERSION, caption_request, judge_question, plurality
+from .prompts import PROMPT_VERSION, caption_request, judge_question, keep_caption
 from .records import Record, Reject, parse_record, raw_id
 from .tasks import get_task
 
@@ -334,7 +334,7 @@ def _finalize_one(row: dict, base: dict, judge_names: list[str]) -> dict:
     kept, results = [], []
     for i in range(n):
         image_votes = {name: votes[name][i] for name in judge_names}
-        keep = captions[i] is not None and errors[i] is None and plurality(list(image_votes.values()))
+        keep = keep_caption(captions[i], errors[i], list(image_votes.values()))
         kept.append(keep)
         results.append({
             "index": i, "url": rec.images[i], "caption": captions[i], "votes": image_votes, "kept": keep,

@@ -199,7 +199,7 @@ class Ingress:
         return b"".join(chunks)
 
     def _authorize(self, request: Request) -> None:
-        if not sv.key_matches({k.lower(): v for k, v in request.headers.items()}, self.key_digest):
+        if not sv.key_matches(request.headers, self.key_digest):  # Starlette headers: case-insensitive
             raise sv.ApiError(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
                               {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
@@ -488,8 +488,8 @@ def run(cfg: ServeConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     with serving(cfg) as url:
-        print(f"CASLIE is serving at {url} (models: {', '.join(app_spec(cfg)['models'])}); Ctrl-C stops it")
-        print(f"  curl {url}/healthz        API: {url}/docs")
+        print(f"CASLIE is serving at {url}; Ctrl-C stops it")
+        print(f"  curl {url}/healthz     models: {url}/v1/models     API: {url}/docs")
         try:
             while not stopped["flag"]:
                 time.sleep(0.5)
