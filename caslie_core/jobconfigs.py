@@ -217,6 +217,9 @@ class ScalingSettings(StrictModel):
                                                    "per worker (e.g. accelerator_type:H100: 0.001)")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: full replica per worker; fsdp: shard "
                                              "parameters across workers (large bases)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how workers are placed on nodes (Ray placement group strategy): PACK keeps them on "
+                            "as few nodes as fit (fast collectives); SPREAD puts them on different nodes when it can")
 
 
 class RunSettings(StrictModel):

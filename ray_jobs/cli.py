@@ -197,6 +197,18 @@ def run_guarded(command: str, fn) -> int:
         return 2
 
 
+def run_job_module(job: str) -> int:
+    """`python -m ray_jobs.<job>`: run the job from its importable module, not from `__main__`.
+
+    Run as `__main__`, the module's functions would be pickled for Ray's workers as `__main__.<name>`, which
+    the workers cannot import (the same file is `ray_jobs.<job>` there).
+    """
+    import importlib
+
+    module = importlib.import_module(f"ray_jobs.{job}")
+    return run_guarded(job, lambda: module.main(sys.argv[1:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_guarded(args.command, lambda: COMMANDS[args.command](args))

@@ -132,22 +132,41 @@ def _actor_id() -> str:
 
 
 class _RayCache:
-    """Client of the run-wide caption cache actor (the `CaptionCache` protocol)."""
+    """Client of the run-wide caption cache actor (the `CaptionCache` protocol), best effort.
+
+    The cache only saves work: when the actor cannot be reached (its node died and it is restarting, or it
+    is gone), claims come back "mine" (caption it here) and puts/releases are dropped, so a lost cache costs
+    duplicate captions, never records.
+    """
+
+    TIMEOUT_S = 60.0
 
     def __init__(self, name: str, namespace: str) -> None:
         import ray
 
         self.actor = ray.get_actor(name, namespace=namespace)
         self._ray = ray
+        self.unavailable = 0
+
+    def _get(self, ref, fallback):
+        try:
+            return self._ray.get(ref, timeout=self.TIMEOUT_S)
+        except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError,
+                self._ray.exceptions.GetTimeoutError) as e:
+            self.unavailable += 1
+            if self.unavailable == 1:
+                print(f"[enrich] caption cache unavailable ({type(e).__name__}); captioning without it until it "
+                      "is back")
+            return fallback
 
     def claim(self, keys, owner):
-        return self._ray.get(self.actor.claim.remote(keys, owner))
+        return self._get(self.actor.claim.remote(keys, owner), {k: ("mine", None) for k in keys})
 
     def put(self, items, owner):
-        self._ray.get(self.actor.put.remote(items, owner))
+        self._get(self.actor.put.remote(items, owner), None)
 
     def release(self, keys, owner):
-        self._ray.get(self.actor.release.remote(keys, owner))
+        self._get(self.actor.release.remote(keys, owner), None)
 
 
 class CaptionCacheActor:
@@ -360,6 +379,7 @@ def run(cfg: EnrichConfig) -> dict:
     """Run the job; return the summary (also written to `output.path/summary.json`)."""
     import fsspec
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started = init_ray(cfg.ray)
     t0 = time.time()
@@ -375,7 +395,10 @@ def run(cfg: EnrichConfig) -> dict:
         cache_actor, cache = None, None
         if cfg.dedup.enabled:
             name, ns = f"caslie-caption-cache-{run_id}", "caslie"
-            cache_actor = ray.remote(num_cpus=0)(CaptionCacheActor).options(name=name, namespace=ns).remote(
+            # On the driver's node (it lives as long as the job does); restarted empty if that fails anyway.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            cache_actor = ray.remote(num_cpus=0)(CaptionCacheActor).options(
+                name=name, namespace=ns, scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote(
                 cfg.dedup.claim_ttl_s, cfg.dedup.max_entries)
             cache = (name, ns)
         ds = build_dataset(cfg, done_ref=done_ref, cache=cache, chash=chash, run_id=run_id)
@@ -391,7 +414,7 @@ def run(cfg: EnrichConfig) -> dict:
                         f"error-rate limit passed: {failed} of {seen} records failed "
                         f"({failed / seen:.1%} > limits.max_failed_fraction={lim.max_failed_fraction}); "
                         f"see the `error` column under {parts_root(cfg.output.path)}; rerun to resume")
-            cache_stats = ray.get(cache_actor.stats.remote()) if cache_actor else {}
+            cache_stats = _cache_stats(cache_actor)
         finally:
             if cache_actor:
                 ray.kill(cache_actor)
@@ -409,6 +432,17 @@ def run(cfg: EnrichConfig) -> dict:
     finally:
         if started:
             ray.shutdown()
+
+
+def _cache_stats(actor) -> dict:
+    import ray
+
+    if actor is None:
+        return {}
+    try:
+        return ray.get(actor.stats.remote(), timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+        return {"unavailable": type(e).__name__}
 
 
 def make_summary(cfg: EnrichConfig, *, wall: float, processed_now: int, resumed: int, cache_stats: dict,
@@ -444,6 +478,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from ray_jobs.cli import run_guarded
+    from ray_jobs.cli import run_job_module
 
-    sys.exit(run_guarded("enrich", lambda: main(sys.argv[1:])))
+    sys.exit(run_job_module("enrich"))

@@ -263,6 +263,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from ray_jobs.cli import run_guarded
+    from ray_jobs.cli import run_job_module
 
-    sys.exit(run_guarded("evaluate", lambda: main(sys.argv[1:])))
+    sys.exit(run_job_module("evaluate"))

@@ -349,7 +349,12 @@ def train_loop_per_worker(c: dict) -> None:
         if missing:
             raise RuntimeError(f"checkpoint does not match the model/LoRA config: missing {sorted(missing)[:3]}")
         _unwrap(model).load_state_dict(saved, strict=False)
-    state["attempts"].append({"start_step": state["step"], "world_size": world, "time": time.time()})
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node] * world
+    if world > 1:
+        dist.all_gather_object(nodes, node)
+    state["attempts"].append({"start_step": state["step"], "world_size": world, "time": time.time(),
+                              "nodes": nodes})
     if rank == 0 and state["step"]:
         print(f"[train] resuming at step {state['step']} (epoch {state['epoch']}, "
               f"micro-batch {state['micro_in_epoch']})")
@@ -454,7 +459,7 @@ def train_loop_per_worker(c: dict) -> None:
                 with ctx_mgr:
                     ls, nt = micro_batch_loss(model, b)
                     (ls / max(nt, 1) / accum).backward()
-                loss_acc += float(ls)
+                loss_acc += float(ls.detach())
                 tok_acc += nt
                 real_tok += float(b["attention_mask"].sum())
                 if state["epoch"] == 0:
@@ -606,7 +611,8 @@ def run(cfg: TrainConfig) -> dict:
             train_loop_config={"config": cfg.model_dump(mode="json"), "total_steps": total,
                                "progress_dir": progress_dir, "config_hash": chash},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                                   resources_per_worker=resources),
+                                                   resources_per_worker=resources,
+                                                   placement_strategy=cfg.scaling.placement_strategy),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=storage,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
@@ -726,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from ray_jobs.cli import run_guarded
+    from ray_jobs.cli import run_job_module
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    sys.exit(run_guarded("train", lambda: main(sys.argv[1:])))
+    sys.exit(run_job_module("train"))

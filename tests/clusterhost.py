@@ -2,8 +2,8 @@
 
     python tests/clusterhost.py DASHBOARD_PORT    (env: RAY_AUTH_MODE=token, RAY_AUTH_TOKEN=...)
 
-Prints one JSON line {"dashboard", "gcs"} when ready, then reads commands: `add-worker`, `remove-worker`
-(the newest, ungracefully), `stop`. Its own process, because a process reads its Ray auth mode once.
+Prints one JSON line {"dashboard", "gcs", "head", "workers"} (node ids) when ready, then reads commands:
+`add-worker`, `remove-worker` (the newest, ungracefully), `stop`; answers each with {"done", "node", "workers"}. Its own process, because a process reads its Ray auth mode once.
 """
 
 import json
@@ -20,17 +20,21 @@ def main() -> None:
         "num_cpus": 2, "include_dashboard": True, "dashboard_port": port, "dashboard_host": "127.0.0.1",
         "object_store_memory": 200 * MB})
     workers = [cluster.add_node(num_cpus=2, object_store_memory=200 * MB)]
-    print(json.dumps({"dashboard": f"http://127.0.0.1:{port}", "gcs": cluster.address}), flush=True)
+    print(json.dumps({"dashboard": f"http://127.0.0.1:{port}", "gcs": cluster.address,
+                      "head": cluster.head_node.node_id, "workers": [w.node_id for w in workers]}), flush=True)
     try:
         for line in sys.stdin:
-            cmd = line.strip()
+            cmd, node = line.strip(), None
             if cmd == "add-worker":
                 workers.append(cluster.add_node(num_cpus=2, object_store_memory=200 * MB))
+                node = workers[-1].node_id
             elif cmd == "remove-worker" and workers:
-                cluster.remove_node(workers.pop(), allow_graceful=False)
+                gone = workers.pop()
+                node = gone.node_id
+                cluster.remove_node(gone, allow_graceful=False)
             elif cmd == "stop":
                 break
-            print(json.dumps({"done": cmd, "workers": len(workers)}), flush=True)
+            print(json.dumps({"done": cmd, "node": node, "workers": [w.node_id for w in workers]}), flush=True)
     finally:
         cluster.shutdown()
 

@@ -1,7 +1,9 @@
 """A real two-node Ray cluster on 127.0.0.1 with token authentication on; jobs go in through the Jobs API.
 
 The cluster is started by the test (`ray.cluster_utils.Cluster`: a head with the dashboard and a second raylet)
-with RAY_AUTH_MODE=token; clients run as subprocesses because a process reads its auth mode once.
+with RAY_AUTH_MODE=token; clients run as subprocesses because a process reads its auth mode once. The worker node
+is removed (ungracefully, as a lost VM or an evicted pod) while jobs run; both nodes share this machine's disk,
+which stands in for the shared storage (s3://, NFS) a real cluster keeps checkpoints and outputs on.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def secured_cluster(tiny_models, tmp_path_factory):
     env_file = tmp_path_factory.mktemp("renv") / "runtime_env.yaml"
     env_file.write_text("working_dir: .\nexcludes: ['.venv', '.git', 'demo-out', 'bench-out', '**/__pycache__', "
                         "'.pytest_cache', '*.egg-info']\n")
-    yield {"url": url, "token": token, "host": host, "runtime_env": str(env_file)}
+    yield {"url": url, "token": token, "host": host, "runtime_env": str(env_file), "head": info["head"],
+           "workers": info["workers"]}
     host.stdin.write("stop\n")
     host.stdin.flush()
     host.wait(timeout=60)
@@ -58,6 +61,58 @@ def _client_env(token: str | None) -> dict:
     return env
 
 
+def _host(cluster: dict, cmd: str) -> dict:
+    cluster["host"].stdin.write(cmd + "\n")
+    cluster["host"].stdin.flush()
+    answer = json.loads(cluster["host"].stdout.readline())
+    cluster["workers"] = answer["workers"]
+    return answer
+
+
+def _api(cluster: dict, path: str) -> dict:
+    r = requests.get(f"{cluster['url']}{path}", timeout=10, headers={"Authorization": f"Bearer {cluster['token']}"})
+    r.raise_for_status()
+    return r.json()
+
+
+def _submit_args(cluster: dict, job: str, config: str, overrides: list[str], *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "ray_jobs.cli", "submit", job, config, "--address", cluster["url"],
+            "--runtime-env", cluster["runtime_env"], *extra]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
+def _submit(cluster: dict, job: str, config: str, overrides: list[str]) -> str:
+    args = _submit_args(cluster, job, config, overrides)
+    done = subprocess.run(args, cwd=ROOT, env=_client_env(cluster["token"]), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.split(" as ", 1)[1].split()[0]
+
+
+def _status(cluster: dict, sid: str) -> str:
+    return _api(cluster, f"/api/jobs/{sid}")["status"]
+
+
+def _wait(cluster: dict, sid: str, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while (status := _status(cluster, sid)) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.time() < deadline:
+        time.sleep(1)
+    return status
+
+
+def _logs(cluster: dict, sid: str) -> str:
+    lines = _api(cluster, f"/api/jobs/{sid}/logs")["logs"].splitlines()
+    return "\n".join(line for line in lines if "(raylet)" not in line)[-6000:]  # the job's, not the nodes' lines
+
+
+def _alive_actors_on(cluster: dict, node: str) -> int:
+    q = (f"/api/v0/actors?limit=1000&filter_keys=node_id&filter_predicates=%3D&filter_values={node}"
+         "&filter_keys=state&filter_predicates=%3D&filter_values=ALIVE")
+    return len(_api(cluster, q)["data"]["result"]["result"])
+
+
 def test_jobs_api_refuses_requests_without_the_token(secured_cluster):
     r = requests.get(f"{secured_cluster['url']}/api/jobs/", timeout=10)
     assert r.status_code == 401
@@ -68,26 +123,81 @@ def test_jobs_api_refuses_requests_without_the_token(secured_cluster):
     assert r.status_code == 200
 
 
-def test_submit_enrichment_through_the_jobs_api(secured_cluster, tmp_path):
+def test_submission_without_the_token_fails_with_one_clear_line(secured_cluster, tmp_path):
+    args = _submit_args(secured_cluster, "enrich", "configs/enrich-demo.yaml",
+                        [f"input.path={tmp_path / 'x.jsonl'}", f"output.path={tmp_path / 'out'}"], "--wait")
+    refused = subprocess.run(args, cwd=ROOT, env=_client_env(None), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "authentication failed" in refused.stderr and "Traceback" not in refused.stderr
+    assert secured_cluster["token"] not in refused.stdout + refused.stderr
+    assert not _api(secured_cluster, "/api/jobs/")  # nothing was submitted
+
+
+def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_dies(secured_cluster, tmp_path):
+    """`caslie submit --wait` through the Jobs API; the worker node is killed once the job runs actors on it."""
     from caslie_core.synthetic import write_catalog
     from ray_jobs import enrich
 
-    m = write_catalog(tmp_path / "cat", 24, seed=11, broken_images=2)
+    N = 160
+    m = write_catalog(tmp_path / "cat", N, seed=12, broken_images=2)
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "ray_jobs.cli", "submit", "enrich", "configs/enrich-demo.yaml",
-            "--set", f"input.path={m['jsonl']}", "--set", f"output.path={out}", "--set", "records_per_batch=8",
-            "--address", secured_cluster["url"], "--runtime-env", secured_cluster["runtime_env"], "--wait"]
-
-    refused = subprocess.run(args, cwd=ROOT, env=_client_env(None), capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert secured_cluster["token"] not in refused.stdout + refused.stderr
-
-    done = subprocess.run(args, cwd=ROOT, env=_client_env(secured_cluster["token"]), capture_output=True,
-                          text=True, timeout=300)
-    text = done.stdout + done.stderr
-    assert done.returncode == 0 and "SUCCEEDED" in done.stdout, text[-3000:]
+    args = _submit_args(secured_cluster, "enrich", "configs/enrich-demo.yaml", [
+        f"input.path={m['jsonl']}", f"output.path={out}", "records_per_batch=4", "captioner.pool.batch_size=4"],
+        "--wait")
+    client = subprocess.Popen(args, cwd=ROOT, env=_client_env(secured_cluster["token"]), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    worker = secured_cluster["workers"][-1]
+    deadline, on_worker = time.time() + 180, 0
+    while time.time() < deadline and client.poll() is None:
+        # the job's actors run on the worker node and its first records are written
+        jobs = _api(secured_cluster, "/api/jobs/")
+        if jobs:
+            on_worker = _alive_actors_on(secured_cluster, worker)
+            if on_worker and enrich.list_parts(str(out)):
+                break
+        time.sleep(0.3)
+    assert client.poll() is None and on_worker, "the job never ran actors on the worker node"
+    before = len(enrich.read_output(str(out), ["id"]))
+    assert _host(secured_cluster, "remove-worker")["node"] == worker
+    try:
+        text, _ = client.communicate(timeout=300)
+    finally:
+        _host(secured_cluster, "add-worker")  # the autoscaler's part: a replacement node for the next test
+    sid = text.split(" as ", 1)[1].split()[0]
+    assert client.returncode == 0 and "SUCCEEDED" in text, _logs(secured_cluster, sid)
     assert secured_cluster["token"] not in text
+    assert before < N, "the node was removed after the job had written everything"
     ids = [r["id"] for r in enrich.read_output(str(out), ["id"])]
-    assert len(ids) == 24 and len(set(ids)) == 24
+    assert len(ids) == N and len(set(ids)) == N
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["records"] == 24 and summary["partial"] == 2 and summary["ok"] + summary["partial"] == 24
+    assert summary["records"] == N and summary["partial"] == 2 and summary["ok"] + summary["partial"] == N
+
+
+def test_training_spreads_over_both_nodes_and_resumes_after_one_is_removed(secured_cluster, train_catalog,
+                                                                            tmp_path):
+    every, total = 10, 40
+    storage, model = tmp_path / "shared" / "runs", tmp_path / "shared" / "model"
+    sid = _submit(secured_cluster, "train", "configs/train-demo.yaml", [
+        f"data.path={train_catalog}", f"run.storage_path={storage}", f"output.path={model}", "run.name=spread",
+        "scaling.placement_strategy=SPREAD", f"optim.max_steps={total}", f"checkpoint.every_steps={every}",
+        "eval.enabled=false", "optim.batch_size=4", "run.max_failures=2"])
+    worker = secured_cluster["workers"][-1]
+    progress = storage / "spread" / "progress"
+    deadline, lines = time.time() + 240, 0
+    while time.time() < deadline:  # a checkpoint is registered with Ray Train, and training has gone past it
+        assert _status(secured_cluster, sid) in ("PENDING", "RUNNING"), _logs(secured_cluster, sid)
+        lines = sum(len(p.read_text().splitlines()) for p in progress.glob("steps-*.jsonl")) \
+            if progress.exists() else 0
+        if (storage / "spread" / "checkpoint_manager_snapshot.json").exists() and lines > every:
+            break
+        time.sleep(0.1)
+    assert every < lines < total, f"the removal would come too early or too late ({lines} steps run)"
+    assert _host(secured_cluster, "remove-worker")["node"] == worker
+    assert _wait(secured_cluster, sid) == "SUCCEEDED", _logs(secured_cluster, sid)
+    s = json.loads((model / "summary.json").read_text())
+    first, *later = s["attempts"]
+    assert set(first["nodes"]) == {secured_cluster["head"], worker}  # one worker on each node
+    assert later and s["restarts"] >= 1 and worker not in later[-1]["nodes"]
+    assert later[0]["start_step"] > 0 and later[0]["start_step"] % every == 0  # resumed, not restarted
+    assert s["steps"] == total and s["loss_curve"]["steps"] == list(range(1, total + 1))
+    assert (model / "adapter" / "adapter_config.json").exists()
