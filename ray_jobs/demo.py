@@ -6,94 +6,125 @@ import json
 import time
 from pathlib import Path
 
+STAGES = ("catalog", "enrich", "train", "evaluate", "serve")
+
 
 def run_demo(workdir: str, *, records: int = 140, seed: int = 0) -> dict:
-    from caslie_core.synthetic import write_catalog
+    """Run every stage on the embedded default; write `workdir/summary.json`.
+
+    Each stage's section has the same shape: `output` (its folder, or None), `files` (what is in it worth
+    opening), `config` and `command` (the job a cluster user would submit for it), `figures` (headline numbers)
+    and `seconds`.
+    """
     from caslie_core.tiny_models import ensure_tiny_models
 
+    t0 = time.time()
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"workdir": str(work), "stages": {}}
-
-    t = time.time()
     models = ensure_tiny_models()
-    summary["stages"]["tiny_models"] = {"paths": models, "seconds": round(time.time() - t, 2)}
-    print(f"[demo] tiny models ready: {models['captioner']}, {models['lm']}")
-
-    t = time.time()
-    manifest = write_catalog(work / "catalog", records, seed=seed, broken_images=max(3, records // 40))
-    summary["stages"]["catalog"] = {
-        "output": str(work / "catalog"),
-        "records": manifest["records"],
-        "images": manifest["images"],
-        "broken_images": len(manifest["broken_images"]),
-        "splits": manifest["splits"],
-        "seconds": round(time.time() - t, 2),
-    }
-    print(f"[demo] synthetic catalog: {manifest['records']} records, {manifest['images']} images "
-          f"({len(manifest['broken_images'])} broken on purpose) in {work / 'catalog'}")
-
-    for name, stage in (("enrich", _enrich), ("train", _train), ("evaluate", _evaluate), ("serve", _serve)):
+    print(f"[demo] tiny models ready under {Path(models['lm']).parent}")
+    summary: dict = {"workdir": str(work), "tiny_models": models, "stages": {}}
+    steps = {"catalog": lambda: _catalog(work, records, seed), "enrich": lambda: _enrich(work),
+             "train": lambda: _train(work), "evaluate": lambda: _evaluate(work), "serve": lambda: _serve(work)}
+    for name in STAGES:
         t = time.time()
-        summary["stages"][name] = stage(work)
-        summary["stages"][name]["seconds"] = round(time.time() - t, 2)
-
+        section = steps[name]()
+        section["seconds"] = round(time.time() - t, 2)
+        summary["stages"][name] = section
+    summary["seconds"] = round(time.time() - t0, 2)
+    summary["summary"] = str(work / "summary.json")
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[demo] summary: {work / 'summary.json'}")
+    _print_where(summary)
     return summary
 
 
-def _enrich(work: Path) -> dict:
+def _print_where(summary: dict) -> None:
+    print(f"[demo] done in {summary['seconds']:.0f} s. Where everything is:")
+    for name, s in summary["stages"].items():
+        figures = ", ".join(f"{k} {_short(v)}" for k, v in s["figures"].items() if not isinstance(v, dict))
+        print(f"  {name:<9} {s['output'] or '(no files: the app was stopped after the request)'}")
+        print(f"  {'':<9} {figures}")
+        for label, path in s["files"].items():
+            print(f"  {'':<9} {label}: {path}")
+        print(f"  {'':<9} again: {s['command']}")
+    print(f"  {'summary':<9} {summary['summary']}")
+
+
+def _short(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _section(output: Path | None, config: str, command: str, figures: dict, **files) -> dict:
+    return {"output": str(output) if output else None, "files": {k: str(v) for k, v in files.items()},
+            "config": config, "command": command, "figures": figures}
+
+
+def _catalog(work: Path, records: int, seed: int) -> dict:
+    from caslie_core.synthetic import write_catalog
+
+    m = write_catalog(work / "catalog", records, seed=seed, broken_images=max(3, records // 40))
+    print(f"[demo] synthetic catalog: {m['records']} records, {m['images']} images "
+          f"({len(m['broken_images'])} broken on purpose) in {work / 'catalog'}")
+    return _section(work / "catalog", "", f"caslie synth {work / 'catalog'} --records {records} --seed {seed} "
+                    f"--broken-images {len(m['broken_images'])}",
+                    {"records": m["records"], "images": m["images"], "broken_images": len(m["broken_images"]),
+                     "splits": m["splits"]},
+                    records=work / "catalog" / "records.jsonl", manifest=work / "catalog" / "manifest.json")
+
+
+def _job(job: str, overrides: list[str]):
+    """Load `configs/<job>-demo.yaml` with the demo's paths, as `caslie <job> CONFIG --set ...` would."""
     from caslie_core.config import load_config
-    from caslie_core.jobconfigs import EnrichConfig
-    from ray_jobs import enrich
+    from caslie_core.jobconfigs import JOB_CONFIGS
     from ray_jobs.common import ROOT
 
-    cfg = load_config(EnrichConfig, ROOT / "configs" / "enrich-demo.yaml", [
-        f"input.path={work / 'catalog' / 'records.jsonl'}", f"output.path={work / 'enriched'}",
-    ])
+    config = f"configs/{job}-demo.yaml"
+    cfg = load_config(JOB_CONFIGS[job], ROOT / config, overrides)
+    command = " ".join([f"caslie {job} {config}", *(f"--set {o}" for o in overrides)])
+    return cfg, config, command
+
+
+def _enrich(work: Path) -> dict:
+    from ray_jobs import enrich
+
+    cfg, config, command = _job("enrich", [f"input.path={work / 'catalog' / 'records.jsonl'}",
+                                           f"output.path={work / 'enriched'}"])
     s = enrich.run(cfg)
-    return {
-        "output": s["records_path"],
-        "records": s["records"], "ok": s["ok"], "partial": s["partial"], "failed": s["failed"],
-        "kept_share_per_task": s["kept_share_per_task"], "errors_per_stage": s["errors_per_stage"],
-    }
+    return _section(work / "enriched", config, command,
+                    {"records": s["records"], "ok": s["ok"], "partial": s["partial"], "failed": s["failed"],
+                     "kept_share_per_task": s["kept_share_per_task"], "errors_per_stage": s["errors_per_stage"]},
+                    records=s["records_path"], summary=work / "enriched" / "summary.json")
 
 
 def _train(work: Path) -> dict:
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import TrainConfig
     from ray_jobs import train
-    from ray_jobs.common import ROOT
 
-    cfg = load_config(TrainConfig, ROOT / "configs" / "train-demo.yaml", [
-        f"data.path={work / 'enriched'}", f"run.storage_path={work / 'train-runs'}", f"output.path={work / 'model'}",
-    ])
+    cfg, config, command = _job("train", [f"data.path={work / 'enriched'}", f"run.storage_path={work / 'train-runs'}",
+                                          f"output.path={work / 'model'}"])
     s = train.run(cfg)
     curve = s["loss_curve"]
     losses = curve["loss"]
     marks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4, len(losses) - 1}) if losses else []
     print("[demo] loss curve: " + ", ".join(f"step {curve['steps'][i]}: {losses[i]:.3f}" for i in marks)
           + (f"; eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""))
-    return {
-        "adapter": s["adapter"], "steps": s["steps"], "train_rows": s["data"]["train_rows_used"],
-        "skipped_failed": s["data"]["skipped_failed"], "loss_first": curve["first"], "loss_last": curve["last"],
-        "eval_loss": s["eval_loss"], "tokens_per_s": s["tokens_per_s"], "run": s["storage"],
-    }
+    return _section(work / "model", config, command,
+                    {"steps": s["steps"], "train_rows": s["data"]["train_rows_used"],
+                     "skipped_failed": s["data"]["skipped_failed"], "loss_first": curve["first"],
+                     "loss_last": curve["last"], "eval_loss": s["eval_loss"], "tokens_per_s": s["tokens_per_s"]},
+                    adapter=s["adapter"], summary=work / "model" / "summary.json", checkpoints=s["storage"])
 
 
 def _evaluate(work: Path) -> dict:
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import EvaluateConfig
     from ray_jobs import evaluate
-    from ray_jobs.common import ROOT
 
-    cfg = load_config(EvaluateConfig, ROOT / "configs" / "evaluate-demo.yaml", [
-        f"model.path={work / 'model'}", f"data.path={work / 'enriched'}", f"output.path={work / 'evaluation'}",
-    ])
+    cfg, config, command = _job("evaluate", [f"model.path={work / 'model'}", f"data.path={work / 'enriched'}",
+                                             f"output.path={work / 'evaluation'}"])
     s = evaluate.run(cfg)  # prints the table
-    return {"results": s["results"], "prompts": s["prompts"], "invalid": s["invalid"],
-            "not_evaluated": s["not_evaluated"], "prompts_per_second": s["prompts_per_second"]}
+    return _section(work / "evaluation", config, command,
+                    {"prompts": s["prompts"], "invalid": s["invalid"], "not_evaluated": s["not_evaluated"],
+                     "prompts_per_second": s["prompts_per_second"]},
+                    table=s["results"]["markdown"], chart=s["results"]["chart"], results=s["results"]["json"],
+                    summary=work / "evaluation" / "summary.json")
 
 
 def _free_port(preferred: int) -> int:
@@ -136,6 +167,9 @@ def _serve(work: Path) -> dict:
     print(f"[demo] served at {url}: POST /v1/predict {rec['task']} {rec['id']} -> answer {out['answer']!r} "
           f"(gold {rec['output']!r}); caption kept: {img['kept']} (votes {img['votes']}); "
           f"{out['timings_ms']['total']:.0f} ms")
-    return {"url": url, "request": {"id": rec["id"], "task": rec["task"]}, "answer": out["answer"],
-            "gold": rec["output"], "valid": out["valid"], "status": out["status"], "caption_kept": img["kept"],
-            "votes": img["votes"], "timings_ms": out["timings_ms"], "config": "configs/serve-demo.yaml"}
+    return _section(None, "configs/serve-demo.yaml",
+                    f"caslie serve configs/serve-demo.yaml --set model.path={work / 'model'}",
+                    {"served_at": url, "request": f"{rec['task']} {rec['id']}", "answer": out["answer"],
+                     "gold": rec["output"], "valid": out["valid"], "status": out["status"],
+                     "caption_kept": img["kept"], "votes": img["votes"], "timings_ms": out["timings_ms"]},
+                    model=work / "model" / "adapter")
