@@ -124,3 +124,26 @@ def test_runtime_env_holds_no_secrets():
     assert env["working_dir"] == "."
     secretish = [n for n in env.get("env_vars", {}) if n.endswith(("_TOKEN", "_KEY", "_KEY_ID")) or "SECRET" in n]
     assert not secretish
+
+
+def _secret_refs(node) -> set[tuple[str, str]]:
+    if isinstance(node, dict):
+        ref = node.get("secretKeyRef")
+        found = {(ref["name"], ref["key"])} if isinstance(ref, dict) else set()
+        return found.union(*(_secret_refs(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_secret_refs(v) for v in node))
+    return set()
+
+
+def test_the_readme_creates_every_secret_the_manifests_read():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    created = {(m.group(1), key) for m in re.finditer(r"kubectl create secret generic (\S+)((?: --from-literal=\S+)+)",
+                                                      readme)
+               for key in re.findall(r"--from-literal=([\w.-]+)=", m.group(2))}
+    wanted = set().union(*(_secret_refs(list(yaml.safe_load_all((ROOT / "cluster" / "kuberay" / f).read_text())))
+                           for f in ("raycluster.yaml", "rayjob-enrich.yaml", "rayjob-train.yaml",
+                                     "rayservice.yaml")))
+    assert wanted and wanted <= created, sorted(wanted - created)
