@@ -50,16 +50,36 @@ def build_bench_models(out: Path, size: str) -> dict[str, str]:
     torch.manual_seed(0)
     proc = AutoProcessor.from_pretrained(tiny["captioner"])
     tok = proc.tokenizer
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=2048, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     image_size, patch = 64, 8
-    vision = CLIPVisionConfig(hidden_size=hidden // 2, intermediate_size=hidden, num_hidden_layers=layers,
-                              num_attention_heads=heads // 2, image_size=image_size, patch_size=patch)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_select_strategy="default", vision_feature_layer=-1,
-                      image_seq_length=(image_size // patch) ** 2, pad_token_id=tok.pad_token_id)
+    vision = CLIPVisionConfig(
+        hidden_size=hidden // 2,
+        intermediate_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads // 2,
+        image_size=image_size,
+        patch_size=patch,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=(image_size // patch) ** 2,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlavaForConditionalGeneration(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = None  # random weights: always generate the full length
@@ -154,29 +174,61 @@ def main() -> None:
     rows_n, rows_2n = raw_rows(cat["jsonl"], args.images), raw_rows(cat["jsonl"])
     n_images = count_images(rows_n)
     policy = FetchPolicy(allow_local_files=True)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                 "cuda": torch.cuda.is_available(),
-                                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-                     "captioner": {"size": args.size, "image_size": size, "max_new_tokens": args.max_new_tokens},
-                     "images": n_images}
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "captioner": {"size": args.size, "image_size": size, "max_new_tokens": args.max_new_tokens},
+        "images": n_images,
+    }
     micro = 16
     captioner_1 = Captioner(models["captioner"], max_new_tokens=args.max_new_tokens, batch_size=1, device=args.device)
-    captioner_b = Captioner(models["captioner"], max_new_tokens=args.max_new_tokens, batch_size=micro,
-                            device=args.device)
+    captioner_b = Captioner(
+        models["captioner"], max_new_tokens=args.max_new_tokens, batch_size=micro, device=args.device
+    )
     judge = Judge(models["lm"], mode="logits", batch_size=micro, device=args.device)
     prov = {"run_id": "bench"}
 
     # warm-up (first generate call compiles kernels / allocates)
-    stages.run_local(rows_n[:2], policy=policy, captioner=captioner_b, judges={"j": judge}, size=size,
-                     max_pixels=10**8, provenance=prov, batch=2)
+    stages.run_local(
+        rows_n[:2],
+        policy=policy,
+        captioner=captioner_b,
+        judges={"j": judge},
+        size=size,
+        max_pixels=10**8,
+        provenance=prov,
+        batch=2,
+    )
 
     t = time.perf_counter()  # (a) one image at a time, no dedup cache
-    stages.run_local(rows_n, policy=policy, captioner=captioner_1, judges={"j": judge}, size=size,
-                     max_pixels=10**8, provenance=prov, batch=1, cache=_NoCache())
+    stages.run_local(
+        rows_n,
+        policy=policy,
+        captioner=captioner_1,
+        judges={"j": judge},
+        size=size,
+        max_pixels=10**8,
+        provenance=prov,
+        batch=1,
+        cache=_NoCache(),
+    )
     a = time.perf_counter() - t
     t = time.perf_counter()  # (b) batched plain loop
-    stages.run_local(rows_n, policy=policy, captioner=captioner_b, judges={"j": judge}, size=size,
-                     max_pixels=10**8, provenance=prov, batch=micro * 2, cache=_NoCache())
+    stages.run_local(
+        rows_n,
+        policy=policy,
+        captioner=captioner_b,
+        judges={"j": judge},
+        size=size,
+        max_pixels=10**8,
+        provenance=prov,
+        batch=micro * 2,
+        cache=_NoCache(),
+    )
     b = time.perf_counter() - t
     results["a_one_at_a_time"] = {"seconds": round(a, 3), "images_per_s": round(n_images / a, 3)}
     results["b_batched_loop"] = {"seconds": round(b, 3), "images_per_s": round(n_images / b, 3)}
@@ -189,13 +241,26 @@ def main() -> None:
         path = work / f"records-{n_rows}.jsonl"
         path.write_text("".join(r["text"] for r in rows_2n[:n_rows]))
         gpu = 1 if torch.cuda.is_available() else 0
-        return load_config(EnrichConfig, ROOT / "configs" / "enrich-demo.yaml", [
-            f"input.path={path}", f"output.path={out}", f"captioner.model={models['captioner']}",
-            f"captioner.max_new_tokens={args.max_new_tokens}", f"captioner.micro_batch={micro}",
-            f"captioner.pool.batch_size={micro * 2}", f"captioner.pool.num_gpus={gpu}", "captioner.pool.num_cpus=2",
-            f"judges=[{{name: j, model: {models['lm']}, mode: logits, micro_batch: {micro}, "
-            f"pool: {{num_cpus: 1, batch_size: {micro * 2}, num_gpus: {0.5 * gpu}}}}}]",
-            f"decode.image_size={size}", f"records_per_batch={micro}", "ray.num_cpus=4", *extra])
+        return load_config(
+            EnrichConfig,
+            ROOT / "configs" / "enrich-demo.yaml",
+            [
+                f"input.path={path}",
+                f"output.path={out}",
+                f"captioner.model={models['captioner']}",
+                f"captioner.max_new_tokens={args.max_new_tokens}",
+                f"captioner.micro_batch={micro}",
+                f"captioner.pool.batch_size={micro * 2}",
+                f"captioner.pool.num_gpus={gpu}",
+                "captioner.pool.num_cpus=2",
+                f"judges=[{{name: j, model: {models['lm']}, mode: logits, micro_batch: {micro}, "
+                f"pool: {{num_cpus: 1, batch_size: {micro * 2}, num_gpus: {0.5 * gpu}}}}}]",
+                f"decode.image_size={size}",
+                f"records_per_batch={micro}",
+                "ray.num_cpus=4",
+                *extra,
+            ],
+        )
 
     import shutil
 
@@ -216,10 +281,12 @@ def main() -> None:
     # With too few images the difference is inside start-up noise: report end-to-end only.
     marginal = (n_2 - n_images) / delta if delta > 0.2 * timings["N"] else float("nan")
     results["c_ray_job"] = {
-        "seconds_N": round(timings["N"], 3), "seconds_2N": round(timings["2N"], 3),
+        "seconds_N": round(timings["N"], 3),
+        "seconds_2N": round(timings["2N"], 3),
         "images_per_s_end_to_end_N": round(n_images / timings["N"], 3),
         "images_per_s_marginal": None if marginal != marginal else round(marginal, 3),
     }
+
     def ratio(x, y):
         return None if x != x else round(x / y, 3)
 
@@ -232,9 +299,12 @@ def main() -> None:
 
     # Judge modes on the same questions
     lm_judge_gen = Judge(models["lm"], mode="generate", max_new_tokens=16, batch_size=micro, device=args.device)
-    questions = [f"A model must identify a product's category. Product title: 'Acme phone {i}'. Information "
-                 f"extracted from the product image: 'a black phone'. Will the information help? Answer only "
-                 f"yes or no." for i in range(args.judge_questions)]
+    questions = [
+        f"A model must identify a product's category. Product title: 'Acme phone {i}'. Information "
+        f"extracted from the product image: 'a black phone'. Will the information help? Answer only "
+        f"yes or no."
+        for i in range(args.judge_questions)
+    ]
     judge.vote(questions[:micro])
     t = time.perf_counter()
     judge.vote(questions)
@@ -242,8 +312,13 @@ def main() -> None:
     t = time.perf_counter()
     lm_judge_gen.vote(questions)
     gen = time.perf_counter() - t
-    results["judge"] = {"questions": len(questions), "logits_s": round(lg, 3), "generate_s": round(gen, 3),
-                        "generate_over_logits": round(gen / lg, 2), "target": 5.0}
+    results["judge"] = {
+        "questions": len(questions),
+        "logits_s": round(lg, 3),
+        "generate_s": round(gen, 3),
+        "generate_over_logits": round(gen / lg, 2),
+        "target": 5.0,
+    }
 
     if not args.skip_memory:  # tiny models: memory, not compute, is the question here
         mem = {}
@@ -251,14 +326,21 @@ def main() -> None:
             mcat = write_catalog(work / f"mem-{label}", n, seed=3)
             out = work / f"mem-out-{label}"
             shutil.rmtree(out, ignore_errors=True)
-            cfg = load_config(EnrichConfig, ROOT / "configs" / "enrich-demo.yaml",
-                              [f"input.path={mcat['jsonl']}", f"output.path={out}"])
+            cfg = load_config(
+                EnrichConfig,
+                ROOT / "configs" / "enrich-demo.yaml",
+                [f"input.path={mcat['jsonl']}", f"output.path={out}"],
+            )
             with PeakSampler(os.getpid()) as sampler:
                 t = time.perf_counter()
                 s = enrich.run(cfg)
                 elapsed = time.perf_counter() - t
-            mem[label] = {"records": n, "images": s["images"], "peak_rss_mb": round(sampler.peak / 2**20, 1),
-                          "seconds": round(elapsed, 2)}
+            mem[label] = {
+                "records": n,
+                "images": s["images"],
+                "peak_rss_mb": round(sampler.peak / 2**20, 1),
+                "seconds": round(elapsed, 2),
+            }
         mem["ratio_10N_over_N"] = round(mem["10N"]["peak_rss_mb"] / mem["N"]["peak_rss_mb"], 3)
         mem["target"] = 1.25
         results["memory"] = mem

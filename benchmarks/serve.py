@@ -26,12 +26,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-             "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}.items():
+for k, v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "OMP_NUM_THREADS": "1",
+}.items():
     os.environ.setdefault(k, v)
 
-RECORD = {"task": "CC", "instruction": "Given a product title, choose the product's category from the options.",
-          "input": {"title": "Polar green mug"}, "options": ["A: Electronics", "B: Kitchen", "C: Toys", "D: Garden"]}
+RECORD = {
+    "task": "CC",
+    "instruction": "Given a product title, choose the product's category from the options.",
+    "input": {"title": "Polar green mug"},
+    "options": ["A: Electronics", "B: Kitchen", "C: Toys", "D: Garden"],
+}
 
 
 def image_uri() -> str:
@@ -69,9 +78,15 @@ async def load(url: str, body: dict, clients: int, per_client: int) -> dict:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(clients)))
         wall = time.perf_counter() - t0
-    return {"clients": clients, "requests": len(latencies), "codes": codes, "wall_s": round(wall, 2),
-            "rps": round(len(latencies) / wall, 2), "p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
-            "p99_ms": round(percentile(latencies, 0.99) * 1000, 1)}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "codes": codes,
+        "wall_s": round(wall, 2),
+        "rps": round(len(latencies) / wall, 2),
+        "p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+    }
 
 
 def config(port: int, batching: bool, predictor: str, device: str, max_new_tokens: int):
@@ -79,15 +94,29 @@ def config(port: int, batching: bool, predictor: str, device: str, max_new_token
     from caslie_core.jobconfigs import ServeConfig
 
     gpu = 0.2 if device == "cuda" else 0
-    dep = (f"{{num_cpus: 0.25, num_gpus: {gpu}, max_ongoing_requests: 64, max_queued_requests: -1, "
-           f"autoscaling: {{min_replicas: 1, max_replicas: 1}}, "
-           f"batching: {{enabled: {str(batching).lower()}, max_batch_size: 32, wait_timeout_s: 0.01}}}}")
-    return load_config(ServeConfig, ROOT / "configs" / "serve-demo.yaml", [
-        f"http.port={port}", "http.ingress={num_cpus: 0.25, max_ongoing_requests: 256, max_queued_requests: -1}",
-        "model.path=null", f"model.model={predictor}", "model.serve_base=false", "model.name=bench",
-        f"model.max_new_tokens={max_new_tokens}", f"model.deployment={dep}", f"captioner.deployment={dep}",
-        f"judges.0.deployment={dep}", f"judges.1.deployment={dep}", "ray.num_cpus=null",
-    ])
+    dep = (
+        f"{{num_cpus: 0.25, num_gpus: {gpu}, max_ongoing_requests: 64, max_queued_requests: -1, "
+        f"autoscaling: {{min_replicas: 1, max_replicas: 1}}, "
+        f"batching: {{enabled: {str(batching).lower()}, max_batch_size: 32, wait_timeout_s: 0.01}}}}"
+    )
+    return load_config(
+        ServeConfig,
+        ROOT / "configs" / "serve-demo.yaml",
+        [
+            f"http.port={port}",
+            "http.ingress={num_cpus: 0.25, max_ongoing_requests: 256, max_queued_requests: -1}",
+            "model.path=null",
+            f"model.model={predictor}",
+            "model.serve_base=false",
+            "model.name=bench",
+            f"model.max_new_tokens={max_new_tokens}",
+            f"model.deployment={dep}",
+            f"captioner.deployment={dep}",
+            f"judges.0.deployment={dep}",
+            f"judges.1.deployment={dep}",
+            "ray.num_cpus=null",
+        ],
+    )
 
 
 def main() -> None:
@@ -128,15 +157,23 @@ def main() -> None:
         ray.shutdown()
     top = str(max(clients))
     on, off = results["on"][top], results["off"][top]
-    ratios = {"throughput_on_over_off": round(on["rps"] / off["rps"], 2),
-              "p99_on_over_off": round(on["p99_ms"] / off["p99_ms"], 2)}
+    ratios = {
+        "throughput_on_over_off": round(on["rps"] / off["rps"], 2),
+        "p99_on_over_off": round(on["p99_ms"] / off["p99_ms"], 2),
+    }
     out = {
-        "benchmark": "serve", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                          "device": args.device},
-        "setup": {"predictor": args.size, "max_new_tokens": args.max_new_tokens, "requests_per_client": args.requests,
-                  "max_batch_size": 32, "replicas_per_deployment": 1,
-                  "request": "CC record, one 64x48 JPEG as data: URI; captioner + 2 judges + predictor"},
-        "results": results, f"at_{top}_clients": ratios,
+        "benchmark": "serve",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": args.device},
+        "setup": {
+            "predictor": args.size,
+            "max_new_tokens": args.max_new_tokens,
+            "requests_per_client": args.requests,
+            "max_batch_size": 32,
+            "replicas_per_deployment": 1,
+            "request": "CC record, one 64x48 JPEG as data: URI; captioner + 2 judges + predictor",
+        },
+        "results": results,
+        f"at_{top}_clients": ratios,
         "target": {"throughput_on_over_off": ">= 3", "p99_on_over_off": "<= 2"},
         "target_met": ratios["throughput_on_over_off"] >= 3 and ratios["p99_on_over_off"] <= 2,
         "command": "python " + " ".join(sys.argv),

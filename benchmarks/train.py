@@ -24,8 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}.items():
+for k, v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}.items():
     os.environ.setdefault(k, v)
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate
@@ -48,17 +53,34 @@ def build_model(out: Path, size: str) -> str:
     tok = AutoTokenizer.from_pretrained(ensure_tiny_models()["tokenizer"])
     hidden, layers, heads, kv, inter = SIZES[size]
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
 
-def plain_loop(model_path: str, rows: list[dict], *, batch_size: int, max_length: int, epochs: int, device: str,
-               threads: int | None) -> dict:
+def plain_loop(
+    model_path: str,
+    rows: list[dict],
+    *,
+    batch_size: int,
+    max_length: int,
+    epochs: int,
+    device: str,
+    threads: int | None,
+) -> dict:
     """A single-process peft loop: the baseline."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,7 +104,7 @@ def plain_loop(model_path: str, rows: list[dict], *, batch_size: int, max_length
     t_first, tokens, step = None, 0, 0
     for _ in range(epochs):
         for i in range(0, len(enc), batch_size):
-            chunk = enc[i:i + batch_size]
+            chunk = enc[i : i + batch_size]
             b = T.collate([c[0] for c in chunk], [c[1] for c in chunk], tok.pad_token_id, device=dev)
             loss, n = T.micro_batch_loss(model, b)
             (loss / max(n, 1)).backward()
@@ -98,29 +120,66 @@ def plain_loop(model_path: str, rows: list[dict], *, batch_size: int, max_length
             else:
                 tokens += int(b["attention_mask"].sum())
     wall = time.time() - t_first
-    return {"steps": step, "tokens_timed": tokens, "seconds_timed": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 1), "device": dev, "threads": threads}
+    return {
+        "steps": step,
+        "tokens_timed": tokens,
+        "seconds_timed": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "device": dev,
+        "threads": threads,
+    }
 
 
-def job(model_path: str, data: str, work: Path, *, workers: int, batch_size: int, max_length: int, epochs: int,
-        gpu: bool, cpus_per_worker: float) -> dict:
+def job(
+    model_path: str,
+    data: str,
+    work: Path,
+    *,
+    workers: int,
+    batch_size: int,
+    max_length: int,
+    epochs: int,
+    gpu: bool,
+    cpus_per_worker: float,
+) -> dict:
     from caslie_core.config import load_config
     from caslie_core.jobconfigs import TrainConfig
     from ray_jobs import train
 
-    cfg = load_config(TrainConfig, ROOT / "configs" / "train-demo.yaml", [
-        f"model.model={model_path}", f"data.path={data}", f"run.storage_path={work / 'runs'}",
-        f"output.path={work / f'model-{workers}'}", f"run.name=bench-{workers}-{int(time.time())}",
-        f"scaling.num_workers={workers}", f"scaling.use_gpu={str(gpu).lower()}",
-        f"scaling.cpus_per_worker={cpus_per_worker}", f"optim.batch_size={batch_size}", f"optim.epochs={epochs}",
-        f"data.max_length={max_length}", "eval.enabled=false", "checkpoint.every_steps=100000",
-        "lora.modules_to_save=[]", "lora.alpha=16", "lora.dropout=0.1", "optim.lr=1e-4", "model.dtype=auto",
-        "ray.num_cpus=null" if gpu else f"ray.num_cpus={os.cpu_count()}",
-    ])
+    cfg = load_config(
+        TrainConfig,
+        ROOT / "configs" / "train-demo.yaml",
+        [
+            f"model.model={model_path}",
+            f"data.path={data}",
+            f"run.storage_path={work / 'runs'}",
+            f"output.path={work / f'model-{workers}'}",
+            f"run.name=bench-{workers}-{int(time.time())}",
+            f"scaling.num_workers={workers}",
+            f"scaling.use_gpu={str(gpu).lower()}",
+            f"scaling.cpus_per_worker={cpus_per_worker}",
+            f"optim.batch_size={batch_size}",
+            f"optim.epochs={epochs}",
+            f"data.max_length={max_length}",
+            "eval.enabled=false",
+            "checkpoint.every_steps=100000",
+            "lora.modules_to_save=[]",
+            "lora.alpha=16",
+            "lora.dropout=0.1",
+            "optim.lr=1e-4",
+            "model.dtype=auto",
+            "ray.num_cpus=null" if gpu else f"ray.num_cpus={os.cpu_count()}",
+        ],
+    )
     t = time.time()
     s = train.run(cfg)
-    return {"workers": workers, "steps": s["steps"], "tokens_per_s": round(s["tokens_per_s"], 1),
-            "tokens_per_s_per_worker": round(s["tokens_per_s"] / workers, 1), "wall_seconds": round(time.time() - t, 1)}
+    return {
+        "workers": workers,
+        "steps": s["steps"],
+        "tokens_per_s": round(s["tokens_per_s"], 1),
+        "tokens_per_s_per_worker": round(s["tokens_per_s"] / workers, 1),
+        "wall_seconds": round(time.time() - t, 1),
+    }
 
 
 def main() -> None:
@@ -148,8 +207,15 @@ def main() -> None:
     ncpu = os.cpu_count() or 2
     per_worker_cpus = max(0.5, (ncpu - 0.5) / args.workers) if not gpu else 4
     threads = None if gpu else max(1, int(per_worker_cpus))
-    plain = plain_loop(model_path, rows, batch_size=args.batch_size, max_length=args.max_length, epochs=args.epochs,
-                       device=args.device, threads=threads)
+    plain = plain_loop(
+        model_path,
+        rows,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        epochs=args.epochs,
+        device=args.device,
+        threads=threads,
+    )
     print(f"[bench] plain loop: {plain['tokens_per_s']} tokens/s")
     concurrent = None
     if not gpu and args.workers > 1:
@@ -157,29 +223,62 @@ def main() -> None:
         import multiprocessing as mp
 
         with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
-            futs = [pool.submit(plain_loop, model_path, rows, batch_size=args.batch_size, max_length=args.max_length,
-                                epochs=args.epochs, device=args.device, threads=threads) for _ in range(args.workers)]
+            futs = [
+                pool.submit(
+                    plain_loop,
+                    model_path,
+                    rows,
+                    batch_size=args.batch_size,
+                    max_length=args.max_length,
+                    epochs=args.epochs,
+                    device=args.device,
+                    threads=threads,
+                )
+                for _ in range(args.workers)
+            ]
             runs = [f.result() for f in futs]
-        concurrent = {"processes": args.workers, "tokens_per_s_each": [r["tokens_per_s"] for r in runs],
-                      "mean_tokens_per_s": round(sum(r["tokens_per_s"] for r in runs) / len(runs), 1)}
+        concurrent = {
+            "processes": args.workers,
+            "tokens_per_s_each": [r["tokens_per_s"] for r in runs],
+            "mean_tokens_per_s": round(sum(r["tokens_per_s"] for r in runs) / len(runs), 1),
+        }
         print(f"[bench] {args.workers} plain loops at once: {concurrent['mean_tokens_per_s']} tokens/s each")
-    ray_job = job(model_path, data, work, workers=args.workers, batch_size=args.batch_size,
-                  max_length=args.max_length, epochs=args.epochs, gpu=gpu, cpus_per_worker=per_worker_cpus)
+    ray_job = job(
+        model_path,
+        data,
+        work,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        epochs=args.epochs,
+        gpu=gpu,
+        cpus_per_worker=per_worker_cpus,
+    )
     print(f"[bench] job x{args.workers}: {ray_job['tokens_per_s']} tokens/s")
     ratio = ray_job["tokens_per_s_per_worker"] / plain["tokens_per_s"]
     result = {
         "benchmark": "train",
         "machine": {"cpus": ncpu, "device": args.device},
-        "model": {"size": args.size, "dims": dict(zip(["hidden", "layers", "heads", "kv_heads", "intermediate"],
-                                                      SIZES[args.size]))},
-        "settings": {"records": args.records, "batch_size": args.batch_size, "max_length": args.max_length,
-                     "epochs": args.epochs, "lora": "r16 alpha16 all projections"},
+        "model": {
+            "size": args.size,
+            "dims": dict(zip(["hidden", "layers", "heads", "kv_heads", "intermediate"], SIZES[args.size])),
+        },
+        "settings": {
+            "records": args.records,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "epochs": args.epochs,
+            "lora": "r16 alpha16 all projections",
+        },
         "plain_loop": plain,
         "job": ray_job,
         "plain_loops_concurrent": concurrent,
         "per_worker_over_plain": round(ratio, 3),
-        "per_worker_over_concurrent_plain": round(ray_job["tokens_per_s_per_worker"] / concurrent["mean_tokens_per_s"],
-                                                  3) if concurrent else None,
+        "per_worker_over_concurrent_plain": round(
+            ray_job["tokens_per_s_per_worker"] / concurrent["mean_tokens_per_s"], 3
+        )
+        if concurrent
+        else None,
         "target": 0.9,
         "met": ratio >= 0.9,
     }

@@ -13,8 +13,14 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def run_batched(items: Sequence[T], batch_size: int, run: Callable[[list[T]], list[R]],
-                failed: Callable[[BaseException], R], *, sort_key: Callable[[T], Any] | None = None) -> list[R]:
+def run_batched(
+    items: Sequence[T],
+    batch_size: int,
+    run: Callable[[list[T]], list[R]],
+    failed: Callable[[BaseException], R],
+    *,
+    sort_key: Callable[[T], Any] | None = None,
+) -> list[R]:
     """`run` over batches of `items`; results in the items' order.
 
     A batch that raises is retried item by item, and an item that still raises gets `failed(error)`.
@@ -22,7 +28,7 @@ def run_batched(items: Sequence[T], batch_size: int, run: Callable[[list[T]], li
     order = sorted(range(len(items)), key=lambda i: sort_key(items[i])) if sort_key else list(range(len(items)))
     results: list[Any] = [None] * len(items)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         try:
             for i, r in zip(idx, run([items[i] for i in idx]), strict=True):
                 results[i] = r

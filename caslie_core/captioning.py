@@ -23,8 +23,17 @@ class CaptionResult:
 class Captioner:
     """Loads the model and processor once; `caption` is called per batch."""
 
-    def __init__(self, model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "auto",
-                 max_new_tokens: int = 128, batch_size: int = 8, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_new_tokens: int = 128,
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+    ) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -40,9 +49,13 @@ class Captioner:
             tok.padding_side = "left"
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            path, revision=revision, dtype=self.dtype, trust_remote_code=trust_remote_code
-        ).to(self.device).eval()
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(
+                path, revision=revision, dtype=self.dtype, trust_remote_code=trust_remote_code
+            )
+            .to(self.device)
+            .eval()
+        )
         if self.model.generation_config.pad_token_id is None and tok is not None:
             self.model.generation_config.pad_token_id = tok.pad_token_id
         self.max_new_tokens = max_new_tokens
@@ -60,11 +73,12 @@ class Captioner:
     def _generate(self, images: list[Any], prompts: list[str]) -> list[str | None]:
         texts = [self.render(p) for p in prompts]
         enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
-        enc = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-               for k, v in enc.items()}
+        enc = {
+            k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in enc.items()
+        }
         with self._torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False)
-        new = out[:, enc["input_ids"].shape[1]:]
+        new = out[:, enc["input_ids"].shape[1] :]
         decoded = self.processor.batch_decode(new, skip_special_tokens=True)
         return [clean_caption(t) for t in decoded]
 
@@ -80,5 +94,10 @@ class Captioner:
         def run(chunk):
             return [CaptionResult(c) for c in self._generate([im for im, _ in chunk], [p for _, p in chunk])]
 
-        return run_batched(list(zip(pil, prompts)), self.batch_size, run,
-                           lambda e: CaptionResult(None, error_text(e)), sort_key=lambda item: len(item[1]))
+        return run_batched(
+            list(zip(pil, prompts)),
+            self.batch_size,
+            run,
+            lambda e: CaptionResult(None, error_text(e)),
+            sort_key=lambda item: len(item[1]),
+        )

@@ -52,8 +52,12 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
             last = depth == len(path) - 1
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError([f"override {item!r}: {'.'.join(path[:depth]) or 'list'} has "
-                                       f"{len(node)} item(s); {part!r} is not a valid index"])
+                    raise ConfigError(
+                        [
+                            f"override {item!r}: {'.'.join(path[:depth]) or 'list'} has "
+                            f"{len(node)} item(s); {part!r} is not a valid index"
+                        ]
+                    )
                 key: Any = int(part)
             else:
                 key = part
@@ -132,11 +136,17 @@ SERVE_IMPORT_PATH = "ray_jobs.serve:build_app"
 
 def serve_app_args(data: dict, *, source: str | None = None) -> dict:
     """The `args` of our application in a Ray Serve config file (`applications: [{import_path, args}]`)."""
-    apps = [a for a in data.get("applications") or [] if isinstance(a, dict)
-            and a.get("import_path") == SERVE_IMPORT_PATH]
+    apps = [
+        a for a in data.get("applications") or [] if isinstance(a, dict) and a.get("import_path") == SERVE_IMPORT_PATH
+    ]
     if len(apps) != 1:
-        raise ConfigError([f"a Serve config file needs exactly one application with import_path "
-                           f"{SERVE_IMPORT_PATH}; found {len(apps)}"], source=source)
+        raise ConfigError(
+            [
+                f"a Serve config file needs exactly one application with import_path "
+                f"{SERVE_IMPORT_PATH}; found {len(apps)}"
+            ],
+            source=source,
+        )
     return apps[0].get("args") or {}
 
 

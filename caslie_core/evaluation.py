@@ -23,8 +23,15 @@ VARIANTS = {
     "none": "no captions (text only)",
     "all": "all captions (no voting)",
 }
-IND_COLUMNS = [("test", "AP"), ("test", "CC"), ("test", "PRP"), ("test", "PSI"), ("test", "MPC"), ("test", "SA"),
-               ("test", "SR")]
+IND_COLUMNS = [
+    ("test", "AP"),
+    ("test", "CC"),
+    ("test", "PRP"),
+    ("test", "PSI"),
+    ("test", "MPC"),
+    ("test", "SA"),
+    ("test", "SR"),
+]
 OOD_COLUMNS = [("ood_test", "AP"), ("ood_test", "CC"), ("ood_test", "PRP"), ("ood_test", "SA"), ("ood_test", "SR")]
 COLUMNS = IND_COLUMNS + OOD_COLUMNS
 # The paper's v1 table (method page, section 4): IND AP..SR, then OOD AP, CC, PRP, SA, SR.
@@ -64,8 +71,14 @@ def variant_input(row: dict, variant: str) -> tuple:
         return original, options
     results = sorted(_loads(row.get("image_results"), []), key=lambda r: r["index"])
     captions = [r.get("caption") for r in results]
-    record = Record(id=str(row["id"]), task=row["task"], instruction=row.get("instruction") or "", input=original,
-                    options=options, images=_loads(row.get("images"), []))
+    record = Record(
+        id=str(row["id"]),
+        task=row["task"],
+        instruction=row.get("instruction") or "",
+        input=original,
+        options=options,
+        images=_loads(row.get("images"), []),
+    )
     enriched = assemble(record, captions, [c is not None for c in captions])
     return enriched.input, enriched.options
 
@@ -84,8 +97,10 @@ def score_predictions(rows: list[dict]) -> dict:
         preds.append(r["raw"])
     order = ["AP", "CC", "PRP", "PSI", "MPC", "SA", "SR"]
     return {
-        variant: {split: {abbr: score_task(abbr, *by_task[abbr]).as_dict() for abbr in order if abbr in by_task}
-                  for split, by_task in by_split.items()}
+        variant: {
+            split: {abbr: score_task(abbr, *by_task[abbr]).as_dict() for abbr in order if abbr in by_task}
+            for split, by_task in by_split.items()
+        }
         for variant, by_split in groups.items()
     }
 
@@ -118,11 +133,27 @@ def results_table(scores: dict, *, paper_rows: list[str] = ("CASLIE-M",), varian
             strict.append(None if cell is None else cell["strict_score"])
             invalid.append(None if cell is None else cell["invalid"])
             n.append(None if cell is None else cell["n"])
-        rows.append({"model": f"ours: {VARIANTS.get(variant, variant)}", "variant": variant, "values": values,
-                     "strict": strict, "invalid": invalid, "n": n})
+        rows.append(
+            {
+                "model": f"ours: {VARIANTS.get(variant, variant)}",
+                "variant": variant,
+                "values": values,
+                "strict": strict,
+                "invalid": invalid,
+                "n": n,
+            }
+        )
     for name in paper_rows:
-        rows.append({"model": f"paper: {name}", "variant": None, "values": list(PAPER_RESULTS[name]),
-                     "strict": None, "invalid": None, "n": None})
+        rows.append(
+            {
+                "model": f"paper: {name}",
+                "variant": None,
+                "values": list(PAPER_RESULTS[name]),
+                "strict": None,
+                "invalid": None,
+                "n": None,
+            }
+        )
     return {"columns": cols, "rows": rows}
 
 
@@ -138,11 +169,17 @@ def table_markdown(table: dict) -> str:
         lines.append(f"| {row['model']} | " + " | ".join(_fmt(v) for v in row["values"]) + " |")
     ours = [r for r in table["rows"] if r["invalid"] is not None]
     if ours:
-        lines += ["", "Invalid answers (dropped by the research figure; strict figure counts them wrong):", "",
-                  head, sep]
+        lines += [
+            "",
+            "Invalid answers (dropped by the research figure; strict figure counts them wrong):",
+            "",
+            head,
+            sep,
+        ]
         for row in ours:
-            lines.append(f"| {row['model']} | " + " | ".join("–" if v is None else str(v) for v in row["invalid"])
-                         + " |")
+            lines.append(
+                f"| {row['model']} | " + " | ".join("–" if v is None else str(v) for v in row["invalid"]) + " |"
+            )
         lines += ["", "Strict figures:", "", head, sep]
         for row in ours:
             lines.append(f"| {row['model']} | " + " | ".join(_fmt(v) for v in row["strict"]) + " |")
@@ -170,8 +207,16 @@ def render_chart(table: dict, path: str, *, title: str = "CASLIE evaluation") ->
         xs = [j + (i - (len(rows) - 1) / 2) * width for j, v in enumerate(row["values"]) if v is not None]
         hs = [v for v in row["values"] if v is not None]
         color = SERIES_COLORS[i % len(SERIES_COLORS)]
-        ax.bar(xs, hs, width=width * 0.85, color=color, edgecolor="none", linewidth=0, label=row["model"],
-               antialiased=False)
+        ax.bar(
+            xs,
+            hs,
+            width=width * 0.85,
+            color=color,
+            edgecolor="none",
+            linewidth=0,
+            label=row["model"],
+            antialiased=False,
+        )
         bars += sum(1 for h in hs if h > 0)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(cols, rotation=45, ha="right", fontsize=8)
@@ -186,6 +231,15 @@ def render_chart(table: dict, path: str, *, title: str = "CASLIE evaluation") ->
 
 
 __all__ = [
-    "VARIANTS", "COLUMNS", "PAPER_RESULTS", "variant_prompt", "variant_input", "score_predictions", "mark_valid",
-    "results_table", "table_markdown", "render_chart", "is_enriched",
+    "VARIANTS",
+    "COLUMNS",
+    "PAPER_RESULTS",
+    "variant_prompt",
+    "variant_input",
+    "score_predictions",
+    "mark_valid",
+    "results_table",
+    "table_markdown",
+    "render_chart",
+    "is_enriched",
 ]

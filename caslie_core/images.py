@@ -241,8 +241,10 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000, size: int = 336):
             im = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageError("decode", f"{w}x{h} = {w * h} pixels is over the {max_pixels}-pixel limit "
-                                           "(decompression-bomb guard)")
+                raise ImageError(
+                    "decode",
+                    f"{w}x{h} = {w * h} pixels is over the {max_pixels}-pixel limit (decompression-bomb guard)",
+                )
             if getattr(im, "is_animated", False):
                 im.seek(0)
             im = ImageOps.exif_transpose(im) or im

@@ -14,10 +14,12 @@ Dtype = Literal[DTYPES]  # type: ignore[valid-type]
 
 
 class InputConfig(StrictModel):
-    path: str | list[str] = Field(description="records file(s) or folder: JSONL, JSON list or Parquet; local, "
-                                              "s3://, http(s)://")
+    path: str | list[str] = Field(
+        description="records file(s) or folder: JSONL, JSON list or Parquet; local, s3://, http(s)://"
+    )
     format: Literal["auto", "jsonl", "json", "parquet"] = Field(
-        "auto", description="file format; auto reads it from the extension")
+        "auto", description="file format; auto reads it from the extension"
+    )
     limit: int | None = Field(None, ge=1, description="process only the first N records (smoke runs)")
 
 
@@ -31,8 +33,11 @@ class PoolConfig(StrictModel):
     max_size: int = Field(1, ge=1, description="autoscaling ceiling; each actor holds a model copy")
     num_gpus: float = Field(0, ge=0, description="GPUs per actor (0 = CPU); fractions share a GPU")
     num_cpus: float = Field(1, gt=0, description="CPUs per actor")
-    batch_size: int = Field(8, ge=1, description="rows per Ray batch handed to an actor; bigger = better GPU "
-                                                 "use, more memory and coarser retries")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="rows per Ray batch handed to an actor; bigger = better GPU use, more memory and coarser retries",
+    )
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -49,7 +54,8 @@ class FetchConfig(StrictModel):
     backoff: float = Field(0.5, ge=0, description="first backoff in seconds; doubles per retry")
     max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="byte cap per image")
     schemes: list[Literal["http", "https", "s3", "gs", "az"]] = Field(
-        default_factory=lambda: ["http", "https", "s3"], description="URL schemes allowed")
+        default_factory=lambda: ["http", "https", "s3"], description="URL schemes allowed"
+    )
     allow_local_files: bool = Field(True, description="allow plain paths and file:// (your own catalog)")
     block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
     allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
@@ -58,17 +64,25 @@ class FetchConfig(StrictModel):
         from .images import FetchPolicy
 
         return FetchPolicy(
-            connect_timeout=self.connect_timeout, read_timeout=self.read_timeout, max_bytes=self.max_bytes,
-            retries=self.retries, backoff=self.backoff, schemes=tuple(self.schemes),
-            allow_local_files=self.allow_local_files, block_private=self.block_private,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_bytes=self.max_bytes,
+            retries=self.retries,
+            backoff=self.backoff,
+            schemes=tuple(self.schemes),
+            allow_local_files=self.allow_local_files,
+            block_private=self.block_private,
             allowlist=list(self.allowlist),
         )
 
 
 class DecodeConfig(StrictModel):
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: max width*height")
-    image_size: int = Field(336, ge=8, description="images are letterboxed to this square before captioning; "
-                                                   "match the captioner's input size")
+    image_size: int = Field(
+        336,
+        ge=8,
+        description="images are letterboxed to this square before captioning; match the captioner's input size",
+    )
 
 
 class ModelRef(StrictModel):
@@ -90,8 +104,10 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 class JudgeConfig(ModelRef):
     name: str = Field(description="short name, used in column names (votes_<name>)")
     mode: Literal["logits", "generate"] = Field(
-        "logits", description="logits: one forward pass, compare yes/no scores (fast); generate: as the "
-                              "research code, read the generated answer (slower, may answer neither)")
+        "logits",
+        description="logits: one forward pass, compare yes/no scores (fast); generate: as the "
+        "research code, read the generated answer (slower, may answer neither)",
+    )
     max_new_tokens: int = Field(16, ge=1, le=64, description="generate mode only")
     micro_batch: int = Field(16, ge=1, description="questions per forward/generate call")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="judge actor pool")
@@ -106,14 +122,16 @@ class JudgeConfig(ModelRef):
 
 class DedupConfig(StrictModel):
     enabled: bool = Field(True, description="caption each (image content, request) pair once per run")
-    claim_ttl_s: float = Field(600.0, gt=0, description="seconds before another actor may redo a pair whose "
-                                                        "claimant went silent")
+    claim_ttl_s: float = Field(
+        600.0, gt=0, description="seconds before another actor may redo a pair whose claimant went silent"
+    )
     max_entries: int = Field(2_000_000, ge=1000, description="cache size cap (captions kept in memory)")
 
 
 class LimitsConfig(StrictModel):
-    max_failed_fraction: float = Field(1.0, ge=0, le=1, description="fail the job when failed records / "
-                                                                   "records exceed this (1.0 = never)")
+    max_failed_fraction: float = Field(
+        1.0, ge=0, le=1, description="fail the job when failed records / records exceed this (1.0 = never)"
+    )
     min_records: int = Field(100, ge=1, description="records seen before the fraction is checked")
 
 
@@ -149,28 +167,37 @@ class EnrichConfig(StrictModel):
 
 # ------------------------------------------------------------------------------------------- train
 
+
 class TrainModelConfig(ModelRef):
     prompt_style: Literal["auto", "alpaca", "mistral"] = Field(
-        "auto", description="instruction prompt wrapping; auto = mistral for Mistral models, else alpaca")
+        "auto", description="instruction prompt wrapping; auto = mistral for Mistral models, else alpaca"
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
 
 
 class TrainDataConfig(StrictModel):
-    path: str | list[str] = Field(description="the enrichment output folder (reads its records/), its Parquet "
-                                              "parts, or MMECInstruct-schema files (JSONL, JSON, Parquet); "
-                                              "local or s3://")
+    path: str | list[str] = Field(
+        description="the enrichment output folder (reads its records/), its Parquet "
+        "parts, or MMECInstruct-schema files (JSONL, JSON, Parquet); "
+        "local or s3://"
+    )
     train_split: str = Field("train", description="split used for training")
     eval_split: str = Field("val", description="split used for evaluation loss")
     tasks: list[str] | None = Field(None, description="only these tasks (abbreviations or names); default all")
-    use_enriched: bool = Field(True, description="train on the enriched input (false: the original text, "
-                                                 "the text-only ablation)")
-    max_length: int = Field(2048, ge=16, description="tokens per example; longer ones are cut in the middle "
-                                                      "of the prompt and counted")
+    use_enriched: bool = Field(
+        True, description="train on the enriched input (false: the original text, the text-only ablation)"
+    )
+    max_length: int = Field(
+        2048, ge=16, description="tokens per example; longer ones are cut in the middle of the prompt and counted"
+    )
     limit: int | None = Field(None, ge=1, description="use only the first N training rows (smoke runs)")
     shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0 = off)")
-    materialize: bool = Field(True, description="tokenize once and keep the tokens in the object store for all "
-                                                "epochs and evaluations (MMECInstruct-size data: ~1 GB); false "
-                                                "streams and re-tokenizes each pass (catalog-size data)")
+    materialize: bool = Field(
+        True,
+        description="tokenize once and keep the tokens in the object store for all "
+        "epochs and evaluations (MMECInstruct-size data: ~1 GB); false "
+        "streams and re-tokenizes each pass (catalog-size data)",
+    )
 
 
 class LoraSettings(StrictModel):
@@ -179,9 +206,12 @@ class LoraSettings(StrictModel):
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout (method: 0.1)")
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="module names to adapt (method: all attention and MLP projections)")
-    modules_to_save: list[str] = Field(default_factory=list, description="modules trained in full and saved "
-                                       "with the adapter (e.g. lm_head for a model with a random head)")
+        description="module names to adapt (method: all attention and MLP projections)",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="modules trained in full and saved with the adapter (e.g. lm_head for a model with a random head)",
+    )
 
 
 class OptimConfig(StrictModel):
@@ -192,8 +222,12 @@ class OptimConfig(StrictModel):
     epochs: int = Field(1, ge=1, description="passes over the training split")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(4, ge=1, description="examples per micro-batch per worker")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step; effective batch = "
-                                                 "batch_size x grad_accum x workers (method: 128)")
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per optimizer step; effective batch = "
+        "batch_size x grad_accum x workers (method: 128)",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     seed: int = Field(0, description="seed for LoRA init, dropout and shuffling")
 
@@ -213,21 +247,27 @@ class ScalingSettings(StrictModel):
     num_workers: int = Field(1, ge=1, description="training workers (data parallel)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL; otherwise CPU and gloo")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources "
-                                                   "per worker (e.g. accelerator_type:H100: 0.001)")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: full replica per worker; fsdp: shard "
-                                             "parameters across workers (large bases)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra custom resources per worker (e.g. accelerator_type:H100: 0.001)"
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: full replica per worker; fsdp: shard parameters across workers (large bases)"
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="how workers are placed on nodes (Ray placement group strategy): PACK keeps them on "
-                            "as few nodes as fit (fast collectives); SPREAD puts them on different nodes when it can")
+        "PACK",
+        description="how workers are placed on nodes (Ray placement group strategy): PACK keeps them on "
+        "as few nodes as fit (fast collectives); SPREAD puts them on different nodes when it can",
+    )
 
 
 class RunSettings(StrictModel):
-    name: str | None = Field(None, description="run name; rerunning with the same name resumes from its latest "
-                                               "checkpoint (default: derived from the config hash)")
+    name: str | None = Field(
+        None,
+        description="run name; rerunning with the same name resumes from its latest "
+        "checkpoint (default: derived from the config hash)",
+    )
     storage_path: str = Field(description="where Ray Train keeps checkpoints: local folder or s3://")
-    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1 = "
-                                                    "unlimited)")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1 = unlimited)")
 
 
 class TrainOutputConfig(StrictModel):
@@ -252,15 +292,23 @@ class TrainConfig(StrictModel):
 
 # ---------------------------------------------------------------------------------------- evaluate
 
+
 class EvalModelConfig(StrictModel):
-    path: str | None = Field(None, description="the training job's output folder (adapter/ + resolved config), "
-                                               "or a PEFT adapter folder; the base model is read from it")
-    model: str | None = Field(None, description="base or merged model (hub id or path; `tiny:lm`); with `path` "
-                                                "it overrides the base model recorded there")
+    path: str | None = Field(
+        None,
+        description="the training job's output folder (adapter/ + resolved config), "
+        "or a PEFT adapter folder; the base model is read from it",
+    )
+    model: str | None = Field(
+        None,
+        description="base or merged model (hub id or path; `tiny:lm`); with `path` "
+        "it overrides the base model recorded there",
+    )
     revision: str | None = Field(None, description="base model revision")
     dtype: Dtype = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     prompt_style: Literal["auto", "alpaca", "mistral"] = Field(
-        "auto", description="auto = the training run's style, else mistral for Mistral models, else alpaca")
+        "auto", description="auto = the training run's style, else mistral for Mistral models, else alpaca"
+    )
     trust_remote_code: bool = Field(False, description="run model code from the hub (only for trusted repos)")
 
     @model_validator(mode="after")
@@ -271,10 +319,13 @@ class EvalModelConfig(StrictModel):
 
 
 class EvalDataConfig(StrictModel):
-    path: str | list[str] = Field(description="enrichment output folder or its parts, or MMECInstruct-schema "
-                                              "records (JSONL, JSON, Parquet); local or s3://")
-    splits: list[str] = Field(default_factory=lambda: ["test", "ood_test"], description="splits to evaluate "
-                              "(IND test and OOD test)")
+    path: str | list[str] = Field(
+        description="enrichment output folder or its parts, or MMECInstruct-schema "
+        "records (JSONL, JSON, Parquet); local or s3://"
+    )
+    splits: list[str] = Field(
+        default_factory=lambda: ["test", "ood_test"], description="splits to evaluate (IND test and OOD test)"
+    )
     tasks: list[str] | None = Field(None, description="only these tasks; default all")
     limit: int | None = Field(None, ge=1, description="first N records per run (smoke runs)")
 
@@ -288,7 +339,8 @@ class GenerationConfig(StrictModel):
 class EvalOutputConfig(StrictModel):
     path: str = Field(description="predictions-<ablation>.jsonl, results.{json,md,png}, summary.json")
     paper_rows: list[Literal["CASLIE-M", "CASLIE-S", "CASLIE-L", "best baseline"]] = Field(
-        default_factory=lambda: ["CASLIE-M"], description="the paper's rows printed beside ours")
+        default_factory=lambda: ["CASLIE-M"], description="the paper's rows printed beside ours"
+    )
 
 
 class EvaluateConfig(StrictModel):
@@ -297,8 +349,10 @@ class EvaluateConfig(StrictModel):
     model: EvalModelConfig
     data: EvalDataConfig
     ablations: list[Literal["kept", "none", "all"]] = Field(
-        default_factory=lambda: ["kept"], min_length=1,
-        description="kept = the method (judged captions); none = text only; all = every caption, no voting")
+        default_factory=lambda: ["kept"],
+        min_length=1,
+        description="kept = the method (judged captions); none = text only; all = every caption, no voting",
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="greedy decoding")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="inference actor pool")
     output: EvalOutputConfig
@@ -314,19 +368,24 @@ class EvaluateConfig(StrictModel):
 
 # ------------------------------------------------------------------------------------------- serve
 
+
 class AutoscalingSettings(StrictModel):
     """Ray Serve `autoscaling_config` of one deployment (replicas follow ongoing requests)."""
 
     min_replicas: int = Field(1, ge=0, description="replicas kept when idle (0 = scale to zero: cold starts)")
     max_replicas: int = Field(1, ge=1, description="ceiling; each replica holds a model copy")
     initial_replicas: int | None = Field(None, ge=0, description="replicas at deploy time (default: min)")
-    target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight per replica the "
-                                           "autoscaler aims for; lower = more replicas, lower latency")
+    target_ongoing_requests: float = Field(
+        2.0,
+        gt=0,
+        description="requests in flight per replica the autoscaler aims for; lower = more replicas, lower latency",
+    )
     upscale_delay_s: float = Field(30.0, ge=0, description="load must last this long before scaling up")
     downscale_delay_s: float = Field(600.0, ge=0, description="idle this long before scaling down")
     look_back_period_s: float = Field(30.0, gt=0, description="window over which load is averaged")
-    metrics_interval_s: float = Field(10.0, gt=0, description="how often replicas report load; keep it below "
-                                                              "look_back_period_s")
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="how often replicas report load; keep it below look_back_period_s"
+    )
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -335,8 +394,10 @@ class AutoscalingSettings(StrictModel):
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
             raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
         if self.metrics_interval_s >= self.look_back_period_s:
-            raise ValueError(f"metrics_interval_s ({self.metrics_interval_s}) must be < look_back_period_s "
-                             f"({self.look_back_period_s})")
+            raise ValueError(
+                f"metrics_interval_s ({self.metrics_interval_s}) must be < look_back_period_s "
+                f"({self.look_back_period_s})"
+            )
         return self
 
     def serve_dict(self) -> dict:
@@ -347,8 +408,7 @@ class BatchingSettings(StrictModel):
     """Dynamic request batching (`@serve.batch`): requests arriving together share one model call."""
 
     enabled: bool = Field(True, description="off = one request per model call (for comparison)")
-    max_batch_size: int = Field(8, ge=1, description="requests per model call; bigger = more throughput, "
-                                                     "more memory")
+    max_batch_size: int = Field(8, ge=1, description="requests per model call; bigger = more throughput, more memory")
     wait_timeout_s: float = Field(0.01, ge=0, description="how long a first request waits for company")
 
 
@@ -358,8 +418,9 @@ class DeploymentSettings(StrictModel):
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings, description="replica bounds")
     batching: BatchingSettings = Field(default_factory=BatchingSettings, description="dynamic batching")
     max_ongoing_requests: int = Field(32, ge=1, description="requests one replica accepts at once")
-    max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica before callers "
-                                                             "get 503 + Retry-After (-1 = unbounded)")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="requests waiting for a replica before callers get 503 + Retry-After (-1 = unbounded)"
+    )
     health_check_period_s: float = Field(10.0, gt=0, description="seconds between replica health checks")
     health_check_timeout_s: float = Field(30.0, gt=0, description="a check slower than this fails the replica")
 
@@ -381,22 +442,28 @@ class ServeHttpConfig(StrictModel):
     host: str = Field("127.0.0.1", description="address the HTTP proxy binds (0.0.0.0 exposes it: put auth on)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
-    request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline (clients may ask for less "
-                                                             "with timeout_s); on expiry 504")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="per-request deadline (clients may ask for less with timeout_s); on expiry 504"
+    )
     retry_after_s: float = Field(2.0, ge=0, description="Retry-After seconds sent with 503 when overloaded")
-    api_key_env: str | None = Field(None, description="name of the environment variable holding the API key "
-                                    "(never the key itself); unset = no auth (demo only)")
+    api_key_env: str | None = Field(
+        None,
+        description="name of the environment variable holding the API key "
+        "(never the key itself); unset = no auth (demo only)",
+    )
     downstream_retries: int = Field(2, ge=0, description="retries of a model call whose replica died")
     ingress: DeploymentSettings = Field(
         default_factory=lambda: DeploymentSettings(num_cpus=0.25, batching=BatchingSettings(enabled=False)),
-        description="the FastAPI ingress deployment (no model)")
+        description="the FastAPI ingress deployment (no model)",
+    )
 
 
 class ServeFetchConfig(StrictModel):
     """Image fetching on behalf of clients: stricter than for a trusted catalog."""
 
-    schemes: list[Literal["http", "https", "s3"]] = Field(default_factory=lambda: ["http", "https"],
-                                                          description="URL schemes clients may send")
+    schemes: list[Literal["http", "https", "s3"]] = Field(
+        default_factory=lambda: ["http", "https"], description="URL schemes clients may send"
+    )
     connect_timeout: float = Field(3.0, gt=0, description="seconds to connect")
     read_timeout: float = Field(10.0, gt=0, description="seconds of silence while reading")
     retries: int = Field(1, ge=0, description="retries on transient errors")
@@ -409,10 +476,16 @@ class ServeFetchConfig(StrictModel):
     def policy(self):
         from .images import FetchPolicy
 
-        return FetchPolicy(connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
-                           max_bytes=self.max_bytes, retries=self.retries, schemes=tuple(self.schemes),
-                           allow_local_files=False, block_private=self.block_private,
-                           allowlist=list(self.allowlist))
+        return FetchPolicy(
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_bytes=self.max_bytes,
+            retries=self.retries,
+            schemes=tuple(self.schemes),
+            allow_local_files=False,
+            block_private=self.block_private,
+            allowlist=list(self.allowlist),
+        )
 
 
 class ServeCaptionerConfig(ModelRef):
@@ -431,16 +504,21 @@ class ServeJudgeConfig(ModelRef):
 
 
 class ServeModelConfig(StrictModel):
-    path: str | None = Field(None, description="the training job's output folder (served as it is), or a PEFT "
-                                               "adapter folder; becomes the adapter named `name`")
+    path: str | None = Field(
+        None,
+        description="the training job's output folder (served as it is), or a PEFT "
+        "adapter folder; becomes the adapter named `name`",
+    )
     model: str | None = Field(None, description="base model (hub id or path); default: the one recorded in path")
     revision: str | None = Field(None, description="base model revision")
     dtype: Dtype = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     prompt_style: Literal["auto", "alpaca", "mistral"] = Field("auto", description="as in evaluation")
     trust_remote_code: bool = Field(False, description="run model code from the hub (only for trusted repos)")
     name: str = Field("caslie", description="model id of `path` in the API (/v1/models, `model` of requests)")
-    adapters: dict[str, str] = Field(default_factory=dict, description="more PEFT adapters served side by side, "
-                                     "name -> folder (local or s3://); chosen per request")
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="more PEFT adapters served side by side, name -> folder (local or s3://); chosen per request",
+    )
     serve_base: bool = Field(False, description="also answer with the base model alone (model id `base`)")
     max_adapters_per_replica: int = Field(4, ge=1, description="adapters kept loaded per replica (LRU)")
     max_new_tokens: int = Field(100, ge=1, le=2048, description="answer length cap (method: 100)")

@@ -44,9 +44,18 @@ def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 
 class Judge:
-    def __init__(self, model: str, *, mode: JudgeMode = "logits", revision: str | None = None,
-                 dtype: str = "auto", device: str = "auto", max_new_tokens: int = 16, batch_size: int = 16,
-                 trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        mode: JudgeMode = "logits",
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_new_tokens: int = 16,
+        batch_size: int = 16,
+        trust_remote_code: bool = False,
+    ) -> None:
         import torch
 
         from .modeling import load_causal_lm
@@ -80,10 +89,11 @@ class Judge:
                 logits = self.model(**enc).logits[:, -1, :].float()
                 yes = logits[:, self.yes_ids].max(dim=-1).values
                 no = logits[:, self.no_ids].max(dim=-1).values
-                return [Vote("yes" if y > n else "no", f"yes={y:.3f} no={n:.3f}") for y, n in
-                        zip(yes.tolist(), no.tolist())]
+                return [
+                    Vote("yes" if y > n else "no", f"yes={y:.3f} no={n:.3f}") for y, n in zip(yes.tolist(), no.tolist())
+                ]
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False)
-        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return [Vote(parse_judge_answer(t), t) for t in texts]
 
     def vote(self, questions: list[str]) -> list[Vote]:

@@ -34,8 +34,14 @@ def fix_padding(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def load_causal_lm(model_id: str, *, revision: str | None = None, dtype: str = "auto", device: str = "auto",
-                   trust_remote_code: bool = False):
+def load_causal_lm(
+    model_id: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
     """(model, tokenizer, device) for a causal LM by hub id or local path (`tiny:lm` resolves locally)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -69,8 +69,12 @@ def resolve_model_source(m) -> dict:
         elif read_text(p + "/config.json") is not None:
             base, source = p, "model_folder"
         else:
-            raise ConfigError([f"model.path: {m.path} holds no adapter/ (training output), adapter_config.json "
-                               "(adapter) or config.json (model)"])
+            raise ConfigError(
+                [
+                    f"model.path: {m.path} holds no adapter/ (training output), adapter_config.json "
+                    "(adapter) or config.json (model)"
+                ]
+            )
         if not base:
             raise ConfigError([f"model.path: {m.path} does not say its base model; set model.model"])
     if m.prompt_style != "auto":
@@ -93,15 +97,27 @@ def adapter_base_model(adapter: str) -> str | None:
 class Predictor:
     """Batched left-padded greedy generation; `adapter` is a PEFT folder (or None for the base model)."""
 
-    def __init__(self, model: str, *, adapter: str | None = None, revision: str | None = None,
-                 dtype: str = "auto", device: str = "auto", max_new_tokens: int = 100, batch_size: int = 16,
-                 max_prompt_tokens: int = 2048, merge: bool = True, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        adapter: str | None = None,
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_new_tokens: int = 100,
+        batch_size: int = 16,
+        max_prompt_tokens: int = 2048,
+        merge: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
         import torch
 
         from .modeling import load_causal_lm
 
         self.model, self.tokenizer, self.device = load_causal_lm(
-            model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
         if adapter:
             from peft import PeftModel
 
@@ -137,9 +153,14 @@ class Predictor:
 
         ids, mask, lengths = self._encode(prompts)
         with self._torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        new = out[:, ids.shape[1]:]
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[:, ids.shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         eos = self.tokenizer.eos_token_id
         answers = []
@@ -204,8 +225,7 @@ class AdapterPredictor(Predictor):
                 self.peft.set_adapter(next(n for n in self.peft.peft_config if n != stale))
             self.peft.delete_adapter(stale)
 
-    def answer(self, prompts: list[str], adapter: str | None = None, max_new_tokens: int | None = None
-               ) -> list[Answer]:
+    def answer(self, prompts: list[str], adapter: str | None = None, max_new_tokens: int | None = None) -> list[Answer]:
         """Answers with `adapter` (None = the base model); `max_new_tokens` may lower the configured cap."""
         import contextlib
 

@@ -13,9 +13,7 @@ from .records import Record
 
 PROMPT_VERSION = "caslie-prompts-v1"
 
-CAPTION_GENERAL = (
-    "Write a concise, informative caption of the product in this image, in at most 50 words."
-)
+CAPTION_GENERAL = "Write a concise, informative caption of the product in this image, in at most 50 words."
 
 _CAPTION_CONTEXT = {
     "MPC": "The caption should help judge how relevant the product '{title}' is to the user's query '{query}'.",
@@ -51,8 +49,10 @@ JUDGE_SUFFIX = " Will the information extracted from the image help with this ta
 
 # Free-form requests (chat): the caption and the judge are conditioned on the user's own words.
 CHAT_CAPTION_CONTEXT = "The caption should help answer this request about the product: {request}"
-CHAT_JUDGE = "A model must answer a request about a product: '{request}'. Information extracted from the " \
+CHAT_JUDGE = (
+    "A model must answer a request about a product: '{request}'. Information extracted from the "
     "product image: '{caption}'."
+)
 
 _WS = re.compile(r"[\s]+")
 

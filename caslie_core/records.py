@@ -138,8 +138,9 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
-def content_id(task: str, split: str | None, instruction: str, input_value: Any, options: list,
-               output: str | None, images: list) -> str:
+def content_id(
+    task: str, split: str | None, instruction: str, input_value: Any, options: list, output: str | None, images: list
+) -> str:
     """A stable id from the parsed content: the same record in JSONL or Parquet gets the same id."""
     payload = _canonical([task, split, instruction, input_value, options, output, images])
     return hashlib.sha1(payload.encode("utf-8")).hexdigest()[:16]
@@ -213,13 +214,11 @@ def parse_record(raw: Any, *, source: str | None = None, row: int | None = None)
         input_value = _json_field(raw["input"], "input", dict, err)
         missing = [k for k in task.input_keys if k not in input_value]
         if missing:
-            raise err(
-                f"missing key(s) {missing} for task {task.abbr}; required: {list(task.input_keys)}", "input"
-            )
+            raise err(f"missing key(s) {missing} for task {task.abbr}; required: {list(task.input_keys)}", "input")
 
     options_value = raw.get("options")
-    options = [] if _is_missing(options_value) or options_value == "" else _json_field(
-        options_value, "options", list, err
+    options = (
+        [] if _is_missing(options_value) or options_value == "" else _json_field(options_value, "options", list, err)
     )
     if not all(isinstance(o, str) for o in options):
         raise err("expected a JSON list of strings", "options")
@@ -248,14 +247,22 @@ def parse_record(raw: Any, *, source: str | None = None, row: int | None = None)
         output = str(output).strip()
         labels = option_labels(task, options)
         if output not in labels:
-            raise err(f"answer {output!r} is not a valid label for {task.abbr}; expected one of {list(labels)}",
-                      "output")
+            raise err(
+                f"answer {output!r} is not a valid label for {task.abbr}; expected one of {list(labels)}", "output"
+            )
 
     extra = {k: v for k, v in raw.items() if k not in FIELDS and k != "id"}
     rid = given_id or content_id(task.name, split, instruction, input_value, options, output, images)
     return Record(
-        id=rid, task=task.name, instruction=instruction, input=input_value, options=list(options),
-        images=list(images), output=output, split=split, extra=extra,
+        id=rid,
+        task=task.name,
+        instruction=instruction,
+        input=input_value,
+        options=list(options),
+        images=list(images),
+        output=output,
+        split=split,
+        extra=extra,
     )
 
 
@@ -303,8 +310,9 @@ def _iter_jsonl(path: str, fh) -> Iterator[tuple[int, Any]]:
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            err = RecordError(f"malformed JSON line ({e.msg} at char {e.pos})", source=path, row=lineno,
-                              record_id=f"{path}#L{lineno}")
+            err = RecordError(
+                f"malformed JSON line ({e.msg} at char {e.pos})", source=path, row=lineno, record_id=f"{path}#L{lineno}"
+            )
             err.raw_text = line.rstrip("\n")  # kept so that the bad line itself can travel to the output
             yield lineno, err
     if not seen_any:
@@ -443,8 +451,13 @@ def iter_records(path: str, *, mode: Literal["strict", "collect"] = "strict") ->
                 raise raw
             rec = parse_record(raw, source=path, row=row)
             if rec.id in seen:
-                raise RecordError("duplicate record id (an identical record, or a repeated `id`, came earlier)",
-                                  source=path, row=row, record_id=rec.id, field="id")
+                raise RecordError(
+                    "duplicate record id (an identical record, or a repeated `id`, came earlier)",
+                    source=path,
+                    row=row,
+                    record_id=rec.id,
+                    field="id",
+                )
             seen.add(rec.id)
             yield rec
         except RecordError as e:

@@ -42,6 +42,7 @@ BASE_MODEL_NAME = "base"
 
 # ---------------------------------------------------------------------------------------- errors
 
+
 class ApiError(Exception):
     """An HTTP error with a status, a JSON-able detail and optional headers."""
 
@@ -53,8 +54,11 @@ class ApiError(Exception):
         self.code = code
 
     def openai_body(self) -> dict:
-        msg = self.detail if isinstance(self.detail, str) else "; ".join(
-            f"{'.'.join(str(x) for x in d.get('loc', [])[1:])}: {d.get('msg')}" for d in self.detail)
+        msg = (
+            self.detail
+            if isinstance(self.detail, str)
+            else "; ".join(f"{'.'.join(str(x) for x in d.get('loc', [])[1:])}: {d.get('msg')}" for d in self.detail)
+        )
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": msg, "type": kind, "param": None, "code": self.code or str(self.status)}}
 
@@ -70,8 +74,9 @@ def parse_body(raw: bytes, model: type[BaseModel]):
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         pos = getattr(e, "pos", 0)
-        raise ApiError(422, [{"loc": ["body", pos], "msg": f"malformed JSON: {getattr(e, 'msg', e)}",
-                              "type": "json_invalid"}]) from None
+        raise ApiError(
+            422, [{"loc": ["body", pos], "msg": f"malformed JSON: {getattr(e, 'msg', e)}", "type": "json_invalid"}]
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(422, [{"loc": ["body"], "msg": "expected a JSON object", "type": "dict_type"}])
     try:
@@ -81,6 +86,7 @@ def parse_body(raw: bytes, model: type[BaseModel]):
 
 
 # -------------------------------------------------------------------------------------- requests
+
 
 class EnrichRequest(BaseModel):
     """One product record in the MMECInstruct schema; `input`/`options` as JSON strings or values."""
@@ -94,8 +100,10 @@ class EnrichRequest(BaseModel):
     options: str | list[str] | None = Field(None, description="answer options (JSON string or list)")
     images: list[str] = Field(description="image URLs (http/https) or data: URIs, in the task's image order")
     image_errors: Literal["fail", "skip"] = Field(
-        "fail", description="fail: an image that cannot be read fails the request (422/502); skip: answer "
-                            "without its caption, as the batch job does (status partial)")
+        "fail",
+        description="fail: an image that cannot be read fails the request (422/502); skip: answer "
+        "without its caption, as the batch job does (status partial)",
+    )
     timeout_s: float | None = Field(None, gt=0, description="deadline for this request (capped by the server)")
 
 
@@ -113,6 +121,7 @@ def to_record(req: EnrichRequest) -> Record:
 
 
 # ---------------------------------------------------------------------------------------- images
+
 
 def read_data_uri(uri: str, max_bytes: int) -> bytes:
     """`data:[<mediatype>][;base64],<data>` -> bytes, with a byte cap checked before decoding."""
@@ -154,6 +163,7 @@ def image_failure_status(err: ImageError) -> int:
 
 # ------------------------------------------------------------------------------------ assembling
 
+
 @dataclass
 class ImageSlot:
     """One image of a request as it moves through the stages."""
@@ -171,8 +181,14 @@ class ImageSlot:
         return keep_caption(self.caption, self.error, list(self.votes.values()))
 
     def report(self) -> dict:
-        return {"index": self.index, "url": shown_url(self.url), "caption": self.caption, "votes": self.votes,
-                "kept": self.kept, "error": self.error}
+        return {
+            "index": self.index,
+            "url": shown_url(self.url),
+            "caption": self.caption,
+            "votes": self.votes,
+            "kept": self.kept,
+            "error": self.error,
+        }
 
 
 def record_slots(record: Record) -> list[ImageSlot]:
@@ -207,6 +223,7 @@ def enriched(record: Record, slots: list[ImageSlot]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ chat
+
 
 class ChatPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -245,8 +262,11 @@ class ChatRequest(BaseModel):
 def chat_request_text(req: ChatRequest) -> tuple[str, list[str]]:
     """(the conversation as one instruction text, the image URLs of the user's messages, in order)."""
     lines, urls = [], []
-    last_user = max(i for i, m in enumerate(req.messages) if m.role == "user") if any(
-        m.role == "user" for m in req.messages) else None
+    last_user = (
+        max(i for i, m in enumerate(req.messages) if m.role == "user")
+        if any(m.role == "user" for m in req.messages)
+        else None
+    )
     if last_user is None:
         raise ApiError(422, [{"loc": ["body", "messages"], "msg": "no user message", "type": "value_error"}])
     for i, m in enumerate(req.messages):
@@ -275,42 +295,63 @@ def chat_prompt(text: str, slots: list[ImageSlot], *, style: str) -> str:
     return instruction_prompt(text, value, [], style=style)
 
 
-def chat_completion(model: str, content: str, *, prompt_tokens: int, completion_tokens: int,
-                    finish_reason: str = "stop", extra: dict | None = None) -> dict:
+def chat_completion(
+    model: str,
+    content: str,
+    *,
+    prompt_tokens: int,
+    completion_tokens: int,
+    finish_reason: str = "stop",
+    extra: dict | None = None,
+) -> dict:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                     "finish_reason": finish_reason, "logprobs": None}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
         **({"caslie": extra} if extra else {}),
     }
 
 
 def chat_chunks(completion: dict) -> list[str]:
     """A finished completion as server-sent events: role, the whole content in one delta, stop, [DONE]."""
-    base = {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
-            "model": completion["model"]}
+    base = {
+        "id": completion["id"],
+        "object": "chat.completion.chunk",
+        "created": completion["created"],
+        "model": completion["model"],
+    }
     choice = completion["choices"][0]
     deltas = [{"role": "assistant", "content": ""}, {"content": choice["message"]["content"]}, {}]
     events = []
     for i, delta in enumerate(deltas):
         finish = choice["finish_reason"] if i == len(deltas) - 1 else None
-        events.append(json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                       "logprobs": None}]}))
+        events.append(
+            json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+        )
     return [f"data: {e}\n\n" for e in events] + ["data: [DONE]\n\n"]
 
 
 def models_list(names: list[str], *, owner: str = "caslie") -> dict:
     now = int(time.time())
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": owner}
-                                       for n in names]}
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": owner} for n in names]}
 
 
 # ------------------------------------------------------------------------------------------ auth
+
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -327,9 +368,30 @@ def key_matches(headers, digest: str | None) -> bool:
 
 
 __all__ = [
-    "ApiError", "BASE_MODEL_NAME", "ChatRequest", "EnrichRequest", "ImageSlot", "PredictRequest",
-    "caption_outcome", "chat_chunks", "chat_completion", "chat_prompt", "chat_questions", "chat_request_text",
-    "chat_slots", "enriched", "image_failure_status", "key_digest", "key_matches", "load_image", "models_list",
-    "parse_body", "read_data_uri", "record_questions", "record_slots", "shown_url", "to_record",
+    "ApiError",
+    "BASE_MODEL_NAME",
+    "ChatRequest",
+    "EnrichRequest",
+    "ImageSlot",
+    "PredictRequest",
+    "caption_outcome",
+    "chat_chunks",
+    "chat_completion",
+    "chat_prompt",
+    "chat_questions",
+    "chat_request_text",
+    "chat_slots",
+    "enriched",
+    "image_failure_status",
+    "key_digest",
+    "key_matches",
+    "load_image",
+    "models_list",
+    "parse_body",
+    "read_data_uri",
+    "record_questions",
+    "record_slots",
+    "shown_url",
+    "to_record",
     "validation_detail",
 ]

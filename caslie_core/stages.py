@@ -43,6 +43,7 @@ def _load(row: dict) -> Record:
 
 # ------------------------------------------------------------------------------------------ parse
 
+
 def parse_rows(rows: Iterable[dict], *, source: str | None = None) -> list[dict]:
     """Validate raw rows. A row is `{"text": <JSON line>}` or a raw record dict (Parquet)."""
     out = []
@@ -53,8 +54,16 @@ def parse_rows(rows: Iterable[dict], *, source: str | None = None) -> list[dict]
                 raw = json.loads(row["text"])
             except json.JSONDecodeError as e:
                 rid = raw_id(row["text"])
-                out.append(_failed_parse(rid, None, None, f"malformed JSON line ({e.msg} at char {e.pos})",
-                                         row["text"], source=row.get("path") or source))
+                out.append(
+                    _failed_parse(
+                        rid,
+                        None,
+                        None,
+                        f"malformed JSON line ({e.msg} at char {e.pos})",
+                        row["text"],
+                        source=row.get("path") or source,
+                    )
+                )
                 continue
         try:
             rec = parse_record(raw, source=row.get("path") or source)
@@ -63,24 +72,37 @@ def parse_rows(rows: Iterable[dict], *, source: str | None = None) -> list[dict]
             field = f" field '{rej.field}'" if rej.field else ""
             out.append(_failed_parse(rej.id, rej.task, rej.split, f"{rej.reason}{field}", raw, source=rej.source))
             continue
-        out.append({
-            "id": rec.id, "task": rec.task, "split": rec.split or "", "status": "pending", "error": "",
-            "record": json.dumps(rec.as_dict(), ensure_ascii=False, default=str), "raw": "",
-            "n_images": len(rec.images),
-        })
+        out.append(
+            {
+                "id": rec.id,
+                "task": rec.task,
+                "split": rec.split or "",
+                "status": "pending",
+                "error": "",
+                "record": json.dumps(rec.as_dict(), ensure_ascii=False, default=str),
+                "raw": "",
+                "n_images": len(rec.images),
+            }
+        )
     return out
 
 
 def _failed_parse(rid, task, split, reason, raw, *, source=None) -> dict:
     text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
     return {
-        "id": rid, "task": str(task or ""), "split": str(split or ""), "status": "failed",
+        "id": rid,
+        "task": str(task or ""),
+        "split": str(split or ""),
+        "status": "failed",
         "error": json.dumps({"stage": "validate", "message": reason, "source": source}),
-        "record": "", "raw": text, "n_images": 0,
+        "record": "",
+        "raw": text,
+        "n_images": 0,
     }
 
 
 # ------------------------------------------------------------------------------------ fetch, decode
+
 
 def fetch_rows(rows: list[dict], policy: FetchPolicy, *, threads: int = 16) -> list[dict]:
     """Fetch every image of every pending row with at most `threads` requests in flight."""
@@ -139,6 +161,7 @@ def decode_rows(rows: list[dict], *, max_pixels: int, size: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ caption
+
 
 class CaptionCache(Protocol):
     """Run-wide de-duplication of (image content, caption request) pairs."""
@@ -249,6 +272,7 @@ class CaptionStage:
 
 # -------------------------------------------------------------------------------------------- judge
 
+
 @dataclass
 class JudgeStage:
     """One judge's vote on every caption of each row (`votes_<name>`: list of yes/no/None)."""
@@ -280,9 +304,29 @@ class JudgeStage:
 # ----------------------------------------------------------------------------------------- finalize
 
 OUTPUT_COLUMNS = (
-    "id", "task", "split", "status", "error", "instruction", "input", "options", "output", "images",
-    "original_input", "original_options", "n_images", "n_failed_images", "n_kept", "image_results",
-    "extra", "raw", "captioner_model", "captioner_revision", "judges", "prompt_version", "config_hash",
+    "id",
+    "task",
+    "split",
+    "status",
+    "error",
+    "instruction",
+    "input",
+    "options",
+    "output",
+    "images",
+    "original_input",
+    "original_options",
+    "n_images",
+    "n_failed_images",
+    "n_kept",
+    "image_results",
+    "extra",
+    "raw",
+    "captioner_model",
+    "captioner_revision",
+    "judges",
+    "prompt_version",
+    "config_hash",
     "run_id",
 )
 
@@ -306,20 +350,40 @@ def finalize_rows(rows: list[dict], *, judge_names: list[str], provenance: dict)
     out = []
     for row in rows:
         base = {c: None for c in OUTPUT_COLUMNS}
-        base.update({k: provenance.get(k) for k in ("captioner_model", "captioner_revision", "judges",
-                                                   "prompt_version", "config_hash", "run_id")})
+        base.update(
+            {
+                k: provenance.get(k)
+                for k in ("captioner_model", "captioner_revision", "judges", "prompt_version", "config_hash", "run_id")
+            }
+        )
         base.update({"id": row["id"], "task": row["task"] or None, "split": row["split"] or None})
         if row["status"] == "failed":
-            base.update({"status": "failed", "error": row["error"], "raw": row["raw"], "n_images": 0,
-                         "n_failed_images": 0, "n_kept": 0, "image_results": "[]"})
+            base.update(
+                {
+                    "status": "failed",
+                    "error": row["error"],
+                    "raw": row["raw"],
+                    "n_images": 0,
+                    "n_failed_images": 0,
+                    "n_kept": 0,
+                    "image_results": "[]",
+                }
+            )
             out.append(base)
             continue
         try:
             out.append(_finalize_one(row, base, judge_names))
         except Exception as e:  # a bug must not lose the record
-            base.update({"status": "failed", "n_images": int(row.get("n_images") or 0), "n_failed_images": 0,
-                         "n_kept": 0, "image_results": "[]",
-                         "error": json.dumps({"stage": "internal", "message": f"{type(e).__name__}: {e}"})})
+            base.update(
+                {
+                    "status": "failed",
+                    "n_images": int(row.get("n_images") or 0),
+                    "n_failed_images": 0,
+                    "n_kept": 0,
+                    "image_results": "[]",
+                    "error": json.dumps({"stage": "internal", "message": f"{type(e).__name__}: {e}"}),
+                }
+            )
             out.append(base)
     return out
 
@@ -336,30 +400,39 @@ def _finalize_one(row: dict, base: dict, judge_names: list[str]) -> dict:
         image_votes = {name: votes[name][i] for name in judge_names}
         keep = keep_caption(captions[i], errors[i], list(image_votes.values()))
         kept.append(keep)
-        results.append({
-            "index": i, "url": rec.images[i], "caption": captions[i], "votes": image_votes, "kept": keep,
-            "cached": bool(cached[i]) if i < len(cached) else False,
-            "error": errors[i],
-        })
+        results.append(
+            {
+                "index": i,
+                "url": rec.images[i],
+                "caption": captions[i],
+                "votes": image_votes,
+                "kept": keep,
+                "cached": bool(cached[i]) if i < len(cached) else False,
+                "error": errors[i],
+            }
+        )
     enriched = assemble(rec, captions, kept)
     n_failed = sum(e is not None for e in errors)
-    base.update({
-        "status": "partial" if n_failed else "ok",
-        "error": json.dumps({"stage": "images", "message": f"{n_failed} of {n} image(s) failed"}) if n_failed
-        else None,
-        "instruction": rec.instruction,
-        "input": json.dumps(enriched.input, ensure_ascii=False),
-        "options": json.dumps(enriched.options, ensure_ascii=False),
-        "output": rec.output,
-        "images": json.dumps(rec.images, ensure_ascii=False),
-        "original_input": json.dumps(rec.input, ensure_ascii=False),
-        "original_options": json.dumps(rec.options, ensure_ascii=False),
-        "n_images": n,
-        "n_failed_images": n_failed,
-        "n_kept": sum(kept),
-        "image_results": json.dumps(results, ensure_ascii=False),
-        "extra": json.dumps(rec.extra, ensure_ascii=False, default=str) if rec.extra else None,
-    })
+    base.update(
+        {
+            "status": "partial" if n_failed else "ok",
+            "error": json.dumps({"stage": "images", "message": f"{n_failed} of {n} image(s) failed"})
+            if n_failed
+            else None,
+            "instruction": rec.instruction,
+            "input": json.dumps(enriched.input, ensure_ascii=False),
+            "options": json.dumps(enriched.options, ensure_ascii=False),
+            "output": rec.output,
+            "images": json.dumps(rec.images, ensure_ascii=False),
+            "original_input": json.dumps(rec.input, ensure_ascii=False),
+            "original_options": json.dumps(rec.options, ensure_ascii=False),
+            "n_images": n,
+            "n_failed_images": n_failed,
+            "n_kept": sum(kept),
+            "image_results": json.dumps(results, ensure_ascii=False),
+            "extra": json.dumps(rec.extra, ensure_ascii=False, default=str) if rec.extra else None,
+        }
+    )
     return base
 
 
@@ -367,8 +440,9 @@ def provenance(cfg, config_hash: str, run_id: str) -> dict:
     return {
         "captioner_model": cfg.captioner.model,
         "captioner_revision": cfg.captioner.revision,
-        "judges": json.dumps([{"name": j.name, "model": j.model, "revision": j.revision, "mode": j.mode}
-                              for j in cfg.judges]),
+        "judges": json.dumps(
+            [{"name": j.name, "model": j.model, "revision": j.revision, "mode": j.mode} for j in cfg.judges]
+        ),
         "prompt_version": PROMPT_VERSION,
         "config_hash": config_hash,
         "run_id": run_id,
@@ -409,15 +483,25 @@ def summarize(rows: Iterable[dict]) -> dict:
     }
 
 
-def run_local(raw_rows: list[dict], *, policy: FetchPolicy, captioner, judges: dict[str, Any], size: int,
-              max_pixels: int, provenance: dict, cache: CaptionCache | None = None,
-              batch: int = 16, on_batch: Callable[[list[dict]], None] | None = None) -> list[dict]:
+def run_local(
+    raw_rows: list[dict],
+    *,
+    policy: FetchPolicy,
+    captioner,
+    judges: dict[str, Any],
+    size: int,
+    max_pixels: int,
+    provenance: dict,
+    cache: CaptionCache | None = None,
+    batch: int = 16,
+    on_batch: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
     """The whole pipeline in one process (no Ray): the baseline for benchmarks and a reference."""
     out = []
     stage = CaptionStage(captioner, size, cache or LocalCaptionCache())
     judge_stages = [JudgeStage(j, name) for name, j in judges.items()]
     for start in range(0, len(raw_rows), batch):
-        rows = parse_rows(raw_rows[start:start + batch])
+        rows = parse_rows(raw_rows[start : start + batch])
         rows = decode_rows(fetch_rows(rows, policy), max_pixels=max_pixels, size=size)
         rows = stage(rows)
         for js in judge_stages:

@@ -25,16 +25,21 @@ COLORS = ["red", "blue", "green", "black", "white", "yellow", "purple", "orange"
 BRANDS = ["Acme", "Zenith", "Nova", "Orbit", "Polar", "Vertex", "Lumen", "Atlas"]
 _CAT_COLORS = {"Electronics": (40, 60, 160), "Kitchen": (200, 80, 40), "Toys": (220, 200, 40), "Sports": (40, 160, 80)}
 _COLOR_RGB = {
-    "red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "black": (20, 20, 20),
-    "white": (240, 240, 240), "yellow": (240, 220, 30), "purple": (130, 40, 170), "orange": (250, 140, 20),
+    "red": (220, 30, 30),
+    "blue": (30, 60, 220),
+    "green": (30, 170, 60),
+    "black": (20, 20, 20),
+    "white": (240, 240, 240),
+    "yellow": (240, 220, 30),
+    "purple": (130, 40, 170),
+    "orange": (250, 140, 20),
 }
 
 RULES = {
     "AP": "yes if the question asks about the product's size, color or material; no if it asks about "
     "delivery, price changes or the seller",
     "CC": "the option of the category that the title's product noun belongs to (fixed option order)",
-    "PRP": "A (bought together) if product 2 is a 'bundle', B (viewed together) if a 'gift', C (similar) "
-    "if a 'refill'",
+    "PRP": "A (bought together) if product 2 is a 'bundle', B (viewed together) if a 'gift', C (similar) if a 'refill'",
     "PSI": "yes if the product title says 'compatible', no if it says 'incompatible'",
     "MPC": "A (exact) if the title says 'official', B (substitute) 'generic', C (complement) 'accessory', "
     "D (irrelevant) 'unrelated'",
@@ -44,8 +49,7 @@ RULES = {
 }
 
 INSTRUCTIONS = {
-    "AP": "Given a product question, decide whether it is answerable from the product information. "
-    "Answer yes or no.",
+    "AP": "Given a product question, decide whether it is answerable from the product information. Answer yes or no.",
     "CC": "Given a product title, choose the product's category from the options.",
     "PRP": "Given two products, choose how they are related.",
     "PSI": "Given a query and a product, decide whether the product is a functional substitute. Answer yes or no.",
@@ -93,8 +97,11 @@ def _record(g: _Gen, abbr: str) -> tuple[dict, list[tuple[str, str]]]:
         answer = rng.choice(list(_PRP))
         t2, c2, _, col2 = g.product()
         return (
-            {"input": {"product 1": t1, "product 2": f"{t2} {_PRP[answer]}"}, "options": _PRP_OPTIONS,
-             "output": answer},
+            {
+                "input": {"product 1": t1, "product 2": f"{t2} {_PRP[answer]}"},
+                "options": _PRP_OPTIONS,
+                "output": answer,
+            },
             [(c1, col1), (c2, col2)],
         )
     if abbr == "PSI":
@@ -102,16 +109,22 @@ def _record(g: _Gen, abbr: str) -> tuple[dict, list[tuple[str, str]]]:
         answer = rng.choice(["yes", "no"])
         word = "compatible" if answer == "yes" else "incompatible"
         return (
-            {"input": {"query": f"{noun} for home", "product title": f"{title} {word}"}, "options": [],
-             "output": answer},
+            {
+                "input": {"query": f"{noun} for home", "product title": f"{title} {word}"},
+                "options": [],
+                "output": answer,
+            },
             [(cat, color)],
         )
     if abbr == "MPC":
         title, cat, noun, color = g.product()
         answer = rng.choice(list(_MPC))
         return (
-            {"input": {"query": f"{color} {noun}", "product title": f"{title} {_MPC[answer]}"},
-             "options": _MPC_OPTIONS, "output": answer},
+            {
+                "input": {"query": f"{color} {noun}", "product title": f"{title} {_MPC[answer]}"},
+                "options": _MPC_OPTIONS,
+                "output": answer,
+            },
             [(cat, color)],
         )
     if abbr == "SA":
@@ -209,16 +222,18 @@ def write_catalog(
             draw_image(img_dir / name, category, color, g.rng, fmt=fmt, mode=g.rng.choice(modes))
             urls.append(f"{prefix}/{name}")
             image_count += 1
-        rows.append({
-            "id": f"syn-{seed}-{i:06d}",
-            "task": TASKS[abbr].name,
-            "split": split,
-            "instruction": INSTRUCTIONS[abbr],
-            "input": json.dumps(rec["input"]),
-            "options": json.dumps(rec["options"]),
-            "output": rec["output"],
-            "images": json.dumps(urls),
-        })
+        rows.append(
+            {
+                "id": f"syn-{seed}-{i:06d}",
+                "task": TASKS[abbr].name,
+                "split": split,
+                "instruction": INSTRUCTIONS[abbr],
+                "input": json.dumps(rec["input"]),
+                "options": json.dumps(rec["options"]),
+                "output": rec["output"],
+                "images": json.dumps(urls),
+            }
+        )
     broken = []
     kinds = ["truncated", "not_an_image", "missing"]
     for k in range(min(broken_images, len(rows))):

@@ -49,43 +49,80 @@ class Task:
 
     @property
     def metric_label(self) -> str:
-        return {"f1": "F1", "macro_f1": "M-F1", "accuracy": "Acc", "recall_at_1": "R@1"}[
-            self.primary_metric
-        ]
+        return {"f1": "F1", "macro_f1": "M-F1", "accuracy": "Acc", "recall_at_1": "R@1"}[self.primary_metric]
 
 
 TASKS: dict[str, Task] = {
     t.abbr: t
     for t in (
         Task(
-            "AP", "answerability_prediction", "single", "yes_no", "f1", ("question",), True,
+            "AP",
+            "answerability_prediction",
+            "single",
+            "yes_no",
+            "f1",
+            ("question",),
+            True,
             "Is the product question answerable from the product's information?",
         ),
         Task(
-            "CC", "category_classification", "single", "option_letter", "recall_at_1", ("title",), True,
+            "CC",
+            "category_classification",
+            "single",
+            "option_letter",
+            "recall_at_1",
+            ("title",),
+            True,
             "Which fine-grained category does the product belong to?",
         ),
         Task(
-            "PRP", "product_relation_prediction", "pair", "option_letter", "macro_f1",
-            ("product 1", "product 2"), True,
+            "PRP",
+            "product_relation_prediction",
+            "pair",
+            "option_letter",
+            "macro_f1",
+            ("product 1", "product 2"),
+            True,
             "How are two products related (similar, bought together, viewed together)?",
         ),
         Task(
-            "PSI", "product_substitute_identification", "single", "yes_no", "f1",
-            ("query", "product title"), False,
+            "PSI",
+            "product_substitute_identification",
+            "single",
+            "yes_no",
+            "f1",
+            ("query", "product title"),
+            False,
             "Can the product serve as a functional substitute for the query?",
         ),
         Task(
-            "MPC", "multiclass_product_classification", "single", "option_letter", "accuracy",
-            ("query", "product title"), False,
+            "MPC",
+            "multiclass_product_classification",
+            "single",
+            "option_letter",
+            "accuracy",
+            ("query", "product title"),
+            False,
             "How relevant is the product to the query?",
         ),
         Task(
-            "SA", "sentiment_analysis", "single", "option_letter", "macro_f1", ("review",), True,
+            "SA",
+            "sentiment_analysis",
+            "single",
+            "option_letter",
+            "macro_f1",
+            ("review",),
+            True,
             "What is the sentiment of the review?",
         ),
         Task(
-            "SR", "sequential_recommendation", "sequence", "option_letter", "recall_at_1", (), True,
+            "SR",
+            "sequential_recommendation",
+            "sequence",
+            "option_letter",
+            "recall_at_1",
+            (),
+            True,
             "Which candidate will the user buy next, given the purchase history?",
         ),
     )

@@ -183,8 +183,10 @@ def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
 def resolve_model(model_id: str) -> str:
     """`tiny:NAME` -> the local folder (built on first use); anything else is returned unchanged."""
     if model_id.startswith(TINY_PREFIX):
-        name = model_id[len(TINY_PREFIX):]
+        name = model_id[len(TINY_PREFIX) :]
         if name not in TINY_NAMES:
-            raise ValueError(f"unknown tiny model {model_id!r}; valid: {', '.join(TINY_PREFIX + n for n in TINY_NAMES)}")
+            raise ValueError(
+                f"unknown tiny model {model_id!r}; valid: {', '.join(TINY_PREFIX + n for n in TINY_NAMES)}"
+            )
         return ensure_tiny_models()[name]
     return model_id

@@ -53,10 +53,16 @@ def training_example(row: dict, *, style: str = "alpaca", use_enriched: bool = T
         input_value, options = row.get("original_input"), row.get("original_options")
     else:
         input_value, options = row.get("input"), row.get("options")
-    prompt = instruction_prompt(row.get("instruction") or "", json_or_text(input_value),
-                                json_or_text(options), style=style)
-    return Example(id=str(row.get("id")), task=str(row.get("task")), split=str(row.get("split")),
-                   prompt=prompt, response=str(row.get("output") or "").strip())
+    prompt = instruction_prompt(
+        row.get("instruction") or "", json_or_text(input_value), json_or_text(options), style=style
+    )
+    return Example(
+        id=str(row.get("id")),
+        task=str(row.get("task")),
+        split=str(row.get("split")),
+        prompt=prompt,
+        response=str(row.get("output") or "").strip(),
+    )
 
 
 def cut_middle(ids: list[int], budget: int, *, keep_tail: int = 8) -> list[int]:
@@ -67,8 +73,9 @@ def cut_middle(ids: list[int], budget: int, *, keep_tail: int = 8) -> list[int]:
     return ids[: budget - tail] + (ids[-tail:] if tail else [])
 
 
-def tokenize_example(tokenizer, prompt: str, response: str, max_length: int, *, keep_tail: int = 8
-                     ) -> tuple[list[int], list[int], bool]:
+def tokenize_example(
+    tokenizer, prompt: str, response: str, max_length: int, *, keep_tail: int = 8
+) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated). Labels are IGNORE_INDEX on the prompt, the response + EOS else.
 
     Over `max_length`, the middle of the prompt is cut: its head (preamble, instruction, start of the
@@ -113,8 +120,9 @@ def micro_batch_loss(model, batch: dict):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1, :].float()
     target = batch["labels"][:, 1:]
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss_sum, int((target != IGNORE_INDEX).sum())
 
 
@@ -136,8 +144,10 @@ def lora_target_problems(model, targets: list[str] | str) -> list[str]:
     present = module_leaf_names(model)
     missing = [t for t in targets if t not in present]
     if missing:
-        return [f"lora.target_modules: {missing} not in the model; its linear modules are {sorted(present)} "
-                "(or use all-linear)"]
+        return [
+            f"lora.target_modules: {missing} not in the model; its linear modules are {sorted(present)} "
+            "(or use all-linear)"
+        ]
     return []
 
 
@@ -147,9 +157,15 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules, mod
     problems = lora_target_problems(model, target_modules)
     if problems:
         raise ValueError("; ".join(problems))
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                     target_modules=target_modules if target_modules == "all-linear" else list(target_modules),
-                     modules_to_save=list(modules_to_save) if modules_to_save else None)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=target_modules if target_modules == "all-linear" else list(target_modules),
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+    )
     return get_peft_model(model, cfg)
 
 
@@ -189,7 +205,19 @@ def steps_per_epoch(n_rows: int, *, num_workers: int, batch_size: int, grad_accu
 
 
 __all__ = [
-    "IGNORE_INDEX", "TRAINABLE_STATUSES", "DEFAULT_LORA_TARGETS", "Example", "training_example",
-    "cut_middle", "tokenize_example", "collate", "micro_batch_loss", "module_leaf_names", "lora_target_problems",
-    "apply_lora", "make_optimizer", "make_scheduler", "steps_per_epoch",
+    "IGNORE_INDEX",
+    "TRAINABLE_STATUSES",
+    "DEFAULT_LORA_TARGETS",
+    "Example",
+    "training_example",
+    "cut_middle",
+    "tokenize_example",
+    "collate",
+    "micro_batch_loss",
+    "module_leaf_names",
+    "lora_target_problems",
+    "apply_lora",
+    "make_optimizer",
+    "make_scheduler",
+    "steps_per_epoch",
 ]

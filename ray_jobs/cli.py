@@ -11,7 +11,11 @@ def _add_job(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value by dotted key, e.g. --set output.path=/tmp/out (repeatable)",
     )
     return p
@@ -24,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the whole pipeline on its embedded default (tiny models, synthetic catalog)",
-                       description="Run every stage that exists on the embedded default, offline.")
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on its embedded default (tiny models, synthetic catalog)",
+        description="Run every stage that exists on the embedded default, offline.",
+    )
     p.add_argument("--workdir", default="demo-out", help="folder for all demo outputs (default: demo-out)")
     p.add_argument("--records", type=int, default=140, help="synthetic records to generate (default: 140)")
     p.add_argument("--seed", type=int, default=0)
@@ -35,25 +42,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job(sub, "train", "LoRA fine-tune a causal LM on enriched records (Ray Train); writes a PEFT adapter")
     _add_job(sub, "serve", "serve captioner, judges and the fine-tuned model over HTTP (Ray Serve) until Ctrl-C")
 
-    p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API; token auth from the "
-                       "environment or ~/.ray/auth_token)", description="Validate CONFIG, then submit `python -m "
-                       "ray_jobs.JOB --config CONFIG` with cluster/runtime_env.yaml and this repo as working dir.")
+    p = sub.add_parser(
+        "submit",
+        help="submit a job to a Ray cluster (Ray Jobs API; token auth from the environment or ~/.ray/auth_token)",
+        description="Validate CONFIG, then submit `python -m "
+        "ray_jobs.JOB --config CONFIG` with cluster/runtime_env.yaml and this repo as working dir.",
+    )
     p.add_argument("job", choices=["enrich", "train", "evaluate"])
     p.add_argument("config", help="YAML config (path inside this repo, uploaded with it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--address", default=None, help="Jobs API URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, "
-                   "http://127.0.0.1:8265)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Jobs API URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, http://127.0.0.1:8265)",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the end; exit 1 unless it SUCCEEDED")
     p.add_argument("--runtime-env", default=None, help="runtime env YAML (default: cluster/runtime_env.yaml)")
     p.add_argument("--no-upload", action="store_true", help="do not upload this repo (the image has the code)")
 
-    p = sub.add_parser("tiny-models", help="build the tiny offline models (tokenizer, LLaVA captioner, Llama LM)",
-                       description="Build the tiny offline models under DIR.")
+    p = sub.add_parser(
+        "tiny-models",
+        help="build the tiny offline models (tokenizer, LLaVA captioner, Llama LM)",
+        description="Build the tiny offline models under DIR.",
+    )
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("synth", help="write a synthetic MMECInstruct-schema catalog with images",
-                       description="Write records.jsonl, records.parquet and images/ under DIR.")
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic MMECInstruct-schema catalog with images",
+        description="Write records.jsonl, records.parquet and images/ under DIR.",
+    )
     p.add_argument("dir", help="output folder")
     p.add_argument("--records", type=int, required=True, help="number of records")
     p.add_argument("--seed", type=int, default=0)
@@ -61,14 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broken-images", type=int, default=0, help="how many images to break on purpose")
     p.add_argument("--base-url", default=None, help="URL prefix for images instead of local paths")
 
-    p = sub.add_parser("validate", help="validate a records file and print counts and rejects",
-                       description="Validate MMECInstruct-schema records (JSONL, JSON list or Parquet; any fsspec URL).")
+    p = sub.add_parser(
+        "validate",
+        help="validate a records file and print counts and rejects",
+        description="Validate MMECInstruct-schema records (JSONL, JSON list or Parquet; any fsspec URL).",
+    )
     p.add_argument("records", help="records file or URL")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
 
-    p = sub.add_parser("score", help="score predictions per task (research, strict and invalid figures)",
-                       description="Print one JSON object keyed by task abbreviation: primary, score, strict_score, "
-                       "invalid, n.")
+    p = sub.add_parser(
+        "score",
+        help="score predictions per task (research, strict and invalid figures)",
+        description="Print one JSON object keyed by task abbreviation: primary, score, strict_score, invalid, n.",
+    )
     p.add_argument("records", help="records with gold outputs (JSONL, JSON or Parquet)")
     p.add_argument("predictions", help="JSON list of strings aligned with RECORDS, or JSONL of {id, prediction}")
     p.add_argument("--split", default=None, help="score only this split (train, val, test, ood_test)")
@@ -87,8 +111,9 @@ def _cmd_synth(args) -> int:
     from caslie_core.synthetic import write_catalog
 
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
-    manifest = write_catalog(args.dir, args.records, seed=args.seed, tasks=tasks,
-                             broken_images=args.broken_images, base_url=args.base_url)
+    manifest = write_catalog(
+        args.dir, args.records, seed=args.seed, tasks=tasks, broken_images=args.broken_images, base_url=args.base_url
+    )
     manifest.pop("rules")
     print(json.dumps(manifest, indent=2))
     return 0
@@ -101,13 +126,18 @@ def _cmd_validate(args) -> int:
 
     result = load_records(args.records, mode="strict" if args.strict else "collect")
     by_task = Counter(r.spec.abbr for r in result.records)
-    print(json.dumps({
-        "rows": result.total,
-        "valid": len(result.records),
-        "rejected": len(result.rejects),
-        "valid_per_task": dict(by_task),
-        "rejects": [r.__dict__ for r in result.rejects[:50]],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "rows": result.total,
+                "valid": len(result.records),
+                "rejected": len(result.rejects),
+                "valid_per_task": dict(by_task),
+                "rejects": [r.__dict__ for r in result.rejects[:50]],
+            },
+            indent=2,
+        )
+    )
     return 0 if not result.rejects else 1
 
 
@@ -159,8 +189,15 @@ def _cmd_serve(args) -> int:
 def _cmd_submit(args) -> int:
     from ray_jobs.submit import submit
 
-    res = submit(args.job, args.config, args.overrides, address=args.address, wait=args.wait,
-                 runtime_env_path=args.runtime_env, upload=not args.no_upload)
+    res = submit(
+        args.job,
+        args.config,
+        args.overrides,
+        address=args.address,
+        wait=args.wait,
+        runtime_env_path=args.runtime_env,
+        upload=not args.no_upload,
+    )
     return 0 if not args.wait or res["status"] == "SUCCEEDED" else 1
 
 

@@ -25,8 +25,9 @@ def init_ray(ray_cfg) -> bool:
     if address:
         ray.init(address=address, **kwargs)
         return False
-    ray.init(num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory,
-             include_dashboard=False, **kwargs)
+    ray.init(
+        num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory, include_dashboard=False, **kwargs
+    )
     return True
 
 

@@ -24,8 +24,13 @@ def run_demo(workdir: str, *, records: int = 140, seed: int = 0) -> dict:
     models = ensure_tiny_models()
     print(f"[demo] tiny models ready under {Path(models['lm']).parent}")
     summary: dict = {"workdir": str(work), "tiny_models": models, "stages": {}}
-    steps = {"catalog": lambda: _catalog(work, records, seed), "enrich": lambda: _enrich(work),
-             "train": lambda: _train(work), "evaluate": lambda: _evaluate(work), "serve": lambda: _serve(work)}
+    steps = {
+        "catalog": lambda: _catalog(work, records, seed),
+        "enrich": lambda: _enrich(work),
+        "train": lambda: _train(work),
+        "evaluate": lambda: _evaluate(work),
+        "serve": lambda: _serve(work),
+    }
     for name in STAGES:
         t = time.time()
         section = steps[name]()
@@ -55,21 +60,36 @@ def _short(v) -> str:
 
 
 def _section(output: Path | None, config: str, command: str, figures: dict, **files) -> dict:
-    return {"output": str(output) if output else None, "files": {k: str(v) for k, v in files.items()},
-            "config": config, "command": command, "figures": figures}
+    return {
+        "output": str(output) if output else None,
+        "files": {k: str(v) for k, v in files.items()},
+        "config": config,
+        "command": command,
+        "figures": figures,
+    }
 
 
 def _catalog(work: Path, records: int, seed: int) -> dict:
     from caslie_core.synthetic import write_catalog
 
     m = write_catalog(work / "catalog", records, seed=seed, broken_images=max(3, records // 40))
-    print(f"[demo] synthetic catalog: {m['records']} records, {m['images']} images "
-          f"({len(m['broken_images'])} broken on purpose) in {work / 'catalog'}")
-    return _section(work / "catalog", "", f"caslie synth {work / 'catalog'} --records {records} --seed {seed} "
-                    f"--broken-images {len(m['broken_images'])}",
-                    {"records": m["records"], "images": m["images"], "broken_images": len(m["broken_images"]),
-                     "splits": m["splits"]},
-                    records=work / "catalog" / "records.jsonl", manifest=work / "catalog" / "manifest.json")
+    print(
+        f"[demo] synthetic catalog: {m['records']} records, {m['images']} images "
+        f"({len(m['broken_images'])} broken on purpose) in {work / 'catalog'}"
+    )
+    return _section(
+        work / "catalog",
+        "",
+        f"caslie synth {work / 'catalog'} --records {records} --seed {seed} --broken-images {len(m['broken_images'])}",
+        {
+            "records": m["records"],
+            "images": m["images"],
+            "broken_images": len(m["broken_images"]),
+            "splits": m["splits"],
+        },
+        records=work / "catalog" / "records.jsonl",
+        manifest=work / "catalog" / "manifest.json",
+    )
 
 
 def _job(job: str, overrides: list[str]):
@@ -87,44 +107,85 @@ def _job(job: str, overrides: list[str]):
 def _enrich(work: Path) -> dict:
     from ray_jobs import enrich
 
-    cfg, config, command = _job("enrich", [f"input.path={work / 'catalog' / 'records.jsonl'}",
-                                           f"output.path={work / 'enriched'}"])
+    cfg, config, command = _job(
+        "enrich", [f"input.path={work / 'catalog' / 'records.jsonl'}", f"output.path={work / 'enriched'}"]
+    )
     s = enrich.run(cfg)
-    return _section(work / "enriched", config, command,
-                    {"records": s["records"], "ok": s["ok"], "partial": s["partial"], "failed": s["failed"],
-                     "kept_share_per_task": s["kept_share_per_task"], "errors_per_stage": s["errors_per_stage"]},
-                    records=s["records_path"], summary=work / "enriched" / "summary.json")
+    return _section(
+        work / "enriched",
+        config,
+        command,
+        {
+            "records": s["records"],
+            "ok": s["ok"],
+            "partial": s["partial"],
+            "failed": s["failed"],
+            "kept_share_per_task": s["kept_share_per_task"],
+            "errors_per_stage": s["errors_per_stage"],
+        },
+        records=s["records_path"],
+        summary=work / "enriched" / "summary.json",
+    )
 
 
 def _train(work: Path) -> dict:
     from ray_jobs import train
 
-    cfg, config, command = _job("train", [f"data.path={work / 'enriched'}", f"run.storage_path={work / 'train-runs'}",
-                                          f"output.path={work / 'model'}"])
+    cfg, config, command = _job(
+        "train",
+        [f"data.path={work / 'enriched'}", f"run.storage_path={work / 'train-runs'}", f"output.path={work / 'model'}"],
+    )
     s = train.run(cfg)
     curve = s["loss_curve"]
     losses = curve["loss"]
     marks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4, len(losses) - 1}) if losses else []
-    print("[demo] loss curve: " + ", ".join(f"step {curve['steps'][i]}: {losses[i]:.3f}" for i in marks)
-          + (f"; eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""))
-    return _section(work / "model", config, command,
-                    {"steps": s["steps"], "train_rows": s["data"]["train_rows_used"],
-                     "skipped_failed": s["data"]["skipped_failed"], "loss_first": curve["first"],
-                     "loss_last": curve["last"], "eval_loss": s["eval_loss"], "tokens_per_s": s["tokens_per_s"]},
-                    adapter=s["adapter"], summary=work / "model" / "summary.json", checkpoints=s["storage"])
+    print(
+        "[demo] loss curve: "
+        + ", ".join(f"step {curve['steps'][i]}: {losses[i]:.3f}" for i in marks)
+        + (f"; eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else "")
+    )
+    return _section(
+        work / "model",
+        config,
+        command,
+        {
+            "steps": s["steps"],
+            "train_rows": s["data"]["train_rows_used"],
+            "skipped_failed": s["data"]["skipped_failed"],
+            "loss_first": curve["first"],
+            "loss_last": curve["last"],
+            "eval_loss": s["eval_loss"],
+            "tokens_per_s": s["tokens_per_s"],
+        },
+        adapter=s["adapter"],
+        summary=work / "model" / "summary.json",
+        checkpoints=s["storage"],
+    )
 
 
 def _evaluate(work: Path) -> dict:
     from ray_jobs import evaluate
 
-    cfg, config, command = _job("evaluate", [f"model.path={work / 'model'}", f"data.path={work / 'enriched'}",
-                                             f"output.path={work / 'evaluation'}"])
+    cfg, config, command = _job(
+        "evaluate",
+        [f"model.path={work / 'model'}", f"data.path={work / 'enriched'}", f"output.path={work / 'evaluation'}"],
+    )
     s = evaluate.run(cfg)  # prints the table
-    return _section(work / "evaluation", config, command,
-                    {"prompts": s["prompts"], "invalid": s["invalid"], "not_evaluated": s["not_evaluated"],
-                     "prompts_per_second": s["prompts_per_second"]},
-                    table=s["results"]["markdown"], chart=s["results"]["chart"], results=s["results"]["json"],
-                    summary=work / "evaluation" / "summary.json")
+    return _section(
+        work / "evaluation",
+        config,
+        command,
+        {
+            "prompts": s["prompts"],
+            "invalid": s["invalid"],
+            "not_evaluated": s["not_evaluated"],
+            "prompts_per_second": s["prompts_per_second"],
+        },
+        table=s["results"]["markdown"],
+        chart=s["results"]["chart"],
+        results=s["results"]["json"],
+        summary=work / "evaluation" / "summary.json",
+    )
 
 
 def _free_port(preferred: int) -> int:
@@ -153,8 +214,11 @@ def _serve(work: Path) -> dict:
 
     cfg = load_config(ServeConfig, ROOT / "configs" / "serve-demo.yaml", [f"model.path={work / 'model'}"])
     cfg.http.port = _free_port(cfg.http.port)
-    rec = next(r for r in map(json.loads, (work / "catalog" / "records.jsonl").read_text().splitlines())
-               if r["split"] == "test" and len(json.loads(r["images"])) == 1)
+    rec = next(
+        r
+        for r in map(json.loads, (work / "catalog" / "records.jsonl").read_text().splitlines())
+        if r["split"] == "test" and len(json.loads(r["images"])) == 1
+    )
     image = Path(json.loads(rec["images"])[0])
     body = {k: rec[k] for k in ("id", "task", "instruction", "input", "options")}
     body["images"] = ["data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()]
@@ -164,12 +228,25 @@ def _serve(work: Path) -> dict:
         r.raise_for_status()
         out = r.json()
     img = out["images"][0]
-    print(f"[demo] served at {url}: POST /v1/predict {rec['task']} {rec['id']} -> answer {out['answer']!r} "
-          f"(gold {rec['output']!r}); caption kept: {img['kept']} (votes {img['votes']}); "
-          f"{out['timings_ms']['total']:.0f} ms")
-    return _section(None, "configs/serve-demo.yaml",
-                    f"caslie serve configs/serve-demo.yaml --set model.path={work / 'model'}",
-                    {"served_at": url, "request": f"{rec['task']} {rec['id']}", "answer": out["answer"],
-                     "gold": rec["output"], "valid": out["valid"], "status": out["status"],
-                     "caption_kept": img["kept"], "votes": img["votes"], "timings_ms": out["timings_ms"]},
-                    model=work / "model" / "adapter")
+    print(
+        f"[demo] served at {url}: POST /v1/predict {rec['task']} {rec['id']} -> answer {out['answer']!r} "
+        f"(gold {rec['output']!r}); caption kept: {img['kept']} (votes {img['votes']}); "
+        f"{out['timings_ms']['total']:.0f} ms"
+    )
+    return _section(
+        None,
+        "configs/serve-demo.yaml",
+        f"caslie serve configs/serve-demo.yaml --set model.path={work / 'model'}",
+        {
+            "served_at": url,
+            "request": f"{rec['task']} {rec['id']}",
+            "answer": out["answer"],
+            "gold": rec["output"],
+            "valid": out["valid"],
+            "status": out["status"],
+            "caption_kept": img["kept"],
+            "votes": img["votes"],
+            "timings_ms": out["timings_ms"],
+        },
+        model=work / "model" / "adapter",
+    )

@@ -27,16 +27,32 @@ from caslie_core.records import detect_format, iter_raw_rows
 from ray_jobs.common import configure_data_context, init_ray, job_main, to_table
 
 RAW = {"text": pa.string()}
-PARSED = {"id": pa.string(), "task": pa.string(), "split": pa.string(), "status": pa.string(),
-          "error": pa.string(), "record": pa.string(), "raw": pa.string(), "n_images": pa.int32()}
-DECODED = {**PARSED, "image_errors": pa.string(), "image_digests": pa.list_(pa.string()),
-           "pixels": pa.list_(pa.binary())}
-CAPTIONED = {**{k: v for k, v in DECODED.items() if k != "pixels"}, "captions": pa.string(),
-             "caption_cached": pa.list_(pa.bool_())}
+PARSED = {
+    "id": pa.string(),
+    "task": pa.string(),
+    "split": pa.string(),
+    "status": pa.string(),
+    "error": pa.string(),
+    "record": pa.string(),
+    "raw": pa.string(),
+    "n_images": pa.int32(),
+}
+DECODED = {
+    **PARSED,
+    "image_errors": pa.string(),
+    "image_digests": pa.list_(pa.string()),
+    "pixels": pa.list_(pa.binary()),
+}
+CAPTIONED = {
+    **{k: v for k, v in DECODED.items() if k != "pixels"},
+    "captions": pa.string(),
+    "caption_cached": pa.list_(pa.bool_()),
+}
 WRITTEN = {"id": pa.string(), "status": pa.string(), "task": pa.string(), "path": pa.string()}
 
 
 # ------------------------------------------------------------------------------------------ reading
+
 
 def _expand(path: str) -> list[str]:
     import fsspec
@@ -73,8 +89,11 @@ def read_raw(cfg: EnrichConfig):
     for path in paths:
         fmt = detect_format(path) if cfg.input.format == "auto" else cfg.input.format
         scheme = path.split("://", 1)[0] if "://" in path else "file"
-        if scheme in ("file", "s3", "gs", "gcs", "az", "abfs") and fmt in ("jsonl", "parquet") \
-                and not path.endswith(".gz"):
+        if (
+            scheme in ("file", "s3", "gs", "gcs", "az", "abfs")
+            and fmt in ("jsonl", "parquet")
+            and not path.endswith(".gz")
+        ):
             fs, stripped = fsspec.core.url_to_fs(path)
             pafs = None if scheme == "file" else PyFileSystem(FSSpecHandler(fs))
             if not fs.exists(stripped):
@@ -83,11 +102,14 @@ def read_raw(cfg: EnrichConfig):
                 ds = ray.data.read_text(stripped if pafs else path, filesystem=pafs)
             else:
                 ds = ray.data.read_parquet(stripped if pafs else path, filesystem=pafs).map_batches(
-                    _parquet_to_text, batch_format="pyarrow")
+                    _parquet_to_text, batch_format="pyarrow"
+                )
         else:
             # JSON lists, compressed files and http(s)/hf URLs stream through the driver.
-            rows = [{"text": raw.raw_text if isinstance(raw, Exception) else json.dumps(raw, default=str)}
-                    for _, raw in iter_raw_rows(path)]
+            rows = [
+                {"text": raw.raw_text if isinstance(raw, Exception) else json.dumps(raw, default=str)}
+                for _, raw in iter_raw_rows(path)
+            ]
             ds = ray.data.from_items(rows)
         parts.append(ds)
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
@@ -125,6 +147,7 @@ def fetch_decode_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_p
 
 # ----------------------------------------------------------------------------------- actor shims
 
+
 def _actor_id() -> str:
     import ray
 
@@ -151,12 +174,16 @@ class _RayCache:
     def _get(self, ref, fallback):
         try:
             return self._ray.get(ref, timeout=self.TIMEOUT_S)
-        except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError,
-                self._ray.exceptions.GetTimeoutError) as e:
+        except (
+            self._ray.exceptions.RayActorError,
+            self._ray.exceptions.ActorUnavailableError,
+            self._ray.exceptions.GetTimeoutError,
+        ) as e:
             self.unavailable += 1
             if self.unavailable == 1:
-                print(f"[enrich] caption cache unavailable ({type(e).__name__}); captioning without it until it "
-                      "is back")
+                print(
+                    f"[enrich] caption cache unavailable ({type(e).__name__}); captioning without it until it is back"
+                )
             return fallback
 
     def claim(self, keys, owner):
@@ -218,10 +245,17 @@ class CaptionActor:
         from caslie_core.jobconfigs import CaptionerConfig
 
         c = CaptionerConfig.model_validate(captioner)
-        model = Captioner(c.model, revision=c.revision, dtype=c.dtype, max_new_tokens=c.max_new_tokens,
-                          batch_size=c.micro_batch, trust_remote_code=c.trust_remote_code)
-        self.stage = stages.CaptionStage(model, size, _RayCache(*cache) if cache else None, owner=_actor_id(),
-                                         wait_s=wait_s)
+        model = Captioner(
+            c.model,
+            revision=c.revision,
+            dtype=c.dtype,
+            max_new_tokens=c.max_new_tokens,
+            batch_size=c.micro_batch,
+            trust_remote_code=c.trust_remote_code,
+        )
+        self.stage = stages.CaptionStage(
+            model, size, _RayCache(*cache) if cache else None, owner=_actor_id(), wait_s=wait_s
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return to_table(self.stage(batch.to_pylist()), CAPTIONED)
@@ -233,8 +267,15 @@ class JudgeActor:
         from caslie_core.judging import Judge
 
         j = JudgeConfig.model_validate(judge)
-        model = Judge(j.model, mode=j.mode, revision=j.revision, dtype=j.dtype, max_new_tokens=j.max_new_tokens,
-                      batch_size=j.micro_batch, trust_remote_code=j.trust_remote_code)
+        model = Judge(
+            j.model,
+            mode=j.mode,
+            revision=j.revision,
+            dtype=j.dtype,
+            max_new_tokens=j.max_new_tokens,
+            batch_size=j.micro_batch,
+            trust_remote_code=j.trust_remote_code,
+        )
         self.stage = stages.JudgeStage(model, j.name)
         self.columns = columns
 
@@ -244,12 +285,12 @@ class JudgeActor:
 
 # ------------------------------------------------------------------------------------------ writing
 
+
 def parts_root(output: str) -> str:
     return output.rstrip("/") + "/records"
 
 
-def write_batch(batch: pa.Table, output: str, judge_names: list[str], provenance: dict,
-                partition: bool) -> pa.Table:
+def write_batch(batch: pa.Table, output: str, judge_names: list[str], provenance: dict, partition: bool) -> pa.Table:
     """Finalize rows and write them as Parquet parts, atomically (temp name, then rename)."""
     import fsspec
     import pyarrow.parquet as pq
@@ -339,39 +380,60 @@ def done_ids(output: str) -> frozenset:
 
 # ------------------------------------------------------------------------------------------- the job
 
+
 def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache: tuple[str, str] | None, chash: str, run_id: str):
     import ray.data
 
     policy = cfg.fetch.policy()
     size = cfg.decode.image_size
     ds = read_raw(cfg)
-    ds = ds.map_batches(parse_batch, batch_format="pyarrow", batch_size=cfg.records_per_batch,
-                        fn_kwargs={"done_ref": done_ref})
-    ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.records_per_batch,
-                        fn_kwargs={"policy": policy, "threads": cfg.fetch.threads,
-                                   "max_pixels": cfg.decode.max_pixels, "size": size})
+    ds = ds.map_batches(
+        parse_batch, batch_format="pyarrow", batch_size=cfg.records_per_batch, fn_kwargs={"done_ref": done_ref}
+    )
+    ds = ds.map_batches(
+        fetch_decode_batch,
+        batch_format="pyarrow",
+        batch_size=cfg.records_per_batch,
+        fn_kwargs={"policy": policy, "threads": cfg.fetch.threads, "max_pixels": cfg.decode.max_pixels, "size": size},
+    )
     cp = cfg.captioner.pool
     ds = ds.map_batches(
-        CaptionActor, batch_format="pyarrow", batch_size=cp.batch_size,
+        CaptionActor,
+        batch_format="pyarrow",
+        batch_size=cp.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=cp.min_size, max_size=cp.max_size),
-        num_gpus=cp.num_gpus, num_cpus=cp.num_cpus,
-        fn_constructor_kwargs={"captioner": cfg.captioner.model_dump(), "size": size, "cache": cache,
-                               "wait_s": cfg.dedup.claim_ttl_s},
+        num_gpus=cp.num_gpus,
+        num_cpus=cp.num_cpus,
+        fn_constructor_kwargs={
+            "captioner": cfg.captioner.model_dump(),
+            "size": size,
+            "cache": cache,
+            "wait_s": cfg.dedup.claim_ttl_s,
+        },
     )
     columns = dict(CAPTIONED)
     for j in cfg.judges:
         columns = {**columns, f"votes_{j.name}": pa.string()}
         ds = ds.map_batches(
-            JudgeActor, batch_format="pyarrow", batch_size=j.pool.batch_size,
+            JudgeActor,
+            batch_format="pyarrow",
+            batch_size=j.pool.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=j.pool.min_size, max_size=j.pool.max_size),
-            num_gpus=j.pool.num_gpus, num_cpus=j.pool.num_cpus,
+            num_gpus=j.pool.num_gpus,
+            num_cpus=j.pool.num_cpus,
             fn_constructor_kwargs={"judge": j.model_dump(), "columns": dict(columns)},
         )
     prov = stages.provenance(cfg, chash, run_id)
     return ds.map_batches(
-        write_batch, batch_format="pyarrow", batch_size=cfg.records_per_batch,
-        fn_kwargs={"output": cfg.output.path, "judge_names": [j.name for j in cfg.judges], "provenance": prov,
-                   "partition": cfg.output.partition_by_task},
+        write_batch,
+        batch_format="pyarrow",
+        batch_size=cfg.records_per_batch,
+        fn_kwargs={
+            "output": cfg.output.path,
+            "judge_names": [j.name for j in cfg.judges],
+            "provenance": prov,
+            "partition": cfg.output.partition_by_task,
+        },
     )
 
 
@@ -397,9 +459,11 @@ def run(cfg: EnrichConfig) -> dict:
             name, ns = f"caslie-caption-cache-{run_id}", "caslie"
             # On the driver's node (it lives as long as the job does); restarted empty if that fails anyway.
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-            cache_actor = ray.remote(num_cpus=0)(CaptionCacheActor).options(
-                name=name, namespace=ns, scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote(
-                cfg.dedup.claim_ttl_s, cfg.dedup.max_entries)
+            cache_actor = (
+                ray.remote(num_cpus=0)(CaptionCacheActor)
+                .options(name=name, namespace=ns, scheduling_strategy=here, max_restarts=-1, max_task_retries=-1)
+                .remote(cfg.dedup.claim_ttl_s, cfg.dedup.max_entries)
+            )
             cache = (name, ns)
         ds = build_dataset(cfg, done_ref=done_ref, cache=cache, chash=chash, run_id=run_id)
         seen = failed = 0
@@ -413,21 +477,31 @@ def run(cfg: EnrichConfig) -> dict:
                     raise CaslieError(
                         f"error-rate limit passed: {failed} of {seen} records failed "
                         f"({failed / seen:.1%} > limits.max_failed_fraction={lim.max_failed_fraction}); "
-                        f"see the `error` column under {parts_root(cfg.output.path)}; rerun to resume")
+                        f"see the `error` column under {parts_root(cfg.output.path)}; rerun to resume"
+                    )
             cache_stats = _cache_stats(cache_actor)
         finally:
             if cache_actor:
                 ray.kill(cache_actor)
         removed = drop_duplicates(cfg.output.path)
         wall = time.time() - t0
-        summary = make_summary(cfg, wall=wall, processed_now=seen, resumed=len(previous), cache_stats=cache_stats,
-                               chash=chash, run_id=run_id)
+        summary = make_summary(
+            cfg,
+            wall=wall,
+            processed_now=seen,
+            resumed=len(previous),
+            cache_stats=cache_stats,
+            chash=chash,
+            run_id=run_id,
+        )
         summary["duplicates_removed"] = removed
         with fsspec.open(cfg.output.path.rstrip("/") + "/summary.json", "wt") as fh:
             json.dump(summary, fh, indent=2)
-        print(f"[enrich] {summary['records']} records: {summary['ok']} ok, {summary['partial']} partial, "
-              f"{summary['failed']} failed; {summary['images_per_second']} images/s; "
-              f"output {cfg.output.path}")
+        print(
+            f"[enrich] {summary['records']} records: {summary['ok']} ok, {summary['partial']} partial, "
+            f"{summary['failed']} failed; {summary['images_per_second']} images/s; "
+            f"output {cfg.output.path}"
+        )
         return summary
     finally:
         if started:
@@ -445,8 +519,9 @@ def _cache_stats(actor) -> dict:
         return {"unavailable": type(e).__name__}
 
 
-def make_summary(cfg: EnrichConfig, *, wall: float, processed_now: int, resumed: int, cache_stats: dict,
-                 chash: str, run_id: str) -> dict:
+def make_summary(
+    cfg: EnrichConfig, *, wall: float, processed_now: int, resumed: int, cache_stats: dict, chash: str, run_id: str
+) -> dict:
     rows = read_output(cfg.output.path, ["id", "task", "status", "error", "image_results"])
     counts = stages.summarize(rows)
     ids = [r["id"] for r in rows]

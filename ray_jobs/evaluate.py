@@ -22,15 +22,40 @@ from caslie_core.jobconfigs import EvaluateConfig
 
 from .common import configure_data_context, init_ray, job_main, to_table
 
-PROMPTS = {"id": pa.string(), "task": pa.string(), "split": pa.string(), "variant": pa.string(),
-           "prompt": pa.string(), "reference": pa.string(), "skip": pa.string()}
-ANSWERED = {**{k: v for k, v in PROMPTS.items() if k != "prompt"}, "raw": pa.string(), "error": pa.string(),
-            "n_prompt_tokens": pa.int32(), "n_new_tokens": pa.int32()}
-READ_COLUMNS = ["id", "task", "split", "status", "instruction", "input", "options", "output", "images",
-                "original_input", "original_options", "image_results"]
+PROMPTS = {
+    "id": pa.string(),
+    "task": pa.string(),
+    "split": pa.string(),
+    "variant": pa.string(),
+    "prompt": pa.string(),
+    "reference": pa.string(),
+    "skip": pa.string(),
+}
+ANSWERED = {
+    **{k: v for k, v in PROMPTS.items() if k != "prompt"},
+    "raw": pa.string(),
+    "error": pa.string(),
+    "n_prompt_tokens": pa.int32(),
+    "n_new_tokens": pa.int32(),
+}
+READ_COLUMNS = [
+    "id",
+    "task",
+    "split",
+    "status",
+    "instruction",
+    "input",
+    "options",
+    "output",
+    "images",
+    "original_input",
+    "original_options",
+    "image_results",
+]
 
 
 # ------------------------------------------------------------------------------------------ model
+
 
 def resolve_model(cfg: EvaluateConfig) -> dict:
     from caslie_core.predict import resolve_model_source
@@ -44,10 +69,16 @@ class PredictActor:
     def __init__(self, spec: dict) -> None:
         from caslie_core.predict import Predictor, local_copy
 
-        self.predictor = Predictor(spec["base"], adapter=local_copy(spec["adapter"]), revision=spec["revision"],
-                                   dtype=spec["dtype"], max_new_tokens=spec["max_new_tokens"],
-                                   batch_size=spec["micro_batch"], max_prompt_tokens=spec["max_prompt_tokens"],
-                                   trust_remote_code=spec["trust_remote_code"])
+        self.predictor = Predictor(
+            spec["base"],
+            adapter=local_copy(spec["adapter"]),
+            revision=spec["revision"],
+            dtype=spec["dtype"],
+            max_new_tokens=spec["max_new_tokens"],
+            batch_size=spec["micro_batch"],
+            max_prompt_tokens=spec["max_prompt_tokens"],
+            trust_remote_code=spec["trust_remote_code"],
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -56,15 +87,18 @@ class PredictActor:
         for r in rows:
             r.update({"raw": None, "error": None, "n_prompt_tokens": 0, "n_new_tokens": 0})
         for i, a in zip(todo, answers):
-            rows[i].update({"raw": a.text, "error": a.error, "n_prompt_tokens": a.n_prompt_tokens,
-                            "n_new_tokens": a.n_new_tokens})
+            rows[i].update(
+                {"raw": a.text, "error": a.error, "n_prompt_tokens": a.n_prompt_tokens, "n_new_tokens": a.n_new_tokens}
+            )
         return to_table(rows, ANSWERED)
 
 
 # ------------------------------------------------------------------------------------------- data
 
-def prepare_batch(batch: pa.Table, *, variants: list[str], style: str, splits: list[str],
-                  task_names: list[str] | None) -> pa.Table:
+
+def prepare_batch(
+    batch: pa.Table, *, variants: list[str], style: str, splits: list[str], task_names: list[str] | None
+) -> pa.Table:
     """Rows -> one prompt row per (record, ablation) in the wanted splits and tasks.
 
     Rows that failed enrichment (no task or text) come out with `skip` set, so they are counted."""
@@ -81,8 +115,17 @@ def prepare_batch(batch: pa.Table, *, variants: list[str], style: str, splits: l
         status = row.get("status") or "ok"
         if status == "failed":
             if split in splits or split is None:
-                out.append({"id": row.get("id"), "task": row.get("task"), "split": split, "variant": None,
-                            "prompt": None, "reference": None, "skip": "failed in enrichment"})
+                out.append(
+                    {
+                        "id": row.get("id"),
+                        "task": row.get("task"),
+                        "split": split,
+                        "variant": None,
+                        "prompt": None,
+                        "reference": None,
+                        "skip": "failed in enrichment",
+                    }
+                )
             continue
         if split not in splits:
             continue
@@ -90,9 +133,17 @@ def prepare_batch(batch: pa.Table, *, variants: list[str], style: str, splits: l
         if task_names and task not in task_names:
             continue
         for variant in variants:
-            out.append({"id": row["id"], "task": task, "split": split, "variant": variant,
-                        "prompt": variant_prompt(row, variant, style=style), "reference": row.get("output"),
-                        "skip": None})
+            out.append(
+                {
+                    "id": row["id"],
+                    "task": task,
+                    "split": split,
+                    "variant": variant,
+                    "prompt": variant_prompt(row, variant, style=style),
+                    "reference": row.get("output"),
+                    "skip": None,
+                }
+            )
     return to_table(out, PROMPTS)
 
 
@@ -121,8 +172,10 @@ def precheck(cfg: EvaluateConfig) -> dict:
         loaded = load_records(record_files, mode="collect")
         record_rows = [r.to_row() for r in loaded.records]
     if record_rows and set(cfg.ablations) - {"none"}:
-        problems.append(f"ablations: {sorted(set(cfg.ablations) - {'none'})} need captions, but {record_files} "
-                        "are raw records; evaluate the enrichment output, or use ablations=[none]")
+        problems.append(
+            f"ablations: {sorted(set(cfg.ablations) - {'none'})} need captions, but {record_files} "
+            "are raw records; evaluate the enrichment output, or use ablations=[none]"
+        )
     try:
         model = resolve_model(cfg)
     except ConfigError as e:
@@ -130,8 +183,13 @@ def precheck(cfg: EvaluateConfig) -> dict:
         model = None
     if problems:
         raise ConfigError(problems)
-    return {"enriched_files": enriched, "record_rows": record_rows, "splits": splits, "task_names": task_names,
-            "model": model}
+    return {
+        "enriched_files": enriched,
+        "record_rows": record_rows,
+        "splits": splits,
+        "task_names": task_names,
+        "model": model,
+    }
 
 
 def build_dataset(cfg: EvaluateConfig, pre: dict):
@@ -145,20 +203,41 @@ def build_dataset(cfg: EvaluateConfig, pre: dict):
     ds = sources[0] if len(sources) == 1 else sources[0].union(*sources[1:])
     if cfg.data.limit:
         ds = ds.limit(cfg.data.limit)
-    ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.25,
-                        fn_kwargs={"variants": list(cfg.ablations), "style": pre["model"]["style"],
-                                   "splits": pre["splits"], "task_names": pre["task_names"]})
+    ds = ds.map_batches(
+        prepare_batch,
+        batch_format="pyarrow",
+        batch_size=256,
+        num_cpus=0.25,
+        fn_kwargs={
+            "variants": list(cfg.ablations),
+            "style": pre["model"]["style"],
+            "splits": pre["splits"],
+            "task_names": pre["task_names"],
+        },
+    )
     m = pre["model"]
-    spec = {**m, "dtype": cfg.model.dtype, "max_new_tokens": cfg.generation.max_new_tokens,
-            "micro_batch": cfg.generation.micro_batch, "max_prompt_tokens": cfg.generation.max_prompt_tokens,
-            "trust_remote_code": cfg.model.trust_remote_code}
+    spec = {
+        **m,
+        "dtype": cfg.model.dtype,
+        "max_new_tokens": cfg.generation.max_new_tokens,
+        "micro_batch": cfg.generation.micro_batch,
+        "max_prompt_tokens": cfg.generation.max_prompt_tokens,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
     p = cfg.pool
-    return ds.map_batches(PredictActor, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow",
-                          batch_size=p.batch_size, num_gpus=p.num_gpus or None, num_cpus=p.num_cpus,
-                          compute=ray.data.ActorPoolStrategy(min_size=p.min_size, max_size=p.max_size))
+    return ds.map_batches(
+        PredictActor,
+        fn_constructor_kwargs={"spec": spec},
+        batch_format="pyarrow",
+        batch_size=p.batch_size,
+        num_gpus=p.num_gpus or None,
+        num_cpus=p.num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=p.min_size, max_size=p.max_size),
+    )
 
 
 # ------------------------------------------------------------------------------------------ driver
+
 
 def run(cfg: EvaluateConfig) -> dict:
     import fsspec
@@ -189,8 +268,10 @@ def run(cfg: EvaluateConfig) -> dict:
                     rows.append(r)
         wall = time.time() - t0
         if not rows:
-            raise CaslieError(f"nothing to evaluate: no records in splits {pre['splits']}"
-                              f"{' for tasks ' + str(pre['task_names']) if pre['task_names'] else ''}")
+            raise CaslieError(
+                f"nothing to evaluate: no records in splits {pre['splits']}"
+                f"{' for tasks ' + str(pre['task_names']) if pre['task_names'] else ''}"
+            )
         mark_valid(rows)
         rows.sort(key=lambda r: (r["variant"], r["split"], r["task"], r["id"]))
         paths = {}
@@ -199,16 +280,32 @@ def run(cfg: EvaluateConfig) -> dict:
             with fsspec.open(paths[variant], "wt", encoding="utf-8") as fh:
                 for r in rows:
                     if r["variant"] == variant:
-                        fh.write(json.dumps({"id": r["id"], "task": r["task"], "split": r["split"],
-                                             "prediction": r["raw"], "answer": r["answer"],
-                                             "reference": r["reference"], "valid": r["valid"],
-                                             "correct": r["correct"], "error": r["error"]}, ensure_ascii=False) + "\n")
+                        fh.write(
+                            json.dumps(
+                                {
+                                    "id": r["id"],
+                                    "task": r["task"],
+                                    "split": r["split"],
+                                    "prediction": r["raw"],
+                                    "answer": r["answer"],
+                                    "reference": r["reference"],
+                                    "valid": r["valid"],
+                                    "correct": r["correct"],
+                                    "error": r["error"],
+                                },
+                                ensure_ascii=False,
+                            )
+                            + "\n"
+                        )
         scores = score_predictions(rows)
         table = results_table(scores, paper_rows=list(cfg.output.paper_rows), variants=list(cfg.ablations))
         md = table_markdown(table)
         with tempfile.TemporaryDirectory() as tmp:
-            chart = render_chart(table, str(Path(tmp) / "results.png"),
-                                 title=f"{pre['model']['base']}{' + adapter' if pre['model']['adapter'] else ''}")
+            chart = render_chart(
+                table,
+                str(Path(tmp) / "results.png"),
+                title=f"{pre['model']['base']}{' + adapter' if pre['model']['adapter'] else ''}",
+            )
             fs.put(str(Path(tmp) / "results.png"), root + "/results.png")
         summary = make_summary(cfg, rows, skipped, pre, wall, chart, paths, out)
         with fsspec.open(out + "/results.md", "wt") as fh:
@@ -218,8 +315,10 @@ def run(cfg: EvaluateConfig) -> dict:
         with fsspec.open(out + "/summary.json", "wt") as fh:
             json.dump(summary, fh, indent=2)
         print(md)
-        print(f"[evaluate] {summary['prompts']} prompts ({', '.join(cfg.ablations)}) in {summary['wall_seconds']} s, "
-              f"{summary['prompts_per_second']} prompts/s; results in {out}")
+        print(
+            f"[evaluate] {summary['prompts']} prompts ({', '.join(cfg.ablations)}) in {summary['wall_seconds']} s, "
+            f"{summary['prompts_per_second']} prompts/s; results in {out}"
+        )
         return summary
     finally:
         if started:

@@ -35,8 +35,12 @@ from .common import ROOT, init_ray
 
 log = logging.getLogger("ray.serve")
 APP_NAME = "caslie"
-api = FastAPI(title="CASLIE", version="1", description="Context-conditioned captions, caption-quality "
-              "votes and answers of a fine-tuned model for e-commerce products.")
+api = FastAPI(
+    title="CASLIE",
+    version="1",
+    description="Context-conditioned captions, caption-quality "
+    "votes and answers of a fine-tuned model for e-commerce products.",
+)
 
 
 def _batching(handler, settings: dict) -> None:
@@ -65,14 +69,20 @@ class _Health:
 
 # ----------------------------------------------------------------------------------- model replicas
 
+
 @serve.deployment
 class Captioner(_Health):
     def __init__(self, cfg: dict, batching: dict) -> None:
         from caslie_core.captioning import Captioner as Model
 
-        self.model = Model(cfg["model"], revision=cfg["revision"], dtype=cfg["dtype"],
-                           max_new_tokens=cfg["max_new_tokens"], batch_size=batching["max_batch_size"],
-                           trust_remote_code=cfg["trust_remote_code"])
+        self.model = Model(
+            cfg["model"],
+            revision=cfg["revision"],
+            dtype=cfg["dtype"],
+            max_new_tokens=cfg["max_new_tokens"],
+            batch_size=batching["max_batch_size"],
+            trust_remote_code=cfg["trust_remote_code"],
+        )
         _batching(self.caption, batching)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
@@ -87,9 +97,15 @@ class Judge(_Health):
     def __init__(self, cfg: dict, batching: dict) -> None:
         from caslie_core.judging import Judge as Model
 
-        self.model = Model(cfg["model"], mode=cfg["mode"], revision=cfg["revision"], dtype=cfg["dtype"],
-                           max_new_tokens=cfg["max_new_tokens"], batch_size=batching["max_batch_size"],
-                           trust_remote_code=cfg["trust_remote_code"])
+        self.model = Model(
+            cfg["model"],
+            mode=cfg["mode"],
+            revision=cfg["revision"],
+            dtype=cfg["dtype"],
+            max_new_tokens=cfg["max_new_tokens"],
+            batch_size=batching["max_batch_size"],
+            trust_remote_code=cfg["trust_remote_code"],
+        )
         _batching(self.vote, batching)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -119,11 +135,15 @@ def predictor_deployment(max_adapters: int):
         def __init__(self, spec: dict, batching: dict) -> None:
             from caslie_core.predict import AdapterPredictor
 
-            self.model = AdapterPredictor(spec["base"], revision=spec["revision"], dtype=spec["dtype"],
-                                          max_new_tokens=spec["max_new_tokens"],
-                                          batch_size=batching["max_batch_size"],
-                                          max_prompt_tokens=spec["max_prompt_tokens"],
-                                          trust_remote_code=spec["trust_remote_code"])
+            self.model = AdapterPredictor(
+                spec["base"],
+                revision=spec["revision"],
+                dtype=spec["dtype"],
+                max_new_tokens=spec["max_new_tokens"],
+                batch_size=batching["max_batch_size"],
+                max_prompt_tokens=spec["max_prompt_tokens"],
+                trust_remote_code=spec["trust_remote_code"],
+            )
             self.paths: dict[str, str] = spec["adapters"]
             _batching(self._answer, batching)
 
@@ -161,6 +181,7 @@ def predictor_deployment(max_adapters: int):
 
 
 # ------------------------------------------------------------------------------------------- ingress
+
 
 def _downstream_errors():
     from ray.exceptions import ActorUnavailableError, RayActorError
@@ -200,16 +221,24 @@ class Ingress:
 
     def _authorize(self, request: Request) -> None:
         if not sv.key_matches(request.headers, self.key_digest):  # Starlette headers: case-insensitive
-            raise sv.ApiError(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
-                              {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+            raise sv.ApiError(
+                401,
+                "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
+                {"WWW-Authenticate": "Bearer"},
+                code="invalid_api_key",
+            )
 
     def _error(self, err: sv.ApiError, openai: bool) -> JSONResponse:
         body = err.openai_body() if openai else {"detail": err.detail}
         return JSONResponse(body, status_code=err.status, headers=err.headers)
 
     def _overloaded(self, why: str) -> sv.ApiError:
-        return sv.ApiError(503, f"overloaded: {why}; retry later",
-                           {"Retry-After": str(max(1, round(self.cfg.http.retry_after_s)))}, code="overloaded")
+        return sv.ApiError(
+            503,
+            f"overloaded: {why}; retry later",
+            {"Retry-After": str(max(1, round(self.cfg.http.retry_after_s)))},
+            code="overloaded",
+        )
 
     async def _handle(self, request: Request, model, work, *, openai: bool = False):
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -222,8 +251,9 @@ class Ingress:
             try:
                 return await asyncio.wait_for(work(req, stage), timeout)
             except TimeoutError:
-                raise sv.ApiError(504, f"deadline of {timeout:g}s passed while {stage['name']}",
-                                  code="timeout") from None
+                raise sv.ApiError(
+                    504, f"deadline of {timeout:g}s passed while {stage['name']}", code="timeout"
+                ) from None
         except sv.ApiError as e:
             return self._error(e, openai)
         except BackPressureError as e:
@@ -232,8 +262,7 @@ class Ingress:
             return self._error(self._overloaded(f"a deployment is unavailable ({e})"), openai)
         except Exception as e:  # a bug or a model crash: say so, keep serving
             log.exception("request failed")
-            return self._error(sv.ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal"),
-                               openai)
+            return self._error(sv.ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal"), openai)
 
     async def _call(self, make):
         """Await a model call; a replica that died mid-request is retried on another (idempotent)."""
@@ -244,7 +273,7 @@ class Ingress:
             except self.retryable as e:
                 if attempt >= retries:
                     raise self._overloaded(f"a model replica was lost ({type(e).__name__})") from None
-                await asyncio.sleep(0.5 * 2 ** attempt)
+                await asyncio.sleep(0.5 * 2**attempt)
 
     def _model_id(self, name: str | None) -> tuple[str, str]:
         name = name or self.default_model
@@ -258,15 +287,17 @@ class Ingress:
         stage["name"] = "fetching images"
         cap = self.cfg.fetch.max_images
         if len(slots) > cap:
-            raise sv.ApiError(422, [{"loc": ["body", "images"], "msg": f"{len(slots)} images; at most {cap}",
-                                     "type": "too_long"}])
+            raise sv.ApiError(
+                422, [{"loc": ["body", "images"], "msg": f"{len(slots)} images; at most {cap}", "type": "too_long"}]
+            )
         size, max_pixels = self.cfg.captioner.image_size, self.cfg.fetch.max_pixels
         failures: list[tuple[sv.ImageSlot, ImageError]] = []
 
         async def one(slot: sv.ImageSlot) -> None:
             try:
-                slot.pixels = await asyncio.to_thread(sv.load_image, slot.url, self.policy, size=size,
-                                                      max_pixels=max_pixels)
+                slot.pixels = await asyncio.to_thread(
+                    sv.load_image, slot.url, self.policy, size=size, max_pixels=max_pixels
+                )
             except ImageError as e:
                 slot.error = {"stage": e.stage, "message": e.reason}
                 failures.append((slot, e))
@@ -274,16 +305,23 @@ class Ingress:
         await asyncio.gather(*(one(s) for s in slots))
         if failures and mode == "fail":
             status = min(sv.image_failure_status(e) for _, e in failures)
-            raise sv.ApiError(status, [{"loc": ["body", "images", s.index], "msg": f"{e.stage}: {e.reason}",
-                                        "type": f"image_{e.stage}_error"} for s, e in
-                                       sorted(failures, key=lambda f: f[0].index)])
+            raise sv.ApiError(
+                status,
+                [
+                    {
+                        "loc": ["body", "images", s.index],
+                        "msg": f"{e.stage}: {e.reason}",
+                        "type": f"image_{e.stage}_error",
+                    }
+                    for s, e in sorted(failures, key=lambda f: f[0].index)
+                ],
+            )
 
     async def _caption(self, slots: list[sv.ImageSlot], stage: dict) -> None:
         stage["name"] = "captioning"
 
         async def one(slot: sv.ImageSlot) -> None:
-            sv.caption_outcome(slot, await self._call(
-                lambda: self.captioner.caption.remote(slot.pixels, slot.prompt)))
+            sv.caption_outcome(slot, await self._call(lambda: self.captioner.caption.remote(slot.pixels, slot.prompt)))
             slot.pixels = None
 
         await asyncio.gather(*(one(s) for s in slots if s.error is None))
@@ -300,16 +338,19 @@ class Ingress:
 
     async def _answer(self, prompt: str, model_id: str, stage: dict, max_new_tokens: int | None = None) -> dict:
         stage["name"] = "answering"
-        return await self._call(lambda: self.predictor.options(multiplexed_model_id=model_id).predict.remote(
-            prompt, max_new_tokens))
+        return await self._call(
+            lambda: self.predictor.options(multiplexed_model_id=model_id).predict.remote(prompt, max_new_tokens)
+        )
 
     async def _enrich(self, req: sv.EnrichRequest, stage: dict, timings: dict):
         stage["name"] = "validating the record"
         record = sv.to_record(req)
         slots = sv.record_slots(record)
-        for name, step in (("fetch", lambda: self._images(slots, req.image_errors, stage)),
-                           ("caption", lambda: self._caption(slots, stage)),
-                           ("judge", lambda: self._judge(slots, sv.record_questions(record, slots), stage))):
+        for name, step in (
+            ("fetch", lambda: self._images(slots, req.image_errors, stage)),
+            ("caption", lambda: self._caption(slots, stage)),
+            ("judge", lambda: self._judge(slots, sv.record_questions(record, slots), stage)),
+        ):
             t = time.perf_counter()
             await step()
             timings[name] = round((time.perf_counter() - t) * 1000, 1)
@@ -342,10 +383,17 @@ class Ingress:
             timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
             if ans["error"]:
                 raise sv.ApiError(500, f"the model failed on this record: {ans['error']}", code="model_error")
-            return {"id": record.id, "task": record.task, "model": name, "answer": ans["text"],
-                    "valid": ans["text"] in record.labels, "raw_output": ans["raw"], **out,
-                    "usage": {"prompt_tokens": ans["n_prompt_tokens"], "completion_tokens": ans["n_new_tokens"]},
-                    "timings_ms": timings}
+            return {
+                "id": record.id,
+                "task": record.task,
+                "model": name,
+                "answer": ans["text"],
+                "valid": ans["text"] in record.labels,
+                "raw_output": ans["raw"],
+                **out,
+                "usage": {"prompt_tokens": ans["n_prompt_tokens"], "completion_tokens": ans["n_new_tokens"]},
+                "timings_ms": timings,
+            }
 
         return await self._handle(request, sv.PredictRequest, work)
 
@@ -364,9 +412,13 @@ class Ingress:
                 raise sv.ApiError(500, f"the model failed: {ans['error']}", code="model_error")
             cap = min(limit or self.cfg.model.max_new_tokens, self.cfg.model.max_new_tokens)
             done = sv.chat_completion(
-                name, ans["text"], prompt_tokens=ans["n_prompt_tokens"], completion_tokens=ans["n_new_tokens"],
+                name,
+                ans["text"],
+                prompt_tokens=ans["n_prompt_tokens"],
+                completion_tokens=ans["n_new_tokens"],
                 finish_reason="length" if ans["n_new_tokens"] >= cap else "stop",
-                extra={"images": [s.report() for s in slots]})
+                extra={"images": [s.report() for s in slots]},
+            )
             if req.stream:
                 return StreamingResponse(iter(sv.chat_chunks(done)), media_type="text/event-stream")
             return done
@@ -386,8 +438,11 @@ class Ingress:
         """Liveness (no auth). `?deep=true` also pings one replica of every model deployment."""
         body: dict = {"status": "ok", "models": list(self.models)}
         if deep:
-            handles = {"Captioner": self.captioner, "Predictor": self.predictor,
-                       **{f"Judge_{n}": h for n, h in self.judges.items()}}
+            handles = {
+                "Captioner": self.captioner,
+                "Predictor": self.predictor,
+                **{f"Judge_{n}": h for n, h in self.judges.items()},
+            }
 
             async def ping(h):
                 try:
@@ -405,6 +460,7 @@ class Ingress:
 
 # ------------------------------------------------------------------------------------------- builder
 
+
 def _abs(path: str | None) -> str | None:
     """Relative local paths resolve against the working directory, else the repo root."""
     if not path or "://" in path or os.path.isabs(path):
@@ -420,8 +476,11 @@ def app_spec(cfg: ServeConfig) -> dict:
     source = resolve_model_source(m)
     adapters = {cfg.model.name: source["adapter"]} if source["adapter"] else {}
     adapters.update({n: _abs(p) for n, p in cfg.model.adapters.items()})
-    missing = [f"model.adapters.{n}: {p} has no adapter_config.json" for n, p in adapters.items()
-               if "://" not in p and not (Path(p) / "adapter_config.json").exists()]
+    missing = [
+        f"model.adapters.{n}: {p} has no adapter_config.json"
+        for n, p in adapters.items()
+        if "://" not in p and not (Path(p) / "adapter_config.json").exists()
+    ]
     if missing:
         raise ConfigError(missing)
     models = {n: n for n in adapters}
@@ -433,9 +492,15 @@ def app_spec(cfg: ServeConfig) -> dict:
         if not key:
             raise ConfigError([f"http.api_key_env: environment variable {cfg.http.api_key_env} is not set"])
         digest = sv.key_digest(key)
-    predictor = {"base": source["base"], "revision": source["revision"], "dtype": cfg.model.dtype,
-                 "max_new_tokens": cfg.model.max_new_tokens, "max_prompt_tokens": cfg.model.max_prompt_tokens,
-                 "trust_remote_code": cfg.model.trust_remote_code, "adapters": adapters}
+    predictor = {
+        "base": source["base"],
+        "revision": source["revision"],
+        "dtype": cfg.model.dtype,
+        "max_new_tokens": cfg.model.max_new_tokens,
+        "max_prompt_tokens": cfg.model.max_prompt_tokens,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "adapters": adapters,
+    }
     return {"predictor": predictor, "models": models, "style": source["style"], "key_digest": digest}
 
 
@@ -446,16 +511,29 @@ def build_app(args: ServeConfig) -> serve.Application:
     retry = cfg.http.retry_after_s
     c = cfg.captioner
     captioner = Captioner.options(**c.deployment.options("Captioner", retry)).bind(
-        c.model_dump(exclude={"deployment"}), c.deployment.batching.model_dump())
-    judges = [Judge.options(**j.deployment.options(f"Judge_{j.name}", retry)).bind(
-        j.model_dump(exclude={"deployment"}), j.deployment.batching.model_dump()) for j in cfg.judges]
+        c.model_dump(exclude={"deployment"}), c.deployment.batching.model_dump()
+    )
+    judges = [
+        Judge.options(**j.deployment.options(f"Judge_{j.name}", retry)).bind(
+            j.model_dump(exclude={"deployment"}), j.deployment.batching.model_dump()
+        )
+        for j in cfg.judges
+    ]
     m = cfg.model
-    predictor = predictor_deployment(m.max_adapters_per_replica).options(
-        **m.deployment.options("Predictor", retry)).bind(spec["predictor"], m.deployment.batching.model_dump())
-    ingress_spec = {"config": cfg.model_dump(mode="json"), "models": spec["models"], "style": spec["style"],
-                    "key_digest": spec["key_digest"]}
+    predictor = (
+        predictor_deployment(m.max_adapters_per_replica)
+        .options(**m.deployment.options("Predictor", retry))
+        .bind(spec["predictor"], m.deployment.batching.model_dump())
+    )
+    ingress_spec = {
+        "config": cfg.model_dump(mode="json"),
+        "models": spec["models"],
+        "style": spec["style"],
+        "key_digest": spec["key_digest"],
+    }
     return Ingress.options(**cfg.http.ingress.options("Ingress", retry)).bind(
-        ingress_spec, captioner, judges, predictor)
+        ingress_spec, captioner, judges, predictor
+    )
 
 
 def start(cfg: ServeConfig, *, name: str = APP_NAME) -> str:

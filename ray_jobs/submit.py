@@ -20,8 +20,9 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def entrypoint(job: str, config: str, overrides: list[str]) -> str:
-    cfg_path = os.path.relpath(os.path.abspath(config), ROOT) if os.path.abspath(config).startswith(str(ROOT)) \
-        else config
+    cfg_path = (
+        os.path.relpath(os.path.abspath(config), ROOT) if os.path.abspath(config).startswith(str(ROOT)) else config
+    )
     parts = ["python", "-m", f"ray_jobs.{job}", "--config", cfg_path]
     for item in overrides:
         parts += ["--set", item]
@@ -40,9 +41,18 @@ def runtime_env(path: str | None, *, upload: bool) -> dict:
     return env
 
 
-def submit(job: str, config: str, overrides: list[str], *, address: str | None = None, wait: bool = False,
-           runtime_env_path: str | None = None, upload: bool = True, timeout_s: float = 24 * 3600,
-           out=sys.stdout) -> dict:
+def submit(
+    job: str,
+    config: str,
+    overrides: list[str],
+    *,
+    address: str | None = None,
+    wait: bool = False,
+    runtime_env_path: str | None = None,
+    upload: bool = True,
+    timeout_s: float = 24 * 3600,
+    out=sys.stdout,
+) -> dict:
     """Validate, submit, optionally wait. Returns {submission_id, status, address}."""
     from ray.job_submission import JobSubmissionClient
 
@@ -51,23 +61,31 @@ def submit(job: str, config: str, overrides: list[str], *, address: str | None =
     from caslie_core.jobconfigs import JOB_CONFIGS
 
     if job not in JOB_CONFIGS or job == "serve":
-        raise CaslieError(f"unknown job {job!r}; jobs: {', '.join(j for j in JOB_CONFIGS if j != 'serve')} "
-                          "(serve with `serve deploy` or a RayService)")
+        raise CaslieError(
+            f"unknown job {job!r}; jobs: {', '.join(j for j in JOB_CONFIGS if j != 'serve')} "
+            "(serve with `serve deploy` or a RayService)"
+        )
     load_config(JOB_CONFIGS[job], config, overrides)  # fail fast, before any upload
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") \
-        or "http://127.0.0.1:8265"
+    address = (
+        address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    )
     try:
         client = JobSubmissionClient(address)
-        sid = client.submit_job(entrypoint=entrypoint(job, config, overrides),
-                                runtime_env=runtime_env(runtime_env_path, upload=upload),
-                                metadata={"caslie_job": job, "config": os.path.basename(config)})
+        sid = client.submit_job(
+            entrypoint=entrypoint(job, config, overrides),
+            runtime_env=runtime_env(runtime_env_path, upload=upload),
+            metadata={"caslie_job": job, "config": os.path.basename(config)},
+        )
     except Exception as e:
         text = str(e)
         if type(e).__name__ == "AuthenticationError" or any(
-                k in text for k in ("401", "403", "nauthenticated", "uthoriz")):
-            raise CaslieError(f"the cluster at {address} refused the submission: authentication failed; set "
-                              "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's "
-                              "token") from None
+            k in text for k in ("401", "403", "nauthenticated", "uthoriz")
+        ):
+            raise CaslieError(
+                f"the cluster at {address} refused the submission: authentication failed; set "
+                "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's "
+                "token"
+            ) from None
         if isinstance(e, ConnectionError) or "Failed to connect" in text or "Connection" in text:
             raise CaslieError(f"cannot reach the Ray Jobs API at {address}: {text.splitlines()[0]}") from None
         raise

@@ -30,12 +30,23 @@ from caslie_core.training import TRAINABLE_STATUSES
 
 from .common import configure_data_context, init_ray, job_main
 
-ENRICHED_COLUMNS = ["id", "task", "split", "status", "instruction", "input", "options", "output",
-                    "original_input", "original_options"]
+ENRICHED_COLUMNS = [
+    "id",
+    "task",
+    "split",
+    "status",
+    "instruction",
+    "input",
+    "options",
+    "output",
+    "original_input",
+    "original_options",
+]
 STATE_FILE = "trainer_state.json"
 
 
 # ------------------------------------------------------------------------------------------- data
+
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str):
@@ -77,8 +88,9 @@ def keep_mask(statuses: list, splits: list, tasks: list, *, split: str, task_nam
     return out
 
 
-def tokenize_batch(batch, *, tokenizer: str, style: str, use_enriched: bool, max_length: int, split: str,
-                   task_names: list[str] | None):
+def tokenize_batch(
+    batch, *, tokenizer: str, style: str, use_enriched: bool, max_length: int, split: str, task_names: list[str] | None
+):
     """Filter one Arrow batch of enriched (or record) rows to a split and tokenize it."""
     import pyarrow as pa
 
@@ -86,8 +98,13 @@ def tokenize_batch(batch, *, tokenizer: str, style: str, use_enriched: bool, max
 
     tok = _tokenizer(tokenizer)
     rows = batch.to_pylist()
-    mask = keep_mask([r.get("status", "ok") for r in rows], [r.get("split") for r in rows],
-                     [r.get("task") for r in rows], split=split, task_names=task_names)
+    mask = keep_mask(
+        [r.get("status", "ok") for r in rows],
+        [r.get("split") for r in rows],
+        [r.get("task") for r in rows],
+        split=split,
+        task_names=task_names,
+    )
     ids, inputs, labels, n_tokens, truncated = [], [], [], [], []
     for row, keep in zip(rows, mask):
         if not keep:
@@ -99,13 +116,15 @@ def tokenize_batch(batch, *, tokenizer: str, style: str, use_enriched: bool, max
         labels.append(y)
         n_tokens.append(len(x))
         truncated.append(cut)
-    return pa.table({
-        "id": pa.array(ids, pa.string()),
-        "input_ids": pa.array(inputs, pa.list_(pa.int32())),
-        "labels": pa.array(labels, pa.list_(pa.int32())),
-        "n_tokens": pa.array(n_tokens, pa.int32()),
-        "truncated": pa.array(truncated, pa.bool_()),
-    })
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "input_ids": pa.array(inputs, pa.list_(pa.int32())),
+            "labels": pa.array(labels, pa.list_(pa.int32())),
+            "n_tokens": pa.array(n_tokens, pa.int32()),
+            "truncated": pa.array(truncated, pa.bool_()),
+        }
+    )
 
 
 def _is_enriched_parquet(path: str) -> bool:
@@ -224,20 +243,33 @@ def precheck(cfg: TrainConfig) -> dict:
         for (sp, _, _), n in counts.items():
             by_split[sp] += n
         if train["usable"] == 0:
-            problems.append(f"data.train_split: no usable rows in split {train_split!r} (statuses ok/partial"
-                            f"{', tasks ' + str(task_names) if task_names else ''}); rows per split: "
-                            f"{dict(by_split) or 'none'}")
+            problems.append(
+                f"data.train_split: no usable rows in split {train_split!r} (statuses ok/partial"
+                f"{', tasks ' + str(task_names) if task_names else ''}); rows per split: "
+                f"{dict(by_split) or 'none'}"
+            )
         if cfg.eval.enabled and evals["usable"] == 0:
-            problems.append(f"data.eval_split: no usable rows in split {eval_split!r}; rows per split: "
-                            f"{dict(by_split) or 'none'} (or set eval.enabled=false)")
+            problems.append(
+                f"data.eval_split: no usable rows in split {eval_split!r}; rows per split: "
+                f"{dict(by_split) or 'none'} (or set eval.enabled=false)"
+            )
     if problems:
         raise ConfigError(problems)
     n_train = min(train["usable"], cfg.data.limit) if cfg.data.limit else train["usable"]
     if n_train < cfg.scaling.num_workers:
         raise ConfigError([f"scaling.num_workers: {cfg.scaling.num_workers} workers but only {n_train} training rows"])
-    return {"enriched_files": enriched, "record_files": record_files, "record_rows": record_rows,
-            "rejected_records": rejected, "train_split": train_split, "eval_split": eval_split,
-            "task_names": task_names, "train": train, "eval": evals, "n_train": n_train}
+    return {
+        "enriched_files": enriched,
+        "record_files": record_files,
+        "record_rows": record_rows,
+        "rejected_records": rejected,
+        "train_split": train_split,
+        "eval_split": eval_split,
+        "task_names": task_names,
+        "train": train,
+        "eval": evals,
+        "n_train": n_train,
+    }
 
 
 def _model_problems(cfg: TrainConfig) -> list[str]:
@@ -249,8 +281,9 @@ def _model_problems(cfg: TrainConfig) -> list[str]:
     from caslie_core.training import lora_target_problems, module_leaf_names
 
     try:
-        conf = AutoConfig.from_pretrained(resolve_model(cfg.model.model), revision=cfg.model.revision,
-                                          trust_remote_code=cfg.model.trust_remote_code)
+        conf = AutoConfig.from_pretrained(
+            resolve_model(cfg.model.model), revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
     except Exception as e:  # noqa: BLE001 - what the user must fix is in the message
         return [f"model.model: cannot load {cfg.model.model!r}: {type(e).__name__}: {str(e).splitlines()[0]}"]
     with torch.device("meta"):
@@ -259,29 +292,39 @@ def _model_problems(cfg: TrainConfig) -> list[str]:
     modules = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules() if name}
     missing = [m for m in cfg.lora.modules_to_save if m not in modules]
     if missing:
-        problems.append(f"lora.modules_to_save: {missing} not in the model (linear modules: "
-                        f"{sorted(module_leaf_names(skeleton))})")
+        problems.append(
+            f"lora.modules_to_save: {missing} not in the model (linear modules: {sorted(module_leaf_names(skeleton))})"
+        )
     return problems
 
 
 def build_datasets(cfg: TrainConfig, pre: dict) -> dict:
     import ray.data
 
-    kwargs = dict(tokenizer=cfg.model.model, style=prompt_style(cfg), use_enriched=cfg.data.use_enriched,
-                  max_length=cfg.data.max_length, task_names=pre["task_names"])
+    kwargs = dict(
+        tokenizer=cfg.model.model,
+        style=prompt_style(cfg),
+        use_enriched=cfg.data.use_enriched,
+        max_length=cfg.data.max_length,
+        task_names=pre["task_names"],
+    )
     sources = []
     if pre["enriched_files"]:
         sources.append(ray.data.read_parquet(pre["enriched_files"], columns=ENRICHED_COLUMNS, partitioning=None))
     if pre["record_rows"]:
-        sources.append(ray.data.from_items([{**r, "status": "ok", "original_input": None,
-                                             "original_options": None} for r in pre["record_rows"]]))
+        sources.append(
+            ray.data.from_items(
+                [{**r, "status": "ok", "original_input": None, "original_options": None} for r in pre["record_rows"]]
+            )
+        )
     base = sources[0] if len(sources) == 1 else sources[0].union(*sources[1:])
     out = {}
     for name, split in (("train", pre["train_split"]), ("val", pre["eval_split"])):
         if name == "val" and not cfg.eval.enabled:
             continue
-        ds = base.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.25,
-                              fn_kwargs={**kwargs, "split": split})
+        ds = base.map_batches(
+            tokenize_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.25, fn_kwargs={**kwargs, "split": split}
+        )
         if name == "train" and cfg.data.limit:
             ds = ds.limit(cfg.data.limit)
         out[name] = ds.materialize() if cfg.data.materialize else ds
@@ -289,6 +332,7 @@ def build_datasets(cfg: TrainConfig, pre: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- workers
+
 
 def _load_model(cfg: TrainConfig, device):
     import torch
@@ -298,13 +342,15 @@ def _load_model(cfg: TrainConfig, device):
     from caslie_core.tiny_models import resolve_model
 
     path = resolve_model(cfg.model.model)
-    tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     dtype = pick_dtype(cfg.model.dtype, str(device))
-    model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.model.revision, dtype=dtype,
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=cfg.model.revision, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+    )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -334,10 +380,25 @@ def train_loop_per_worker(c: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     model, tok = _load_model(cfg, device)
-    model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                       target_modules=cfg.lora.target_modules, modules_to_save=cfg.lora.modules_to_save)
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": [], "evals": [], "tokens": 0,
-             "truncated": 0, "attempts": [], "config_hash": c["config_hash"]}
+    model = apply_lora(
+        model,
+        r=cfg.lora.r,
+        alpha=cfg.lora.alpha,
+        dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        modules_to_save=cfg.lora.modules_to_save,
+    )
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "micro_in_epoch": 0,
+        "history": [],
+        "evals": [],
+        "tokens": 0,
+        "truncated": 0,
+        "attempts": [],
+        "config_hash": c["config_hash"],
+    }
     ckpt = ray.train.get_checkpoint()
     ckpt_dir = None
     if ckpt:
@@ -353,19 +414,20 @@ def train_loop_per_worker(c: dict) -> None:
     nodes = [node] * world
     if world > 1:
         dist.all_gather_object(nodes, node)
-    state["attempts"].append({"start_step": state["step"], "world_size": world, "time": time.time(),
-                              "nodes": nodes})
+    state["attempts"].append({"start_step": state["step"], "world_size": world, "time": time.time(), "nodes": nodes})
     if rank == 0 and state["step"]:
-        print(f"[train] resuming at step {state['step']} (epoch {state['epoch']}, "
-              f"micro-batch {state['micro_in_epoch']})")
+        print(
+            f"[train] resuming at step {state['step']} (epoch {state['epoch']}, micro-batch {state['micro_in_epoch']})"
+        )
 
     fsdp = cfg.scaling.strategy == "fsdp"
     model = _wrap_fsdp(model, device) if fsdp else ray.train.torch.prepare_model(model)
     model.train()
     total_steps = c["total_steps"]
     opt = make_optimizer(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    sched = make_scheduler(opt, kind=cfg.optim.schedule, warmup_steps=int(cfg.optim.warmup_ratio * total_steps),
-                           total_steps=total_steps)
+    sched = make_scheduler(
+        opt, kind=cfg.optim.schedule, warmup_steps=int(cfg.optim.warmup_ratio * total_steps), total_steps=total_steps
+    )
     if ckpt_dir:
         osd = torch.load(Path(ckpt_dir) / "optimizer.pt", map_location="cpu", weights_only=False)
         opt.load_state_dict(_fsdp_optim_to_load(model, opt, osd) if fsdp else osd)
@@ -377,8 +439,11 @@ def train_loop_per_worker(c: dict) -> None:
     pad = tok.pad_token_id
     # One file of step lines per worker-group start (rank 0 writes it): the audit trail of which
     # optimizer steps ran in which attempt.
-    progress = Path(c["progress_dir"]) / f"steps-{int(time.time() * 1000)}-from{state['step']}.jsonl" \
-        if c["progress_dir"] else None
+    progress = (
+        Path(c["progress_dir"]) / f"steps-{int(time.time() * 1000)}-from{state['step']}.jsonl"
+        if c["progress_dir"]
+        else None
+    )
     if progress:
         progress.parent.mkdir(parents=True, exist_ok=True)
         # Which process is which rank in this attempt (for operators, and the restart test).
@@ -419,8 +484,7 @@ def train_loop_per_worker(c: dict) -> None:
             d = Path(tmp)
             inner = _unwrap(model)
             if full is not None:
-                names = {n.replace("_fsdp_wrapped_module.", "") for n, p in model.named_parameters()
-                         if p.requires_grad}
+                names = {n.replace("_fsdp_wrapped_module.", "") for n, p in model.named_parameters() if p.requires_grad}
                 trainable = {k: v for k, v in full.items() if k in names}
                 inner.save_pretrained(d / "adapter", state_dict=full)
             else:
@@ -441,9 +505,11 @@ def train_loop_per_worker(c: dict) -> None:
         micro = pending = 0
         loss_acc = tok_acc = real_tok = trunc = 0.0
         batches = train_shard.iter_batches(
-            batch_size=bs, batch_format="numpy",
+            batch_size=bs,
+            batch_format="numpy",
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.optim.seed + state["epoch"]) if cfg.data.shuffle_buffer else None)
+            local_shuffle_seed=(cfg.optim.seed + state["epoch"]) if cfg.data.shuffle_buffer else None,
+        )
         iterator = iter(batches)
         while True:
             batch = next(iterator, None)
@@ -453,9 +519,12 @@ def train_loop_per_worker(c: dict) -> None:
                 if micro <= skip:
                     continue
                 b = collate(batch["input_ids"], batch["labels"], pad, device=device)
-                sync = (pending + 1 == accum)
-                ctx_mgr = model.no_sync() if (world > 1 and not sync and hasattr(model, "no_sync")) \
+                sync = pending + 1 == accum
+                ctx_mgr = (
+                    model.no_sync()
+                    if (world > 1 and not sync and hasattr(model, "no_sync"))
                     else contextlib.nullcontext()
+                )
                 with ctx_mgr:
                     ls, nt = micro_batch_loss(model, b)
                     (ls / max(nt, 1) / accum).backward()
@@ -485,18 +554,29 @@ def train_loop_per_worker(c: dict) -> None:
                     tokens_timed += n_real
                 state["tokens"] += int(n_real)
                 state["truncated"] += int(n_trunc)
-                entry = {"step": state["step"], "epoch": state["epoch"], "loss": loss_sum / max(n_tok, 1),
-                         "lr": sched.get_last_lr()[0], "time": now}
+                entry = {
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "loss": loss_sum / max(n_tok, 1),
+                    "lr": sched.get_last_lr()[0],
+                    "time": now,
+                }
                 state["history"].append(entry)
                 if progress and rank == 0:
                     with open(progress, "a") as fh:
                         fh.write(json.dumps(entry) + "\n")
                 done = state["step"] >= total_steps
-                metrics = {"step": state["step"], "epoch": state["epoch"], "train_loss": entry["loss"],
-                           "lr": entry["lr"], "tokens": state["tokens"],
-                           "tokens_per_s": tokens_timed / (now - t_first) if now > t_first else None}
-                want_eval = cfg.eval.enabled and (done or (cfg.eval.every_steps and
-                                                           state["step"] % cfg.eval.every_steps == 0))
+                metrics = {
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "train_loss": entry["loss"],
+                    "lr": entry["lr"],
+                    "tokens": state["tokens"],
+                    "tokens_per_s": tokens_timed / (now - t_first) if now > t_first else None,
+                }
+                want_eval = cfg.eval.enabled and (
+                    done or (cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0)
+                )
                 want_ckpt = done or state["step"] % cfg.checkpoint.every_steps == 0
                 if want_eval:
                     metrics["eval_loss"] = evaluate()
@@ -532,8 +612,13 @@ def _wrap_fsdp(model, device):
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if dev.type == "cuda":
         model.to(dev)
-    return FSDP(model, auto_wrap_policy=policy, use_orig_params=True,
-                device_id=dev if dev.type == "cuda" else torch.device("cpu"), sync_module_states=False)
+    return FSDP(
+        model,
+        auto_wrap_policy=policy,
+        use_orig_params=True,
+        device_id=dev if dev.type == "cuda" else torch.device("cpu"),
+        sync_module_states=False,
+    )
 
 
 def _base_model(model):
@@ -547,9 +632,12 @@ def _fsdp_full_state(model, opt) -> tuple[dict, dict]:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     offload = next(model.parameters()).is_cuda  # offloading CPU tensors to the CPU crashes FSDP
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
-                              FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True)):
+    with FSDP.state_dict_type(
+        model,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True),
+    ):
         return model.state_dict(), FSDP.optim_state_dict(model, opt)
 
 
@@ -558,13 +646,17 @@ def _fsdp_optim_to_load(model, opt, osd: dict) -> dict:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     offload = next(model.parameters()).is_cuda
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=offload, rank0_only=False),
-                              FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=False)):
+    with FSDP.state_dict_type(
+        model,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=offload, rank0_only=False),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=False),
+    ):
         return FSDP.optim_state_dict_to_load(model, opt, osd)
 
 
 # ----------------------------------------------------------------------------------------- driver
+
 
 def run_name(cfg: TrainConfig) -> str:
     """Default run name: same data/model/LoRA/optimizer settings -> same name -> resume."""
@@ -596,8 +688,12 @@ def run(cfg: TrainConfig) -> dict:
         name = run_name(cfg)
         storage = _abs_storage(cfg.run.storage_path)
         datasets = build_datasets(cfg, pre)
-        per_epoch = steps_per_epoch(pre["n_train"], num_workers=cfg.scaling.num_workers,
-                                    batch_size=cfg.optim.batch_size, grad_accum=cfg.optim.grad_accum)
+        per_epoch = steps_per_epoch(
+            pre["n_train"],
+            num_workers=cfg.scaling.num_workers,
+            batch_size=cfg.optim.batch_size,
+            grad_accum=cfg.optim.grad_accum,
+        )
         total = per_epoch * cfg.optim.epochs
         if cfg.optim.max_steps:
             total = min(total, cfg.optim.max_steps)
@@ -608,13 +704,21 @@ def run(cfg: TrainConfig) -> dict:
             resources["GPU"] = 1
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"config": cfg.model_dump(mode="json"), "total_steps": total,
-                               "progress_dir": progress_dir, "config_hash": chash},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                                   resources_per_worker=resources,
-                                                   placement_strategy=cfg.scaling.placement_strategy),
+            train_loop_config={
+                "config": cfg.model_dump(mode="json"),
+                "total_steps": total,
+                "progress_dir": progress_dir,
+                "config_hash": chash,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers,
+                use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker=resources,
+                placement_strategy=cfg.scaling.placement_strategy,
+            ),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=storage,
+                name=name,
+                storage_path=storage,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             ),
@@ -623,22 +727,35 @@ def run(cfg: TrainConfig) -> dict:
         existing = _existing_checkpoints(f"{storage}/{name}")
         if existing:
             print(f"[train] run {name} has {existing} checkpoint(s) under {storage}: resuming from the latest")
-        print(f"[train] run {name}: {pre['n_train']} training rows on {cfg.scaling.num_workers} worker(s), "
-              f"{total} steps; checkpoints under {storage}/{name}")
+        print(
+            f"[train] run {name}: {pre['n_train']} training rows on {cfg.scaling.num_workers} worker(s), "
+            f"{total} steps; checkpoints under {storage}/{name}"
+        )
         result = trainer.fit()
         if result.error:
             raise CaslieError(f"training failed: {result.error}")
         if result.checkpoint is None:
             raise CaslieError("training finished without a checkpoint")
-        summary = finish(cfg, result.checkpoint, pre=pre, name=name, storage=storage, total=total,
-                         per_epoch=per_epoch, wall=time.time() - t0, chash=chash)
+        summary = finish(
+            cfg,
+            result.checkpoint,
+            pre=pre,
+            name=name,
+            storage=storage,
+            total=total,
+            per_epoch=per_epoch,
+            wall=time.time() - t0,
+            chash=chash,
+        )
         summary["resumed_existing_run"] = bool(existing)
         with fsspec.open(cfg.output.path.rstrip("/") + "/summary.json", "wt") as fh:
             json.dump(summary, fh, indent=2)
         curve = summary["loss_curve"]
         ev = "" if summary["eval_loss"] is None else f", eval loss {summary['eval_loss']:.3f}"
-        print(f"[train] {summary['steps']} steps, train loss {curve['first']:.3f} -> {curve['last']:.3f}{ev}, "
-              f"{summary['tokens_per_s'] or 0:.0f} tokens/s; adapter {summary['adapter']}")
+        print(
+            f"[train] {summary['steps']} steps, train loss {curve['first']:.3f} -> {curve['last']:.3f}{ev}, "
+            f"{summary['tokens_per_s'] or 0:.0f} tokens/s; adapter {summary['adapter']}"
+        )
         return summary
     finally:
         if started:
@@ -655,8 +772,18 @@ def _existing_checkpoints(run_dir: str) -> int:
         return 0
 
 
-def finish(cfg: TrainConfig, checkpoint, *, pre: dict, name: str, storage: str, total: int, per_epoch: int,
-           wall: float, chash: str) -> dict:
+def finish(
+    cfg: TrainConfig,
+    checkpoint,
+    *,
+    pre: dict,
+    name: str,
+    storage: str,
+    total: int,
+    per_epoch: int,
+    wall: float,
+    chash: str,
+) -> dict:
     """Copy the final adapter (+ tokenizer) to output.path, optionally merge, and build the summary."""
     import fsspec
 
@@ -693,15 +820,23 @@ def finish(cfg: TrainConfig, checkpoint, *, pre: dict, name: str, storage: str, 
         "epoch": state["epoch"],
         "workers": cfg.scaling.num_workers,
         "effective_batch": cfg.optim.batch_size * cfg.optim.grad_accum * cfg.scaling.num_workers,
-        "data": {"train": pre["train"], "eval": pre["eval"], "train_rows_used": pre["n_train"],
-                 "skipped_failed": pre["train"].get("failed", 0) + pre["eval"].get("failed", 0),
-                 "rejected_records": pre["rejected_records"], "truncated_train_examples": state["truncated"],
-                 "max_length": cfg.data.max_length},
+        "data": {
+            "train": pre["train"],
+            "eval": pre["eval"],
+            "train_rows_used": pre["n_train"],
+            "skipped_failed": pre["train"].get("failed", 0) + pre["eval"].get("failed", 0),
+            "rejected_records": pre["rejected_records"],
+            "truncated_train_examples": state["truncated"],
+            "max_length": cfg.data.max_length,
+        },
         "tokens": state["tokens"],
         "tokens_per_s": state.get("tokens_per_s"),
-        "loss_curve": {"first": sum(losses[:window]) / window if losses else None,
-                       "last": sum(losses[-window:]) / window if losses else None,
-                       "steps": [h["step"] for h in history], "loss": [round(x, 5) for x in losses]},
+        "loss_curve": {
+            "first": sum(losses[:window]) / window if losses else None,
+            "last": sum(losses[-window:]) / window if losses else None,
+            "steps": [h["step"] for h in history],
+            "loss": [round(x, 5) for x in losses],
+        },
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "eval_curve": evals,
         "attempts": state["attempts"],
@@ -718,8 +853,9 @@ def _merge(cfg: TrainConfig, adapter: str, out: Path) -> None:
     from caslie_core.tiny_models import resolve_model
 
     path = resolve_model(cfg.model.model)
-    base = AutoModelForCausalLM.from_pretrained(path, revision=cfg.model.revision,
-                                                trust_remote_code=cfg.model.trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(
+        path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(adapter).save_pretrained(out)

@@ -16,12 +16,28 @@ MB = 1024 * 1024
 
 def main() -> None:
     port = int(sys.argv[1])
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_port": port, "dashboard_host": "127.0.0.1",
-        "object_store_memory": 200 * MB})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": True,
+            "dashboard_port": port,
+            "dashboard_host": "127.0.0.1",
+            "object_store_memory": 200 * MB,
+        },
+    )
     workers = [cluster.add_node(num_cpus=2, object_store_memory=200 * MB)]
-    print(json.dumps({"dashboard": f"http://127.0.0.1:{port}", "gcs": cluster.address,
-                      "head": cluster.head_node.node_id, "workers": [w.node_id for w in workers]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "dashboard": f"http://127.0.0.1:{port}",
+                "gcs": cluster.address,
+                "head": cluster.head_node.node_id,
+                "workers": [w.node_id for w in workers],
+            }
+        ),
+        flush=True,
+    )
     try:
         for line in sys.stdin:
             cmd, node = line.strip(), None

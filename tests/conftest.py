@@ -116,8 +116,14 @@ def ray_session(tiny_models, s3_server):
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     temp_dir = f"/tmp/caslie_ray_{uuid.uuid4().hex[:6]}"
-    ray.init(num_cpus=2, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
-             _temp_dir=temp_dir, logging_level="WARNING", log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=512 * 1024 * 1024,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -141,10 +147,18 @@ def train_config(catalog, work, *overrides):
     from caslie_core.config import load_config
     from caslie_core.jobconfigs import TrainConfig
 
-    return load_config(TrainConfig, ROOT / "configs" / "train-demo.yaml", [
-        f"data.path={catalog}", f"run.storage_path={work / 'runs'}", f"output.path={work / 'model'}",
-        "ray.num_cpus=null", "ray.object_store_memory=null", *overrides,
-    ])
+    return load_config(
+        TrainConfig,
+        ROOT / "configs" / "train-demo.yaml",
+        [
+            f"data.path={catalog}",
+            f"run.storage_path={work / 'runs'}",
+            f"output.path={work / 'model'}",
+            "ray.num_cpus=null",
+            "ray.object_store_memory=null",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +167,8 @@ def trained(ray_session, train_catalog, tmp_path_factory):
     from ray_jobs import train
 
     work = tmp_path_factory.mktemp("trained")
-    cfg = train_config(train_catalog, work, "run.name=learn", "optim.epochs=6", "checkpoint.every_steps=50",
-                       "eval.every_steps=54")
+    cfg = train_config(
+        train_catalog, work, "run.name=learn", "optim.epochs=6", "checkpoint.every_steps=50", "eval.every_steps=54"
+    )
     summary = train.run(cfg)
     return {"summary": summary, "cfg": cfg, "work": work, "catalog": train_catalog}

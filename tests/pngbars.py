@@ -10,10 +10,10 @@ def count_bars(png_path, colors) -> int:
     from PIL import Image
 
     img = np.asarray(Image.open(png_path).convert("RGB"))
-    lower = img[img.shape[0] // 2:]
+    lower = img[img.shape[0] // 2 :]
     total = 0
     for hexcolor in colors:
-        rgb = np.array([int(hexcolor[i:i + 2], 16) for i in (1, 3, 5)])
+        rgb = np.array([int(hexcolor[i : i + 2], 16) for i in (1, 3, 5)])
         mask = (lower == rgb).all(axis=-1)
         best = 0
         for line in mask:

@@ -29,8 +29,14 @@ def secured_cluster(tiny_models, tmp_path_factory):
     # the project's venv first on PATH: job entrypoints say `python`, as on a cluster image
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
-    host = subprocess.Popen([sys.executable, str(ROOT / "tests" / "clusterhost.py"), str(free_port())], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    host = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "clusterhost.py"), str(free_port())],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     # logical CPUs: 2 per node (one 1-CPU task must fit next to the fractional actors on a node)
     info = json.loads(host.stdout.readline())
     url = info["dashboard"]
@@ -43,10 +49,18 @@ def secured_cluster(tiny_models, tmp_path_factory):
             pass
         time.sleep(1)
     env_file = tmp_path_factory.mktemp("renv") / "runtime_env.yaml"
-    env_file.write_text("working_dir: .\nexcludes: ['.venv', '.git', 'demo-out', 'bench-out', '**/__pycache__', "
-                        "'.pytest_cache', '*.egg-info']\n")
-    yield {"url": url, "token": token, "host": host, "runtime_env": str(env_file), "head": info["head"],
-           "workers": info["workers"]}
+    env_file.write_text(
+        "working_dir: .\nexcludes: ['.venv', '.git', 'demo-out', 'bench-out', '**/__pycache__', "
+        "'.pytest_cache', '*.egg-info']\n"
+    )
+    yield {
+        "url": url,
+        "token": token,
+        "host": host,
+        "runtime_env": str(env_file),
+        "head": info["head"],
+        "workers": info["workers"],
+    }
     host.stdin.write("stop\n")
     host.stdin.flush()
     host.wait(timeout=60)
@@ -76,8 +90,19 @@ def _api(cluster: dict, path: str) -> dict:
 
 
 def _submit_args(cluster: dict, job: str, config: str, overrides: list[str], *extra: str) -> list[str]:
-    args = [sys.executable, "-m", "ray_jobs.cli", "submit", job, config, "--address", cluster["url"],
-            "--runtime-env", cluster["runtime_env"], *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "ray_jobs.cli",
+        "submit",
+        job,
+        config,
+        "--address",
+        cluster["url"],
+        "--runtime-env",
+        cluster["runtime_env"],
+        *extra,
+    ]
     for item in overrides:
         args += ["--set", item]
     return args
@@ -85,8 +110,9 @@ def _submit_args(cluster: dict, job: str, config: str, overrides: list[str], *ex
 
 def _submit(cluster: dict, job: str, config: str, overrides: list[str]) -> str:
     args = _submit_args(cluster, job, config, overrides)
-    done = subprocess.run(args, cwd=ROOT, env=_client_env(cluster["token"]), capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        args, cwd=ROOT, env=_client_env(cluster["token"]), capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.split(" as ", 1)[1].split()[0]
 
@@ -108,8 +134,10 @@ def _logs(cluster: dict, sid: str) -> str:
 
 
 def _alive_actors_on(cluster: dict, node: str) -> int:
-    q = (f"/api/v0/actors?limit=1000&filter_keys=node_id&filter_predicates=%3D&filter_values={node}"
-         "&filter_keys=state&filter_predicates=%3D&filter_values=ALIVE")
+    q = (
+        f"/api/v0/actors?limit=1000&filter_keys=node_id&filter_predicates=%3D&filter_values={node}"
+        "&filter_keys=state&filter_predicates=%3D&filter_values=ALIVE"
+    )
     return len(_api(cluster, q)["data"]["result"]["result"])
 
 
@@ -118,14 +146,22 @@ def test_jobs_api_refuses_requests_without_the_token(secured_cluster):
     assert r.status_code == 401
     r = requests.post(f"{secured_cluster['url']}/api/jobs/", json={"entrypoint": "echo hi"}, timeout=10)
     assert r.status_code == 401
-    r = requests.get(f"{secured_cluster['url']}/api/jobs/", timeout=10,
-                     headers={"Authorization": f"Bearer {secured_cluster['token']}"})
+    r = requests.get(
+        f"{secured_cluster['url']}/api/jobs/",
+        timeout=10,
+        headers={"Authorization": f"Bearer {secured_cluster['token']}"},
+    )
     assert r.status_code == 200
 
 
 def test_submission_without_the_token_fails_with_one_clear_line(secured_cluster, tmp_path):
-    args = _submit_args(secured_cluster, "enrich", "configs/enrich-demo.yaml",
-                        [f"input.path={tmp_path / 'x.jsonl'}", f"output.path={tmp_path / 'out'}"], "--wait")
+    args = _submit_args(
+        secured_cluster,
+        "enrich",
+        "configs/enrich-demo.yaml",
+        [f"input.path={tmp_path / 'x.jsonl'}", f"output.path={tmp_path / 'out'}"],
+        "--wait",
+    )
     refused = subprocess.run(args, cwd=ROOT, env=_client_env(None), capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "authentication failed" in refused.stderr and "Traceback" not in refused.stderr
@@ -141,11 +177,21 @@ def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_di
     N = 160
     m = write_catalog(tmp_path / "cat", N, seed=12, broken_images=2)
     out = tmp_path / "out"
-    args = _submit_args(secured_cluster, "enrich", "configs/enrich-demo.yaml", [
-        f"input.path={m['jsonl']}", f"output.path={out}", "records_per_batch=4", "captioner.pool.batch_size=4"],
-        "--wait")
-    client = subprocess.Popen(args, cwd=ROOT, env=_client_env(secured_cluster["token"]), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    args = _submit_args(
+        secured_cluster,
+        "enrich",
+        "configs/enrich-demo.yaml",
+        [f"input.path={m['jsonl']}", f"output.path={out}", "records_per_batch=4", "captioner.pool.batch_size=4"],
+        "--wait",
+    )
+    client = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=_client_env(secured_cluster["token"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     worker = secured_cluster["workers"][-1]
     deadline, on_worker = time.time() + 180, 0
     while time.time() < deadline and client.poll() is None:
@@ -173,21 +219,32 @@ def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_di
     assert summary["records"] == N and summary["partial"] == 2 and summary["ok"] + summary["partial"] == N
 
 
-def test_training_spreads_over_both_nodes_and_resumes_after_one_is_removed(secured_cluster, train_catalog,
-                                                                            tmp_path):
+def test_training_spreads_over_both_nodes_and_resumes_after_one_is_removed(secured_cluster, train_catalog, tmp_path):
     every, total = 10, 40
     storage, model = tmp_path / "shared" / "runs", tmp_path / "shared" / "model"
-    sid = _submit(secured_cluster, "train", "configs/train-demo.yaml", [
-        f"data.path={train_catalog}", f"run.storage_path={storage}", f"output.path={model}", "run.name=spread",
-        "scaling.placement_strategy=SPREAD", f"optim.max_steps={total}", f"checkpoint.every_steps={every}",
-        "eval.enabled=false", "optim.batch_size=4", "run.max_failures=2"])
+    sid = _submit(
+        secured_cluster,
+        "train",
+        "configs/train-demo.yaml",
+        [
+            f"data.path={train_catalog}",
+            f"run.storage_path={storage}",
+            f"output.path={model}",
+            "run.name=spread",
+            "scaling.placement_strategy=SPREAD",
+            f"optim.max_steps={total}",
+            f"checkpoint.every_steps={every}",
+            "eval.enabled=false",
+            "optim.batch_size=4",
+            "run.max_failures=2",
+        ],
+    )
     worker = secured_cluster["workers"][-1]
     progress = storage / "spread" / "progress"
     deadline, lines = time.time() + 240, 0
     while time.time() < deadline:  # a checkpoint is registered with Ray Train, and training has gone past it
         assert _status(secured_cluster, sid) in ("PENDING", "RUNNING"), _logs(secured_cluster, sid)
-        lines = sum(len(p.read_text().splitlines()) for p in progress.glob("steps-*.jsonl")) \
-            if progress.exists() else 0
+        lines = sum(len(p.read_text().splitlines()) for p in progress.glob("steps-*.jsonl")) if progress.exists() else 0
         if (storage / "spread" / "checkpoint_manager_snapshot.json").exists() and lines > every:
             break
         time.sleep(0.1)

@@ -65,8 +65,14 @@ def catalog(tmp_path_factory):
     server.close()
 
 
-HTTP_SETTINGS = ["fetch.allow_local_files=false", "fetch.allowlist=[127.0.0.1/32]", "fetch.read_timeout=0.5",
-                 "fetch.retries=1", "fetch.backoff=0.01", "fetch.max_bytes=100000"]
+HTTP_SETTINGS = [
+    "fetch.allow_local_files=false",
+    "fetch.allowlist=[127.0.0.1/32]",
+    "fetch.read_timeout=0.5",
+    "fetch.retries=1",
+    "fetch.backoff=0.01",
+    "fetch.max_bytes=100000",
+]
 
 
 def test_http_images_s3_records_and_output(ray_session, catalog, s3_bucket, tmp_path):
@@ -164,9 +170,23 @@ def test_driver_killed_then_rerun_resumes_without_duplicates(ray_session, tmp_pa
     N = 200
     m = write_catalog(tmp_path / "cat", N, seed=8, broken_images=2)
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "ray_jobs.enrich", "--config", DEMO, "--set", f"input.path={m['jsonl']}",
-            "--set", f"output.path={out}", "--set", "records_per_batch=4", "--set", "captioner.pool.batch_size=4",
-            "--set", f"ray.address={ray_session}"]
+    args = [
+        sys.executable,
+        "-m",
+        "ray_jobs.enrich",
+        "--config",
+        DEMO,
+        "--set",
+        f"input.path={m['jsonl']}",
+        "--set",
+        f"output.path={out}",
+        "--set",
+        "records_per_batch=4",
+        "--set",
+        "captioner.pool.batch_size=4",
+        "--set",
+        f"ray.address={ray_session}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 150
@@ -204,10 +224,14 @@ def test_drop_duplicates_keeps_one_row_per_id(tmp_path):
     schema = pa.schema([("id", pa.string()), ("status", pa.string())])
     folder = tmp_path / "out" / "records" / "task=x"
     folder.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([{"id": "a", "status": "ok"}, {"id": "b", "status": "ok"}], schema=schema),
-                   folder / "part-1.parquet")
-    pq.write_table(pa.Table.from_pylist([{"id": "b", "status": "ok"}, {"id": "c", "status": "ok"}], schema=schema),
-                   folder / "part-2.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"id": "a", "status": "ok"}, {"id": "b", "status": "ok"}], schema=schema),
+        folder / "part-1.parquet",
+    )
+    pq.write_table(
+        pa.Table.from_pylist([{"id": "b", "status": "ok"}, {"id": "c", "status": "ok"}], schema=schema),
+        folder / "part-2.parquet",
+    )
     pq.write_table(pa.Table.from_pylist([{"id": "a", "status": "ok"}], schema=schema), folder / "part-3.parquet")
     assert enrich.drop_duplicates(str(tmp_path / "out")) == 2
     ids = sorted(r["id"] for r in enrich.read_output(str(tmp_path / "out")))

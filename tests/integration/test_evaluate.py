@@ -30,18 +30,40 @@ def _write_enriched(catalog: Path, out: Path) -> int:
         kept = [i % 2 == 0 for i in range(n)]
         enriched = assemble(rec, captions, kept)
         row = {c: None for c in OUTPUT_COLUMNS}
-        row.update({
-            "id": rec.id, "task": rec.task, "split": rec.split, "status": "ok", "instruction": rec.instruction,
-            "input": json.dumps(enriched.input), "options": json.dumps(enriched.options), "output": rec.output,
-            "images": json.dumps(rec.images), "original_input": json.dumps(rec.input),
-            "original_options": json.dumps(rec.options), "n_images": n, "n_failed_images": 0, "n_kept": sum(kept),
-            "image_results": json.dumps([{"index": i, "caption": c, "kept": k} for i, (c, k) in
-                                         enumerate(zip(captions, kept))]),
-        })
+        row.update(
+            {
+                "id": rec.id,
+                "task": rec.task,
+                "split": rec.split,
+                "status": "ok",
+                "instruction": rec.instruction,
+                "input": json.dumps(enriched.input),
+                "options": json.dumps(enriched.options),
+                "output": rec.output,
+                "images": json.dumps(rec.images),
+                "original_input": json.dumps(rec.input),
+                "original_options": json.dumps(rec.options),
+                "n_images": n,
+                "n_failed_images": 0,
+                "n_kept": sum(kept),
+                "image_results": json.dumps(
+                    [{"index": i, "caption": c, "kept": k} for i, (c, k) in enumerate(zip(captions, kept))]
+                ),
+            }
+        )
         rows.append(row)
     failed = {c: None for c in OUTPUT_COLUMNS}
-    failed.update({"id": "broken-1", "split": "test", "status": "failed", "n_images": 0, "n_failed_images": 0,
-                   "n_kept": 0, "error": json.dumps({"stage": "validate", "message": "no task"})})
+    failed.update(
+        {
+            "id": "broken-1",
+            "split": "test",
+            "status": "failed",
+            "n_images": 0,
+            "n_failed_images": 0,
+            "n_kept": 0,
+            "error": json.dumps({"stage": "validate", "message": "no task"}),
+        }
+    )
     rows.append(failed)
     part = out / "records" / "task=mixed"
     part.mkdir(parents=True)
@@ -57,11 +79,19 @@ def evaluated(trained, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("evaluate")
     n = _write_enriched(trained["catalog"], work / "enriched")
-    cfg = load_config(EvaluateConfig, ROOT / "configs" / "evaluate-demo.yaml", [
-        f"model.path={trained['cfg'].output.path}", f"data.path={work / 'enriched'}",
-        f"output.path={work / 'out'}", "ray.num_cpus=null", "ray.object_store_memory=null",
-        "generation.max_new_tokens=4", "pool.num_cpus=0.5",
-    ])
+    cfg = load_config(
+        EvaluateConfig,
+        ROOT / "configs" / "evaluate-demo.yaml",
+        [
+            f"model.path={trained['cfg'].output.path}",
+            f"data.path={work / 'enriched'}",
+            f"output.path={work / 'out'}",
+            "ray.num_cpus=null",
+            "ray.object_store_memory=null",
+            "generation.max_new_tokens=4",
+            "pool.num_cpus=0.5",
+        ],
+    )
     summary = evaluate.run(cfg)
     return {"summary": summary, "out": work / "out", "records": n, "catalog": trained["catalog"]}
 
@@ -98,8 +128,18 @@ def test_numbers_equal_caslie_score_on_the_written_predictions(evaluated):
         for split in ("test", "ood_test"):
             buf = io.StringIO()
             with redirect_stdout(buf):
-                assert main(["score", str(evaluated["catalog"]), str(evaluated["out"] / f"predictions-{variant}.jsonl"),
-                             "--split", split]) == 0
+                assert (
+                    main(
+                        [
+                            "score",
+                            str(evaluated["catalog"]),
+                            str(evaluated["out"] / f"predictions-{variant}.jsonl"),
+                            "--split",
+                            split,
+                        ]
+                    )
+                    == 0
+                )
             cli = json.loads(buf.getvalue())
             ours = results["scores"][variant][split]
             assert set(cli) == set(ours)
@@ -126,6 +166,10 @@ def test_chart_png_has_the_bars(evaluated):
     chart = evaluated["summary"]["chart"]
     path = evaluated["out"] / "results.png"
     assert Image.open(path).format == "PNG"
-    assert chart["bars"] == 4 * 12 - sum(1 for r in json.loads((evaluated["out"] / "results.json").read_text())
-                                         ["table"]["rows"] for v in r["values"] if not v)
+    assert chart["bars"] == 4 * 12 - sum(
+        1
+        for r in json.loads((evaluated["out"] / "results.json").read_text())["table"]["rows"]
+        for v in r["values"]
+        if not v
+    )
     assert count_bars(path, chart["colors"]) == chart["bars"]

@@ -48,8 +48,15 @@ def second_adapter(trained, tmp_path_factory):
     from ray_jobs import train
 
     work = tmp_path_factory.mktemp("trained-cc")
-    cfg = train_config(trained["catalog"], work, "run.name=cc-only", "data.tasks=[CC]", "optim.epochs=3",
-                       "eval.enabled=false", "checkpoint.every_steps=1000")
+    cfg = train_config(
+        trained["catalog"],
+        work,
+        "run.name=cc-only",
+        "data.tasks=[CC]",
+        "optim.epochs=3",
+        "eval.enabled=false",
+        "checkpoint.every_steps=1000",
+    )
     summary = train.run(cfg)
     return summary["adapter"]
 
@@ -70,14 +77,25 @@ def app(ray_session, trained, second_adapter, images):
     from ray_jobs.serve import start
 
     os.environ["CASLIE_TEST_API_KEY"] = KEY
-    cfg = load_config(ServeConfig, ROOT / "configs" / "serve-demo.yaml", [
-        f"http.port={free_port()}", "http.api_key_env=CASLIE_TEST_API_KEY", "http.max_body_bytes=65536",
-        "http.ingress.max_ongoing_requests=8", "http.ingress.max_queued_requests=4",
-        f"model.path={trained['cfg'].output.path}", "model.name=rules", f"model.adapters={{cc_only: {second_adapter}}}",
-        "model.deployment.autoscaling={min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, "
-        "upscale_delay_s: 1, downscale_delay_s: 4, look_back_period_s: 2, metrics_interval_s: 0.5}",
-        "fetch.allowlist=[localhost]", "fetch.retries=0", "ray.num_cpus=null",
-    ])
+    cfg = load_config(
+        ServeConfig,
+        ROOT / "configs" / "serve-demo.yaml",
+        [
+            f"http.port={free_port()}",
+            "http.api_key_env=CASLIE_TEST_API_KEY",
+            "http.max_body_bytes=65536",
+            "http.ingress.max_ongoing_requests=8",
+            "http.ingress.max_queued_requests=4",
+            f"model.path={trained['cfg'].output.path}",
+            "model.name=rules",
+            f"model.adapters={{cc_only: {second_adapter}}}",
+            "model.deployment.autoscaling={min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, "
+            "upscale_delay_s: 1, downscale_delay_s: 4, look_back_period_s: 2, metrics_interval_s: 0.5}",
+            "fetch.allowlist=[localhost]",
+            "fetch.retries=0",
+            "ray.num_cpus=null",
+        ],
+    )
     url = start(cfg)
     yield {"url": url, "cfg": cfg, "headers": {"Authorization": f"Bearer {KEY}"}, "catalog": trained["catalog"]}
     serve.shutdown()
@@ -101,9 +119,10 @@ def test_predict_and_enrich_with_http_and_data_uri_images(app, trained, images):
     assert len(out["images"]) == len(paths) and [i["index"] for i in out["images"]] == list(range(len(paths)))
     for img in out["images"]:
         assert set(img["votes"]) == {"judge_logits", "judge_generate"} and img["error"] is None
-        assert img["kept"] == (img["caption"] is not None and
-                               sum(v == "yes" for v in img["votes"].values()) >
-                               sum(v == "no" for v in img["votes"].values()))
+        assert img["kept"] == (
+            img["caption"] is not None
+            and sum(v == "yes" for v in img["votes"].values()) > sum(v == "no" for v in img["votes"].values())
+        )
     assert out["images"][1]["url"].startswith("data:image/jpeg;base64,...")
     assert out["n_kept"] == sum(i["kept"] for i in out["images"])
     assert isinstance(out["answer"], str) and out["usage"]["prompt_tokens"] > 0
@@ -127,8 +146,9 @@ def test_adapters_are_chosen_per_request(app, trained, second_adapter):
     prompts = []
     for rec in recs:
         for adapter in served:
-            r = post(app, "/v1/predict", _request(rec, [_data_uri(p) for p in json.loads(rec["images"])],
-                                                  adapter=adapter))
+            r = post(
+                app, "/v1/predict", _request(rec, [_data_uri(p) for p in json.loads(rec["images"])], adapter=adapter)
+            )
             assert r.status_code == 200, r.text
             assert r.json()["model"] == adapter
             served[adapter].append(r.json()["raw_output"])
@@ -152,9 +172,16 @@ def test_openai_client(app, trained):
     assert {m.id for m in client.models.list()} == {"rules", "cc_only", "base"}
     rec = _records(Path(trained["catalog"]), "category_classification", 1)[0]
     img = _data_uri(json.loads(rec["images"])[0])
-    messages = [{"role": "system", "content": "You classify products."},
-                {"role": "user", "content": [{"type": "text", "text": f"Which category fits {rec['input']}?"},
-                                             {"type": "image_url", "image_url": {"url": img}}]}]
+    messages = [
+        {"role": "system", "content": "You classify products."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": f"Which category fits {rec['input']}?"},
+                {"type": "image_url", "image_url": {"url": img}},
+            ],
+        },
+    ]
     done = client.chat.completions.create(model="rules", messages=messages, max_tokens=4)
     assert done.model == "rules" and done.choices[0].message.role == "assistant"
     assert isinstance(done.choices[0].message.content, str)
@@ -278,8 +305,7 @@ def test_killed_replica_recovers_without_manual_action(app):
 
     with _under_load(app, 3) as codes:
         _wait(lambda: codes[200] >= 3, 60, "requests to flow")
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if "#Predictor#" in a["name"]]
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Predictor#" in a["name"]]
         assert names, "no Predictor replica found"
         for name in names:
             ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)

@@ -94,17 +94,26 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, tra
     from ray_jobs import train
 
     every, total = 10, 80
-    cfg = train_config(train_catalog, tmp_path, "run.name=killed", "scaling.strategy=fsdp", f"optim.max_steps={total}",
-                       f"checkpoint.every_steps={every}", "eval.enabled=false", "run.max_failures=2",
-                       "optim.batch_size=4")
+    cfg = train_config(
+        train_catalog,
+        tmp_path,
+        "run.name=killed",
+        "scaling.strategy=fsdp",
+        f"optim.max_steps={total}",
+        f"checkpoint.every_steps={every}",
+        "eval.enabled=false",
+        "run.max_failures=2",
+        "optim.batch_size=4",
+    )
     progress = tmp_path / "runs" / "killed" / "progress"
     killed = {}
 
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            lines = sum(len(p.read_text().splitlines()) for p in progress.glob("steps-*.jsonl")) \
-                if progress.exists() else 0
+            lines = (
+                sum(len(p.read_text().splitlines()) for p in progress.glob("steps-*.jsonl")) if progress.exists() else 0
+            )
             pid_file = progress / "worker-rank1.pid"
             # Ray Train registers a reported checkpoint when its controller next polls the workers;
             # kill once one is registered (its snapshot exists), as a real failure would come later.
@@ -127,7 +136,9 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, tra
     # every optimizer step is in the final history once, in order
     assert s["loss_curve"]["steps"] == list(range(1, total + 1))
     # across attempts, only steps after the last checkpoint before the kill were run twice
-    runs = [json.loads(line)["step"] for p in sorted(progress.glob("steps-*.jsonl")) for line in p.read_text().splitlines()]
+    runs = [
+        json.loads(line)["step"] for p in sorted(progress.glob("steps-*.jsonl")) for line in p.read_text().splitlines()
+    ]
     assert set(runs) == set(range(1, total + 1))
     repeated = len(runs) - total
     assert 0 <= repeated <= every, (killed, files, s["attempts"])  # at most the steps since a checkpoint

@@ -21,9 +21,14 @@ def _load(name: str) -> dict:
 def _gpu_group(spec: dict) -> dict:
     group = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    return {"gpus": int(limits["nvidia.com/gpu"]), "cpus": int(limits["cpu"]), "max": group["maxReplicas"],
-            "min": group["minReplicas"], "start_gpus": int(group["rayStartParams"]["num-gpus"]),
-            "start_cpus": int(group["rayStartParams"]["num-cpus"])}
+    return {
+        "gpus": int(limits["nvidia.com/gpu"]),
+        "cpus": int(limits["cpu"]),
+        "max": group["maxReplicas"],
+        "min": group["minReplicas"],
+        "start_gpus": int(group["rayStartParams"]["num-gpus"]),
+        "start_cpus": int(group["rayStartParams"]["num-cpus"]),
+    }
 
 
 def _check_cluster_spec(spec: dict) -> None:
@@ -36,7 +41,8 @@ def _check_cluster_spec(spec: dict) -> None:
     g = _gpu_group(spec)
     assert g["gpus"] == g["start_gpus"] and g["cpus"] == g["start_cpus"]
     for c in [head["template"]["spec"]["containers"][0]] + [
-            w["template"]["spec"]["containers"][0] for w in spec["workerGroupSpecs"]]:
+        w["template"]["spec"]["containers"][0] for w in spec["workerGroupSpecs"]
+    ]:
         env = {e["name"]: e for e in c["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         for name, e in env.items():  # secrets come from Secrets, never as literal values
@@ -55,8 +61,10 @@ def test_rayjobs_run_our_entrypoints_with_valid_configs(name, job):
     doc = _load(name)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
     spec = doc["spec"]
-    assert spec.get("clusterSelector") == {"ray.io/cluster": _load("raycluster.yaml")["metadata"]["name"]} \
+    assert (
+        spec.get("clusterSelector") == {"ray.io/cluster": _load("raycluster.yaml")["metadata"]["name"]}
         or "rayClusterSpec" in spec
+    )
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", f"ray_jobs.{job}"] and argv[3] == "--config"
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
@@ -74,8 +82,9 @@ def test_rayservice_serves_the_checked_in_serve_config():
     ServeDeploySchema.model_validate(embedded)
     _check_cluster_spec(doc["spec"]["rayClusterConfig"])
     assert _gpu_group(doc["spec"]["rayClusterConfig"]) == _gpu_group(_load("raycluster.yaml")["spec"])
-    envs = {e["name"] for e in doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
-            ["containers"][0]["env"]}
+    envs = {
+        e["name"] for e in doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
     api_key_env = embedded["applications"][0]["args"]["http"]["api_key_env"]
     assert api_key_env in envs
 
@@ -85,8 +94,11 @@ def _gpu_needs() -> dict[str, tuple[float, float, float]]:
     needs = {}
     cfg = load_config(JOB_CONFIGS["enrich"], ROOT / "configs" / "enrich-mmecinstruct.yaml")
     pools = [cfg.captioner.pool] + [j.pool for j in cfg.judges]
-    needs["enrich-mmecinstruct"] = (max(p.num_gpus for p in pools), max(p.num_cpus for p in pools),
-                                    sum(p.num_gpus * p.min_size for p in pools))
+    needs["enrich-mmecinstruct"] = (
+        max(p.num_gpus for p in pools),
+        max(p.num_cpus for p in pools),
+        sum(p.num_gpus * p.min_size for p in pools),
+    )
     for size in "sml":
         t = load_config(JOB_CONFIGS["train"], ROOT / "configs" / f"train-caslie-{size}.yaml")
         gpus = (t.scaling.resources_per_worker or {}).get("GPU", 1 if t.scaling.use_gpu else 0)
@@ -95,8 +107,11 @@ def _gpu_needs() -> dict[str, tuple[float, float, float]]:
         needs[f"evaluate-caslie-{size}"] = (e.pool.num_gpus, e.pool.num_cpus, e.pool.num_gpus * e.pool.min_size)
     s = load_config(JOB_CONFIGS["serve"], ROOT / "configs" / "serve-caslie-m.yaml")
     deps = [s.model.deployment, s.captioner.deployment, s.http.ingress] + [j.deployment for j in s.judges]
-    needs["serve-caslie-m"] = (max(d.num_gpus for d in deps), max(d.num_cpus for d in deps),
-                               sum(d.num_gpus * d.autoscaling.min_replicas for d in deps))
+    needs["serve-caslie-m"] = (
+        max(d.num_gpus for d in deps),
+        max(d.num_cpus for d in deps),
+        sum(d.num_gpus * d.autoscaling.min_replicas for d in deps),
+    )
     return needs
 
 
@@ -115,8 +130,11 @@ def test_launcher_matches_the_kuberay_worker_group():
     assert gpu["resources"] == {"CPU": g["cpus"], "GPU": g["gpus"]}
     assert gpu["max_workers"] == g["max"] and gpu["min_workers"] == g["min"]
     assert doc["available_node_types"][doc["head_node_type"]]["resources"] == {"CPU": 0}
-    assert all("RAY_AUTH_MODE=token" in c for c in doc["head_start_ray_commands"] + doc["worker_start_ray_commands"]
-               if c.startswith("RAY_AUTH_MODE") or "ray start" in c)
+    assert all(
+        "RAY_AUTH_MODE=token" in c
+        for c in doc["head_start_ray_commands"] + doc["worker_start_ray_commands"]
+        if c.startswith("RAY_AUTH_MODE") or "ray start" in c
+    )
 
 
 def test_runtime_env_holds_no_secrets():
@@ -140,10 +158,15 @@ def test_the_readme_creates_every_secret_the_manifests_read():
     import re
 
     readme = (ROOT / "README.md").read_text()
-    created = {(m.group(1), key) for m in re.finditer(r"kubectl create secret generic (\S+)((?: --from-literal=\S+)+)",
-                                                      readme)
-               for key in re.findall(r"--from-literal=([\w.-]+)=", m.group(2))}
-    wanted = set().union(*(_secret_refs(list(yaml.safe_load_all((ROOT / "cluster" / "kuberay" / f).read_text())))
-                           for f in ("raycluster.yaml", "rayjob-enrich.yaml", "rayjob-train.yaml",
-                                     "rayservice.yaml")))
+    created = {
+        (m.group(1), key)
+        for m in re.finditer(r"kubectl create secret generic (\S+)((?: --from-literal=\S+)+)", readme)
+        for key in re.findall(r"--from-literal=([\w.-]+)=", m.group(2))
+    }
+    wanted = set().union(
+        *(
+            _secret_refs(list(yaml.safe_load_all((ROOT / "cluster" / "kuberay" / f).read_text())))
+            for f in ("raycluster.yaml", "rayjob-enrich.yaml", "rayjob-train.yaml", "rayservice.yaml")
+        )
+    )
     assert wanted and wanted <= created, sorted(wanted - created)

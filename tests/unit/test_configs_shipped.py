@@ -12,8 +12,14 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs():
-    assert {p.name for p in CONFIGS} >= {"enrich-demo.yaml", "enrich-mmecinstruct.yaml", "train-demo.yaml",
-                                         "train-caslie-s.yaml", "evaluate-demo.yaml", "evaluate-caslie-m.yaml"}
+    assert {p.name for p in CONFIGS} >= {
+        "enrich-demo.yaml",
+        "enrich-mmecinstruct.yaml",
+        "train-demo.yaml",
+        "train-caslie-s.yaml",
+        "evaluate-demo.yaml",
+        "evaluate-caslie-m.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -32,8 +38,10 @@ def test_paper_config_matches_the_method():
     assert cfg.captioner.model == "meta-llama/Llama-3.2-11B-Vision-Instruct"
     assert cfg.captioner.max_new_tokens == 128 and cfg.captioner.pool.num_gpus >= 1
     assert {j.model for j in cfg.judges} == {
-        "meta-llama/Llama-3.2-3B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
-        "meta-llama/Llama-3.2-11B-Vision-Instruct", "mistralai/Mistral-7B-Instruct-v0.3",
+        "meta-llama/Llama-3.2-3B-Instruct",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "meta-llama/Llama-3.2-11B-Vision-Instruct",
+        "mistralai/Mistral-7B-Instruct-v0.3",
         "microsoft/Phi-3.5-mini-instruct",
     }
 
@@ -43,19 +51,30 @@ def test_enrich_config_errors_are_all_reported():
     from caslie_core.jobconfigs import EnrichConfig
 
     with pytest.raises(ConfigError) as e:
-        load_config(EnrichConfig, ROOT / "configs" / "enrich-demo.yaml", [
-            "captioner.pool.min_size=3", "captioner.pool.max_size=2", "judges.0.mode=vote",
-            "fetch.threds=4", "judges.1.name=judge_logits",
-        ])
+        load_config(
+            EnrichConfig,
+            ROOT / "configs" / "enrich-demo.yaml",
+            [
+                "captioner.pool.min_size=3",
+                "captioner.pool.max_size=2",
+                "judges.0.mode=vote",
+                "fetch.threds=4",
+                "judges.1.name=judge_logits",
+            ],
+        )
     text = str(e.value)
     assert "min_size (3) must be <= max_size (2)" in text
     assert "judges.0.mode" in text and "fetch.threds: unknown key" in text
 
 
-@pytest.mark.parametrize("size,model,arch", [
-    ("s", "meta-llama/Llama-3.2-3B-Instruct", "llama"), ("m", "mistralai/Mistral-7B-Instruct-v0.3", "mistral"),
-    ("l", "meta-llama/Llama-2-13b-chat-hf", "llama"),
-])
+@pytest.mark.parametrize(
+    "size,model,arch",
+    [
+        ("s", "meta-llama/Llama-3.2-3B-Instruct", "llama"),
+        ("m", "mistralai/Mistral-7B-Instruct-v0.3", "mistral"),
+        ("l", "meta-llama/Llama-2-13b-chat-hf", "llama"),
+    ],
+)
 def test_paper_train_configs_match_the_method_and_their_architectures(size, model, arch):
     """The three CASLIE bases: method LoRA settings, effective batch 128, targets that exist in the architecture
     (checked on a meta-device skeleton of the same architecture family; no download)."""
@@ -73,8 +92,14 @@ def test_paper_train_configs_match_the_method_and_their_architectures(size, mode
     assert cfg.model.prompt_style == ("mistral" if arch == "mistral" else "alpaca")
     if size == "l":
         assert cfg.scaling.strategy == "fsdp" and cfg.model.gradient_checkpointing
-    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=100)
+    small = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     conf = MistralConfig(**small) if arch == "mistral" else LlamaConfig(**small)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(conf)

@@ -7,8 +7,15 @@ from caslie_core.records import parse_record
 
 
 def rec(task, inp, options=(), n=1):
-    return parse_record({"task": task, "instruction": "x", "input": json.dumps(inp),
-                         "options": json.dumps(list(options)), "images": json.dumps(["u"] * n)})
+    return parse_record(
+        {
+            "task": task,
+            "instruction": "x",
+            "input": json.dumps(inp),
+            "options": json.dumps(list(options)),
+            "images": json.dumps(["u"] * n),
+        }
+    )
 
 
 def test_single_image_kept_and_rejected():

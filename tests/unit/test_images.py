@@ -12,10 +12,19 @@ from caslie_core.images import FetchPolicy, address_refusal, decode_image, fetch
 @pytest.mark.parametrize(
     "ip,fragment",
     [
-        ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.1.2.3", "private"), ("192.168.0.10", "private"),
-        ("172.16.5.4", "private"), ("169.254.169.254", "metadata"), ("169.254.10.1", "link-local"),
-        ("fe80::1", "link-local"), ("fd00::5", "private"), ("::ffff:127.0.0.1", "loopback"),
-        ("0.0.0.0", "unspecified"), ("100.64.1.1", "shared"), ("224.0.0.1", "multicast"),
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("192.168.0.10", "private"),
+        ("172.16.5.4", "private"),
+        ("169.254.169.254", "metadata"),
+        ("169.254.10.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("fd00::5", "private"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("100.64.1.1", "shared"),
+        ("224.0.0.1", "multicast"),
         ("fd00:ec2::254", "metadata"),
     ],
 )

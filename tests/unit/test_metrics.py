@@ -87,12 +87,36 @@ def test_misaligned_lengths_fail_clearly():
 
 def _records():
     rows = [
-        {"id": "r1", "task": "CC", "instruction": "x", "input": {"title": "t"}, "options": ["A: a", "B: b"],
-         "output": "A", "images": ["u"], "split": "test"},
-        {"id": "r2", "task": "CC", "instruction": "x", "input": {"title": "t2"}, "options": ["A: a", "B: b"],
-         "output": "B", "images": ["u"], "split": "test"},
-        {"id": "r3", "task": "AP", "instruction": "x", "input": {"question": "q"}, "options": [],
-         "output": "yes", "images": ["u"], "split": "test"},
+        {
+            "id": "r1",
+            "task": "CC",
+            "instruction": "x",
+            "input": {"title": "t"},
+            "options": ["A: a", "B: b"],
+            "output": "A",
+            "images": ["u"],
+            "split": "test",
+        },
+        {
+            "id": "r2",
+            "task": "CC",
+            "instruction": "x",
+            "input": {"title": "t2"},
+            "options": ["A: a", "B: b"],
+            "output": "B",
+            "images": ["u"],
+            "split": "test",
+        },
+        {
+            "id": "r3",
+            "task": "AP",
+            "instruction": "x",
+            "input": {"question": "q"},
+            "options": [],
+            "output": "yes",
+            "images": ["u"],
+            "split": "test",
+        },
     ]
     return [parse_record(r) for r in rows]
 

@@ -7,10 +7,15 @@ from caslie_core.records import parse_record
 
 
 def rec(task, inp, options=(), n_images=1):
-    return parse_record({
-        "task": task, "instruction": "Do the task.", "input": json.dumps(inp), "options": json.dumps(list(options)),
-        "images": json.dumps([f"u{i}" for i in range(n_images)]),
-    })
+    return parse_record(
+        {
+            "task": task,
+            "instruction": "Do the task.",
+            "input": json.dumps(inp),
+            "options": json.dumps(list(options)),
+            "images": json.dumps([f"u{i}" for i in range(n_images)]),
+        }
+    )
 
 
 def test_caption_request_quotes_the_records_own_text():
@@ -46,8 +51,17 @@ def test_judge_question_has_context_caption_and_yes_no_instruction():
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("Yes", "yes"), (" yes, it helps", "yes"), ("NO.", "no"), ("no", "no"), ('"Yes"', "yes"),
-     ("Maybe", None), ("", None), (None, None), ("I think yes", None)],
+    [
+        ("Yes", "yes"),
+        (" yes, it helps", "yes"),
+        ("NO.", "no"),
+        ("no", "no"),
+        ('"Yes"', "yes"),
+        ("Maybe", None),
+        ("", None),
+        (None, None),
+        ("I think yes", None),
+    ],
 )
 def test_parse_judge_answer(text, expected):
     assert prompts.parse_judge_answer(text) == expected

@@ -44,8 +44,9 @@ def write_jsonl(path, rows):
 
 def test_parse_json_strings_and_structured_values_give_same_record():
     a = parse_record(cc_row())
-    b = parse_record(cc_row(input={"title": "Acme red phone"}, options=["A: Electronics", "B: Kitchen"],
-                            images=["http://x/1.png"]))
+    b = parse_record(
+        cc_row(input={"title": "Acme red phone"}, options=["A: Electronics", "B: Kitchen"], images=["http://x/1.png"])
+    )
     assert a.id == b.id and len(a.id) == 16
     assert a.input == {"title": "Acme red phone"} and a.options == ["A: Electronics", "B: Kitchen"]
     assert a.labels == ("A", "B")
@@ -64,8 +65,16 @@ def test_sr_layout_history_plus_options():
 
 @pytest.mark.parametrize(
     "value,expected",
-    [("train", "train"), ("validation", "val"), ("VAL", "val"), ("test", "test"), ("OOD", "ood_test"),
-     ("test_ood", "ood_test"), ("ood-test", "ood_test"), (None, None)],
+    [
+        ("train", "train"),
+        ("validation", "val"),
+        ("VAL", "val"),
+        ("test", "test"),
+        ("OOD", "ood_test"),
+        ("test_ood", "ood_test"),
+        ("ood-test", "ood_test"),
+        (None, None),
+    ],
 )
 def test_split_variants(value, expected):
     assert normalise_split(value) == expected
@@ -100,8 +109,11 @@ def test_wrong_image_count_for_sr_and_prp():
     with pytest.raises(RecordError, match="5 images"):
         parse_record(sr_row(images=json.dumps(["a"] * 4)))
     prp = {
-        "task": "PRP", "instruction": "x", "input": {"product 1": "a", "product 2": "b"},
-        "options": ["A: x", "B: y", "C: z"], "images": ["i1"],
+        "task": "PRP",
+        "instruction": "x",
+        "input": {"product 1": "a", "product 2": "b"},
+        "options": ["A: x", "B: y", "C: z"],
+        "images": ["i1"],
     }
     with pytest.raises(RecordError, match="2 images"):
         parse_record(prp)
@@ -138,8 +150,13 @@ def test_json_array_streams_in_small_chunks(tmp_path):
 
 def test_collect_mode_accounts_for_every_row(tmp_path):
     p = tmp_path / "mixed.jsonl"
-    lines = [json.dumps(cc_row(id="ok1")), "{broken json", json.dumps(cc_row(id="bad", task="nope")),
-             json.dumps(cc_row(id="ok1")), json.dumps(sr_row(id="ok2"))]
+    lines = [
+        json.dumps(cc_row(id="ok1")),
+        "{broken json",
+        json.dumps(cc_row(id="bad", task="nope")),
+        json.dumps(cc_row(id="ok1")),
+        json.dumps(sr_row(id="ok2")),
+    ]
     p.write_text("\n".join(lines) + "\n")
     items = list(iter_records(str(p), mode="collect"))
     assert len(items) == 5

@@ -14,8 +14,13 @@ from caslie_core import serving as sv
 from caslie_core.errors import ImageError
 from caslie_core.images import FetchPolicy
 
-RECORD = {"task": "CC", "instruction": "Pick the category.", "input": {"title": "Red mug"},
-          "options": ["A: Kitchen", "B: Garden"], "images": ["https://cdn.example.com/a.jpg"]}
+RECORD = {
+    "task": "CC",
+    "instruction": "Pick the category.",
+    "input": {"title": "Red mug"},
+    "options": ["A: Kitchen", "B: Garden"],
+    "images": ["https://cdn.example.com/a.jpg"],
+}
 
 
 def png(size=(20, 10)) -> bytes:
@@ -44,8 +49,12 @@ def test_records_from_requests_accept_json_strings_or_values_and_name_the_field(
     a = sv.to_record(sv.PredictRequest(**RECORD))
     b = sv.to_record(sv.PredictRequest(**as_strings))
     assert a.input == b.input == {"title": "Red mug"} and a.options == b.options and a.id == b.id
-    for bad, field in [({"task": "XX"}, "task"), ({"input": {"name": "x"}}, "input"),
-                       ({"images": []}, "images"), ({"options": "not json"}, "options")]:
+    for bad, field in [
+        ({"task": "XX"}, "task"),
+        ({"input": {"name": "x"}}, "input"),
+        ({"images": []}, "images"),
+        ({"options": "not json"}, "options"),
+    ]:
         with pytest.raises(sv.ApiError) as e:
             sv.to_record(sv.PredictRequest(**{**RECORD, **bad}))
         assert e.value.status == 422 and e.value.detail[0]["loc"] == ["body", field], bad
@@ -70,8 +79,12 @@ def test_data_uris_are_capped_and_decoded():
 
 def test_client_urls_never_reach_local_files_or_other_schemes():
     policy = FetchPolicy(schemes=("http", "https"), allow_local_files=False, retries=0)
-    for url, fragment in [("file:///etc/passwd", "local file"), ("/etc/passwd", "local file"),
-                          ("s3://bucket/a.png", "scheme 's3' not allowed"), ("gopher://x/", "not allowed")]:
+    for url, fragment in [
+        ("file:///etc/passwd", "local file"),
+        ("/etc/passwd", "local file"),
+        ("s3://bucket/a.png", "scheme 's3' not allowed"),
+        ("gopher://x/", "not allowed"),
+    ]:
         with pytest.raises(ImageError, match=fragment):
             sv.load_image(url, policy, size=8, max_pixels=100)
 
@@ -103,11 +116,21 @@ def test_slots_keep_a_caption_by_plurality_and_assemble_the_input():
 
 
 def test_chat_requests_become_instruction_prompts():
-    req = sv.ChatRequest(model="m", messages=[
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
-                                     {"type": "image_url", "image_url": {"url": "https://x/a.png"}}]},
-    ], temperature=0.7, user="someone")  # unknown sampling fields are ignored
+    req = sv.ChatRequest(
+        model="m",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "https://x/a.png"}},
+                ],
+            },
+        ],
+        temperature=0.7,
+        user="someone",
+    )  # unknown sampling fields are ignored
     text, urls = sv.chat_request_text(req)
     assert text == "system: Be brief.\nWhat is this?" and urls == ["https://x/a.png"]
     slots = sv.chat_slots(text, urls)
@@ -125,7 +148,7 @@ def test_openai_shapes():
     assert done["usage"]["total_tokens"] == 12 and done["choices"][0]["message"]["content"] == "B"
     events = sv.chat_chunks(done)
     assert events[-1] == "data: [DONE]\n\n"
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "B"
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert [m["id"] for m in sv.models_list(["a", "b"])["data"]] == ["a", "b"]
@@ -162,14 +185,18 @@ def test_serve_config_errors():
     from caslie_core.jobconfigs import ServeConfig
 
     with pytest.raises(ConfigError) as e:
-        load_config(ServeConfig, ROOT / "configs" / "serve-demo.yaml", [
-            "model.deployment.autoscaling.min_replicas=3", "judges.0.name=Bad Name"])
+        load_config(
+            ServeConfig,
+            ROOT / "configs" / "serve-demo.yaml",
+            ["model.deployment.autoscaling.min_replicas=3", "judges.0.name=Bad Name"],
+        )
     assert "min_replicas (3)" in str(e.value) and "judge name" in str(e.value)
     with pytest.raises(ConfigError, match="not 'base'"):
         load_config(ServeConfig, ROOT / "configs" / "serve-demo.yaml", ["model.adapters={base: /x}"])
     with pytest.raises(ConfigError, match="metrics_interval_s"):
-        load_config(ServeConfig, ROOT / "configs" / "serve-demo.yaml",
-                    ["model.deployment.autoscaling.metrics_interval_s=60"])
+        load_config(
+            ServeConfig, ROOT / "configs" / "serve-demo.yaml", ["model.deployment.autoscaling.metrics_interval_s=60"]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +210,13 @@ def two_adapters(tiny_models, tmp_path_factory):
     for name, seed in (("red", 1), ("blue", 2)):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(tiny_models["lm"])
-        cfg = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                         modules_to_save=["lm_head"])
+        cfg = LoraConfig(
+            r=4,
+            lora_alpha=64,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+            modules_to_save=["lm_head"],
+        )
         peft_model = get_peft_model(model, cfg)
         with torch.no_grad():
             peft_model.base_model.model.lm_head.modules_to_save["default"].weight.normal_(0, 0.5)
@@ -198,8 +230,10 @@ def test_adapter_predictor_switches_adapters_like_separate_models(two_adapters):
     from caslie_core.predict import AdapterPredictor, Predictor
 
     prompts = ["### Instruction:\nPick one.\n\n### Response:\n", "### Instruction:\nSay yes.\n\n### Response:\n"]
-    ref = {n: [a.raw for a in Predictor("tiny:lm", adapter=p, max_new_tokens=6).answer(prompts)]
-           for n, p in two_adapters.items()}
+    ref = {
+        n: [a.raw for a in Predictor("tiny:lm", adapter=p, max_new_tokens=6).answer(prompts)]
+        for n, p in two_adapters.items()
+    }
     ref["base"] = [a.raw for a in Predictor("tiny:lm", max_new_tokens=6).answer(prompts)]
     assert ref["red"] != ref["blue"] and ref["red"] != ref["base"]
 

@@ -41,9 +41,16 @@ def test_pipeline_accounts_for_every_record_and_dedups(models, tmp_path):
     rows.append({"text": "{not json"})
     rows.append({"text": json.dumps({**cc, "id": "badtask", "task": "nope"})})
     counting = CountingCaptioner(models["captioner"])
-    out = stages.run_local(rows, policy=FetchPolicy(allow_local_files=True), captioner=counting,
-                           judges={"lg": models["logits"], "gen": models["generate"]}, size=32,
-                           max_pixels=10**7, provenance={"run_id": "t"}, batch=5)
+    out = stages.run_local(
+        rows,
+        policy=FetchPolicy(allow_local_files=True),
+        captioner=counting,
+        judges={"lg": models["logits"], "gen": models["generate"]},
+        size=32,
+        max_pixels=10**7,
+        provenance={"run_id": "t"},
+        batch=5,
+    )
     assert len(out) == len(rows)
     by_id = {o["id"]: o for o in out}
     assert by_id["badtask"]["status"] == "failed"
@@ -77,8 +84,15 @@ def test_pipeline_accounts_for_every_record_and_dedups(models, tmp_path):
 def test_enriched_input_uses_kept_captions_only(models, tmp_path):
     m = write_catalog(tmp_path, 7, seed=9)
     rows = [{"text": line} for line in open(m["jsonl"])]
-    out = stages.run_local(rows, policy=FetchPolicy(allow_local_files=True), captioner=models["captioner"],
-                           judges={"lg": models["logits"]}, size=32, max_pixels=10**7, provenance={})
+    out = stages.run_local(
+        rows,
+        policy=FetchPolicy(allow_local_files=True),
+        captioner=models["captioner"],
+        judges={"lg": models["logits"]},
+        size=32,
+        max_pixels=10**7,
+        provenance={},
+    )
     for o in out:
         res = json.loads(o["image_results"])
         inp = json.loads(o["input"])
@@ -91,8 +105,16 @@ def test_enriched_input_uses_kept_captions_only(models, tmp_path):
 
 
 def test_internal_error_becomes_failed_row_not_exception():
-    row = {"id": "x", "task": "category_classification", "split": "", "status": "pending", "error": "",
-           "record": "{not a record", "raw": "", "n_images": 1}
+    row = {
+        "id": "x",
+        "task": "category_classification",
+        "split": "",
+        "status": "pending",
+        "error": "",
+        "record": "{not a record",
+        "raw": "",
+        "n_images": 1,
+    }
     out = stages.finalize_rows([row], judge_names=["a"], provenance={})
     assert out[0]["status"] == "failed" and json.loads(out[0]["error"])["stage"] == "internal"
 
@@ -107,14 +129,15 @@ def test_caption_failure_is_recorded_per_image(tmp_path):
     m = write_catalog(tmp_path, 2, seed=1, tasks=["CC"])
     shutil.rmtree(tmp_path / "unused", ignore_errors=True)
     rows = stages.parse_rows([{"text": line} for line in open(m["jsonl"])])
-    rows = stages.decode_rows(stages.fetch_rows(rows, FetchPolicy(allow_local_files=True)), max_pixels=10**7,
-                              size=32)
+    rows = stages.decode_rows(stages.fetch_rows(rows, FetchPolicy(allow_local_files=True)), max_pixels=10**7, size=32)
     rows = stages.CaptionStage(Broken(), 32)(rows)
     out = stages.finalize_rows(rows, judge_names=[], provenance={})
     for o in out:
         assert o["status"] == "partial"
-        assert json.loads(o["image_results"])[0]["error"] == {"stage": "caption",
-                                                              "message": "RuntimeError: CUDA out of memory"}
+        assert json.loads(o["image_results"])[0]["error"] == {
+            "stage": "caption",
+            "message": "RuntimeError: CUDA out of memory",
+        }
 
 
 def test_claims_make_a_second_actor_wait_for_the_first(tiny_models, tmp_path):
@@ -138,8 +161,7 @@ def test_claims_make_a_second_actor_wait_for_the_first(tiny_models, tmp_path):
 
     m = write_catalog(tmp_path, 3, seed=2, tasks=["CC"])
     base = stages.parse_rows([{"text": line} for line in open(m["jsonl"])])
-    base = stages.decode_rows(stages.fetch_rows(base, FetchPolicy(allow_local_files=True)), max_pixels=10**7,
-                              size=32)
+    base = stages.decode_rows(stages.fetch_rows(base, FetchPolicy(allow_local_files=True)), max_pixels=10**7, size=32)
 
     def fresh():
         return [dict(r) for r in base]

@@ -16,12 +16,28 @@ def _enriched_row(i: int, status: str, split: str) -> dict:
     from caslie_core.stages import OUTPUT_COLUMNS
 
     row = {c: None for c in OUTPUT_COLUMNS}
-    row.update({"id": f"r{i}", "task": "sentiment_analysis", "split": split, "status": status,
-                "n_images": 1, "n_failed_images": 0, "n_kept": 0})
+    row.update(
+        {
+            "id": f"r{i}",
+            "task": "sentiment_analysis",
+            "split": split,
+            "status": status,
+            "n_images": 1,
+            "n_failed_images": 0,
+            "n_kept": 0,
+        }
+    )
     if status != "failed":
-        row.update({"instruction": "Choose the sentiment.", "output": "A", "options": json.dumps(["A: pos", "B: neg"]),
-                    "input": json.dumps({"review": "great", "product information extracted from image": "a mug"}),
-                    "original_input": json.dumps({"review": "great"}), "original_options": json.dumps(["A: pos"])})
+        row.update(
+            {
+                "instruction": "Choose the sentiment.",
+                "output": "A",
+                "options": json.dumps(["A: pos", "B: neg"]),
+                "input": json.dumps({"review": "great", "product information extracted from image": "a mug"}),
+                "original_input": json.dumps({"review": "great"}),
+                "original_options": json.dumps(["A: pos"]),
+            }
+        )
     else:
         row["error"] = json.dumps({"stage": "validate", "message": "bad"})
     return row
@@ -31,9 +47,12 @@ def _enriched_row(i: int, status: str, split: str) -> dict:
 def enriched(tmp_path):
     from caslie_core.stages import output_schema
 
-    rows = ([_enriched_row(i, "ok", "train") for i in range(6)] + [_enriched_row(10 + i, "partial", "train")
-            for i in range(3)] + [_enriched_row(20 + i, "failed", "train") for i in range(4)]
-            + [_enriched_row(30 + i, "ok", "validation") for i in range(2)])
+    rows = (
+        [_enriched_row(i, "ok", "train") for i in range(6)]
+        + [_enriched_row(10 + i, "partial", "train") for i in range(3)]
+        + [_enriched_row(20 + i, "failed", "train") for i in range(4)]
+        + [_enriched_row(30 + i, "ok", "validation") for i in range(2)]
+    )
     part = tmp_path / "out" / "records" / "task=sentiment_analysis"
     part.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=output_schema()), part / "part-1.parquet")
@@ -44,9 +63,16 @@ def _cfg(data_path, tmp_path, *overrides):
     from caslie_core.config import load_config
     from caslie_core.jobconfigs import TrainConfig
 
-    return load_config(TrainConfig, ROOT / "configs" / "train-demo.yaml", [
-        f"data.path={data_path}", f"run.storage_path={tmp_path / 'runs'}", f"output.path={tmp_path / 'model'}",
-        *overrides])
+    return load_config(
+        TrainConfig,
+        ROOT / "configs" / "train-demo.yaml",
+        [
+            f"data.path={data_path}",
+            f"run.storage_path={tmp_path / 'runs'}",
+            f"output.path={tmp_path / 'model'}",
+            *overrides,
+        ],
+    )
 
 
 def test_failed_rows_are_skipped_and_counted_partial_ones_train(enriched, tmp_path, tiny_models):
@@ -56,12 +82,16 @@ def test_failed_rows_are_skipped_and_counted_partial_ones_train(enriched, tmp_pa
     assert pre["train"] == {"ok": 6, "partial": 3, "failed": 4, "usable": 9}
     assert pre["eval"]["usable"] == 2 and pre["n_train"] == 9
     table = pq.read_table(pre["enriched_files"][0])
-    out = tokenize_batch(table, tokenizer="tiny:lm", style="alpaca", use_enriched=True, max_length=128,
-                         split="train", task_names=None)
-    assert sorted(out.column("id").to_pylist()) == sorted([f"r{i}" for i in range(6)] + [f"r{10 + i}" for i in range(3)])
+    out = tokenize_batch(
+        table, tokenizer="tiny:lm", style="alpaca", use_enriched=True, max_length=128, split="train", task_names=None
+    )
+    assert sorted(out.column("id").to_pylist()) == sorted(
+        [f"r{i}" for i in range(6)] + [f"r{10 + i}" for i in range(3)]
+    )
     assert not any(out.column("truncated").to_pylist())
-    short = tokenize_batch(table, tokenizer="tiny:lm", style="alpaca", use_enriched=True, max_length=24,
-                           split="train", task_names=None)
+    short = tokenize_batch(
+        table, tokenizer="tiny:lm", style="alpaca", use_enriched=True, max_length=24, split="train", task_names=None
+    )
     assert all(short.column("truncated").to_pylist()) and max(short.column("n_tokens").to_pylist()) == 24
 
 
@@ -73,13 +103,16 @@ def test_task_filter(enriched, tmp_path, tiny_models):
     assert precheck(_cfg(enriched, tmp_path, "data.tasks=[SA]"))["n_train"] == 9
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["lora.target_modules=[q_proj,qkv_proj]"], "lora.target_modules: ['qkv_proj'] not in the model"),
-    (["lora.modules_to_save=[score]"], "lora.modules_to_save: ['score'] not in the model"),
-    (["data.eval_split=test"], "data.eval_split: no usable rows in split 'test'"),
-    (["data.train_split=nonsense"], "data.train_split: unknown split"),
-    (["model.model=/nowhere/model"], "model.model: cannot load '/nowhere/model'"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["lora.target_modules=[q_proj,qkv_proj]"], "lora.target_modules: ['qkv_proj'] not in the model"),
+        (["lora.modules_to_save=[score]"], "lora.modules_to_save: ['score'] not in the model"),
+        (["data.eval_split=test"], "data.eval_split: no usable rows in split 'test'"),
+        (["data.train_split=nonsense"], "data.train_split: unknown split"),
+        (["model.model=/nowhere/model"], "model.model: cannot load '/nowhere/model'"),
+    ],
+)
 def test_bad_config_fails_before_any_worker_with_what_to_fix(enriched, tmp_path, tiny_models, overrides, message):
     from ray_jobs import train
 

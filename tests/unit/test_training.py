@@ -17,9 +17,17 @@ def tok(tiny_models):
 
 
 def test_loss_only_on_the_response(tok):
-    ex = T.training_example({"id": "1", "task": "sentiment_analysis", "split": "train", "instruction": "Judge.",
-                             "input": json.dumps({"review": "great"}), "options": json.dumps(["A: pos", "B: neg"]),
-                             "output": "A"})
+    ex = T.training_example(
+        {
+            "id": "1",
+            "task": "sentiment_analysis",
+            "split": "train",
+            "instruction": "Judge.",
+            "input": json.dumps({"review": "great"}),
+            "options": json.dumps(["A: pos", "B: neg"]),
+            "output": "A",
+        }
+    )
     assert ex.prompt.rstrip().endswith("### Response:") and ex.response == "A"
     ids, labels, cut = T.tokenize_example(tok, ex.prompt, ex.response, 512)
     assert not cut and len(ids) == len(labels)
@@ -34,15 +42,23 @@ def test_truncation_keeps_head_marker_and_answer(tok):
     assert cut and len(ids) == 64
     full = tok(prompt, add_special_tokens=False)["input_ids"]
     answer = tok("B", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert ids[-len(answer):] == answer and labels[-len(answer):] == answer
-    assert ids[-len(answer) - 8:-len(answer)] == full[-8:]  # the response marker survives
+    assert ids[-len(answer) :] == answer and labels[-len(answer) :] == answer
+    assert ids[-len(answer) - 8 : -len(answer)] == full[-8:]  # the response marker survives
     assert ids[1:5] == full[:4]  # so does the head (after BOS)
 
 
 def test_enriched_rows_use_enriched_input_unless_asked(tok):
-    row = {"id": "x", "task": "SA", "split": "train", "instruction": "i", "output": "A",
-           "input": json.dumps({"review": "r", "product information extracted from image": "cap"}),
-           "options": "[]", "original_input": json.dumps({"review": "r"}), "original_options": "[]"}
+    row = {
+        "id": "x",
+        "task": "SA",
+        "split": "train",
+        "instruction": "i",
+        "output": "A",
+        "input": json.dumps({"review": "r", "product information extracted from image": "cap"}),
+        "options": "[]",
+        "original_input": json.dumps({"review": "r"}),
+        "original_options": "[]",
+    }
     assert "extracted from image" in T.training_example(row).prompt
     assert "extracted from image" not in T.training_example(row, use_enriched=False).prompt
 
