@@ -379,6 +379,8 @@ def train_loop_per_worker(c: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL object collectives (the node-id gather below) use the current device
     model, tok = _load_model(cfg, device)
     model = apply_lora(
         model,
@@ -410,7 +412,7 @@ def train_loop_per_worker(c: dict) -> None:
         if missing:
             raise RuntimeError(f"checkpoint does not match the model/LoRA config: missing {sorted(missing)[:3]}")
         _unwrap(model).load_state_dict(saved, strict=False)
-    node = ray.get_runtime_context().get_node_id()
+    node = ray.get_runtime_context().get_node_id()  # which node each rank ran on, per attempt (for operators)
     nodes = [node] * world
     if world > 1:
         dist.all_gather_object(nodes, node)
