@@ -153,6 +153,14 @@ def main() -> None:
     ap.add_argument("--work", default="bench-out/enrich-work")
     ap.add_argument("--out", default="bench-out/enrich.json")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides for the (c) job runs (e.g. captioner.pool.num_cpus=1)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -258,6 +266,7 @@ def main() -> None:
                 f"decode.image_size={size}",
                 f"records_per_batch={micro}",
                 "ray.num_cpus=4",
+                *args.overrides,
                 *extra,
             ],
         )

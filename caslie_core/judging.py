@@ -72,6 +72,17 @@ class Judge:
         if mode == "logits" and (not self.yes_ids or not self.no_ids):
             raise ValueError(f"judge {model}: no token tells yes from no in its vocabulary; use mode=generate")
         self._torch = torch
+        self._keep_last = True  # ask the model for the last position's logits only (until it refuses)
+
+    def _last_logits(self, enc):
+        """Next-token logits at the last position. `logits_to_keep=1` skips the LM head on every other
+        position: with a 128k vocabulary, batch 64 and 512 tokens, full logits would be ~8 GB in bf16."""
+        if self._keep_last:
+            try:
+                return self.model(**enc, logits_to_keep=1).logits[:, -1, :].float()
+            except TypeError:  # a model class (remote code) without the argument
+                self._keep_last = False
+        return self.model(**enc).logits[:, -1, :].float()
 
     def _encode(self, questions: list[str]):
         from .modeling import chat_text
@@ -86,7 +97,7 @@ class Judge:
         enc = self._encode(questions)
         with self._torch.inference_mode():
             if self.mode == "logits":
-                logits = self.model(**enc).logits[:, -1, :].float()
+                logits = self._last_logits(enc)
                 yes = logits[:, self.yes_ids].max(dim=-1).values
                 no = logits[:, self.no_ids].max(dim=-1).values
                 return [

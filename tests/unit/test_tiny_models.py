@@ -34,3 +34,23 @@ def test_resolve_model(tiny_models):
     assert resolve_model("meta-llama/Llama-3.2-3B-Instruct") == "meta-llama/Llama-3.2-3B-Instruct"
     with pytest.raises(ValueError, match="tiny:captioner"):
         resolve_model("tiny:giant")
+
+
+def test_logits_judge_reads_the_last_position_only_and_votes_as_a_full_forward_pass(tiny_models):
+    import torch
+
+    from caslie_core.judging import Judge
+
+    judge = Judge("tiny:lm", mode="logits", batch_size=4)
+    questions = [f"Is a caption about item {i} useful for its category? Answer yes or no." for i in range(6)]
+    enc = judge._encode(questions)
+    with torch.inference_mode():
+        full = judge.model(**enc).logits
+        last = judge.model(**enc, logits_to_keep=1).logits
+    assert last.shape[1] == 1 and full.shape[1] == enc["input_ids"].shape[1]
+    full = full[:, -1, :].float()
+    expected = [
+        "yes" if y > n else "no"
+        for y, n in zip(full[:, judge.yes_ids].max(-1).values.tolist(), full[:, judge.no_ids].max(-1).values.tolist())
+    ]
+    assert [v.vote for v in judge.vote(questions)] == expected and judge._keep_last
