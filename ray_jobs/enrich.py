@@ -154,6 +154,13 @@ def _actor_id() -> str:
     return ray.get_runtime_context().get_actor_id() or f"pid-{__import__('os').getpid()}"
 
 
+def _unreachable() -> tuple[type[Exception], ...]:
+    """What a call to an actor raises when the actor (or its node) is gone or not answering."""
+    import ray
+
+    return (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError)
+
+
 class _RayCache:
     """Client of the run-wide caption cache actor (the `CaptionCache` protocol), best effort.
 
@@ -174,11 +181,7 @@ class _RayCache:
     def _get(self, ref, fallback):
         try:
             return self._ray.get(ref, timeout=self.TIMEOUT_S)
-        except (
-            self._ray.exceptions.RayActorError,
-            self._ray.exceptions.ActorUnavailableError,
-            self._ray.exceptions.GetTimeoutError,
-        ) as e:
+        except _unreachable() as e:
             self.unavailable += 1
             if self.unavailable == 1:
                 print(
@@ -515,7 +518,7 @@ def _cache_stats(actor) -> dict:
         return {}
     try:
         return ray.get(actor.stats.remote(), timeout=60)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+    except _unreachable() as e:
         return {"unavailable": type(e).__name__}
 
 

@@ -161,6 +161,17 @@ def train_config(catalog, work, *overrides):
     )
 
 
+def steps_logged(run_dir: Path) -> int:
+    """Optimizer steps a training run has logged so far, over all its attempts (`RUN_DIR/progress`)."""
+    progress = Path(run_dir) / "progress"
+    return sum(len(p.read_text().splitlines()) for p in progress.glob("steps-*.jsonl")) if progress.exists() else 0
+
+
+def checkpoint_registered(run_dir: Path) -> bool:
+    """Ray Train has registered a reported checkpoint of the run (its controller writes this snapshot)."""
+    return (Path(run_dir) / "checkpoint_manager_snapshot.json").exists()
+
+
 @pytest.fixture(scope="session")
 def trained(ray_session, train_catalog, tmp_path_factory):
     """One fine-tune through the Ray Train job, shared by the train, evaluation and serving tests."""

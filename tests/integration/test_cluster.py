@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, free_port
+from conftest import ROOT, checkpoint_registered, free_port, steps_logged
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +114,11 @@ def _submit(cluster: dict, job: str, config: str, overrides: list[str]) -> str:
         args, cwd=ROOT, env=_client_env(cluster["token"]), capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout.split(" as ", 1)[1].split()[0]
+    return _submission_id(done.stdout)
+
+
+def _submission_id(printed: str) -> str:
+    return printed.split(" as ", 1)[1].split()[0]  # caslie submit prints "submitted JOB as ID to ADDRESS"
 
 
 def _status(cluster: dict, sid: str) -> str:
@@ -196,11 +200,9 @@ def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_di
     deadline, on_worker = time.time() + 180, 0
     while time.time() < deadline and client.poll() is None:
         # the job's actors run on the worker node and its first records are written
-        jobs = _api(secured_cluster, "/api/jobs/")
-        if jobs:
-            on_worker = _alive_actors_on(secured_cluster, worker)
-            if on_worker and enrich.list_parts(str(out)):
-                break
+        on_worker = _alive_actors_on(secured_cluster, worker)
+        if on_worker and enrich.list_parts(str(out)):
+            break
         time.sleep(0.3)
     assert client.poll() is None and on_worker, "the job never ran actors on the worker node"
     before = len(enrich.read_output(str(out), ["id"]))
@@ -209,7 +211,7 @@ def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_di
         text, _ = client.communicate(timeout=300)
     finally:
         _host(secured_cluster, "add-worker")  # the autoscaler's part: a replacement node for the next test
-    sid = text.split(" as ", 1)[1].split()[0]
+    sid = _submission_id(text)
     assert client.returncode == 0 and "SUCCEEDED" in text, _logs(secured_cluster, sid)
     assert secured_cluster["token"] not in text
     assert before < N, "the node was removed after the job had written everything"
@@ -240,12 +242,11 @@ def test_training_spreads_over_both_nodes_and_resumes_after_one_is_removed(secur
         ],
     )
     worker = secured_cluster["workers"][-1]
-    progress = storage / "spread" / "progress"
     deadline, lines = time.time() + 240, 0
     while time.time() < deadline:  # a checkpoint is registered with Ray Train, and training has gone past it
         assert _status(secured_cluster, sid) in ("PENDING", "RUNNING"), _logs(secured_cluster, sid)
-        lines = sum(len(p.read_text().splitlines()) for p in progress.glob("steps-*.jsonl")) if progress.exists() else 0
-        if (storage / "spread" / "checkpoint_manager_snapshot.json").exists() and lines > every:
+        lines = steps_logged(storage / "spread")
+        if checkpoint_registered(storage / "spread") and lines > every:
             break
         time.sleep(0.1)
     assert every < lines < total, f"the removal would come too early or too late ({lines} steps run)"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import train_config
+from conftest import checkpoint_registered, steps_logged, train_config
 
 pytestmark = pytest.mark.slow
 
@@ -111,14 +111,11 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, tra
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            lines = (
-                sum(len(p.read_text().splitlines()) for p in progress.glob("steps-*.jsonl")) if progress.exists() else 0
-            )
+            lines = steps_logged(progress.parent)
             pid_file = progress / "worker-rank1.pid"
             # Ray Train registers a reported checkpoint when its controller next polls the workers;
-            # kill once one is registered (its snapshot exists), as a real failure would come later.
-            registered = (tmp_path / "runs" / "killed" / "checkpoint_manager_snapshot.json").exists()
-            if registered and lines > every and pid_file.exists():
+            # kill once one is registered, as a real failure would come later.
+            if checkpoint_registered(progress.parent) and lines > every and pid_file.exists():
                 killed["pid"] = int(pid_file.read_text())
                 killed["after_steps"] = lines
                 os.kill(killed["pid"], signal.SIGKILL)

@@ -41,8 +41,8 @@ def test_logits_judge_reads_the_last_position_only_and_votes_as_a_full_forward_p
 
     from caslie_core.judging import Judge
 
-    judge = Judge("tiny:lm", mode="logits", batch_size=4)
     questions = [f"Is a caption about item {i} useful for its category? Answer yes or no." for i in range(6)]
+    judge = Judge("tiny:lm", mode="logits", batch_size=len(questions))  # one batch: the same padding as below
     enc = judge._encode(questions)
     with torch.inference_mode():
         full = judge.model(**enc).logits
