@@ -40,7 +40,7 @@ def build_bench_models(out: Path, size: str) -> dict[str, str]:
         LlavaForConditionalGeneration,
     )
 
-    from caslie_core.tiny_models import ensure_tiny_models
+    from caslie_core.models.tiny import ensure_tiny_models
 
     tiny = ensure_tiny_models()
     if (out / "DONE").exists():
@@ -165,12 +165,11 @@ def main() -> None:
 
     import torch
 
-    from caslie_core import stages
-    from caslie_core.captioning import Captioner
-    from caslie_core.config import load_config
+    from caslie_core.config import EnrichConfig, load_config
+    from caslie_core.enrichment import pipeline
     from caslie_core.images import FetchPolicy
-    from caslie_core.jobconfigs import EnrichConfig
-    from caslie_core.judging import Judge
+    from caslie_core.models.captioner import Captioner
+    from caslie_core.models.judge import Judge
     from caslie_core.synthetic import write_catalog
 
     work = Path(args.work).resolve()
@@ -201,7 +200,7 @@ def main() -> None:
     prov = {"run_id": "bench"}
 
     # warm-up (first generate call compiles kernels / allocates)
-    stages.run_local(
+    pipeline.run_local(
         rows_n[:2],
         policy=policy,
         captioner=captioner_b,
@@ -213,7 +212,7 @@ def main() -> None:
     )
 
     t = time.perf_counter()  # (a) one image at a time, no dedup cache
-    stages.run_local(
+    pipeline.run_local(
         rows_n,
         policy=policy,
         captioner=captioner_1,
@@ -226,7 +225,7 @@ def main() -> None:
     )
     a = time.perf_counter() - t
     t = time.perf_counter()  # (b) batched plain loop
-    stages.run_local(
+    pipeline.run_local(
         rows_n,
         policy=policy,
         captioner=captioner_b,

@@ -90,8 +90,7 @@ async def load(url: str, body: dict, clients: int, per_client: int) -> dict:
 
 
 def config(port: int, batching: bool, predictor: str, device: str, max_new_tokens: int):
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import ServeConfig
+    from caslie_core.config import ServeConfig, load_config
 
     gpu = 0.2 if device == "cuda" else 0
     dep = (
@@ -132,7 +131,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from caslie_core.tiny_models import ensure_tiny_models
+    from caslie_core.models.tiny import ensure_tiny_models
     from ray_jobs.serve import start
 
     ensure_tiny_models()

@@ -45,7 +45,7 @@ def build_model(out: Path, size: str) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from caslie_core.tiny_models import ensure_tiny_models
+    from caslie_core.models.tiny import ensure_tiny_models
 
     path = out / f"lm-{size}"
     if (path / "config.json").exists():
@@ -85,8 +85,10 @@ def plain_loop(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from caslie_core import training as T
-    from caslie_core.modeling import pick_dtype
+    from caslie_core.models.loading import pick_dtype
+    from caslie_core.training import data as T
+    from caslie_core.training import lora as L
+    from caslie_core.training import recipe as R
 
     if threads:
         torch.set_num_threads(threads)
@@ -94,19 +96,19 @@ def plain_loop(
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=pick_dtype("auto", dev)).to(dev)
     model.config.use_cache = False
-    model = T.apply_lora(model, r=16, alpha=16, dropout=0.1, target_modules=list(T.DEFAULT_LORA_TARGETS))
+    model = L.apply_lora(model, r=16, alpha=16, dropout=0.1, target_modules=list(L.DEFAULT_LORA_TARGETS))
     model.train()
     exs = [T.training_example(r) for r in rows if r["split"] == "train"]
     enc = [T.tokenize_example(tok, e.prompt, e.response, max_length) for e in exs]
-    opt = T.make_optimizer(model, lr=1e-4, weight_decay=0.0)
+    opt = R.make_optimizer(model, lr=1e-4, weight_decay=0.0)
     steps = epochs * ((len(enc) + batch_size - 1) // batch_size)
-    sched = T.make_scheduler(opt, kind="cosine", warmup_steps=int(0.05 * steps), total_steps=steps)
+    sched = R.make_scheduler(opt, kind="cosine", warmup_steps=int(0.05 * steps), total_steps=steps)
     t_first, tokens, step = None, 0, 0
     for _ in range(epochs):
         for i in range(0, len(enc), batch_size):
             chunk = enc[i : i + batch_size]
             b = T.collate([c[0] for c in chunk], [c[1] for c in chunk], tok.pad_token_id, device=dev)
-            loss, n = T.micro_batch_loss(model, b)
+            loss, n = R.micro_batch_loss(model, b)
             (loss / max(n, 1)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -142,8 +144,7 @@ def job(
     gpu: bool,
     cpus_per_worker: float,
 ) -> dict:
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import TrainConfig
+    from caslie_core.config import TrainConfig, load_config
     from ray_jobs import train
 
     cfg = load_config(
@@ -151,7 +152,7 @@ def job(
         ROOT / "configs" / "train-demo.yaml",
         [
             f"model.model={model_path}",
-            f"data.path={data}",
+            f"input.path={data}",
             f"run.storage_path={work / 'runs'}",
             f"output.path={work / f'model-{workers}'}",
             f"run.name=bench-{workers}-{int(time.time())}",

@@ -129,32 +129,6 @@ def clean_caption(text: str | None, *, min_chars: int = 3) -> str | None:
     return cleaned if len(cleaned) >= min_chars and any(c.isalnum() for c in cleaned) else None
 
 
-def parse_judge_answer(text: str | None) -> str | None:
-    """A judge's generated text -> `yes`, `no`, or None when it is neither."""
-    if not text:
-        return None
-    head = text.strip().lstrip("\"'*`([ ").lower()
-    if head.startswith("yes"):
-        return "yes"
-    if head.startswith("no"):
-        return "no"
-    return None
-
-
-def plurality(votes: list[str | None]) -> bool:
-    """Keep a caption only if `yes` wins the plurality among valid votes (a tie keeps nothing)."""
-    yes = sum(v == "yes" for v in votes)
-    no = sum(v == "no" for v in votes)
-    return yes > no
-
-
-def keep_caption(caption: str | None, error: dict | None, votes: list[str | None]) -> bool:
-    """The method's keep rule, for the batch job and the service alike: a caption exists, its image did
-    not fail, and `yes` wins the plurality of the judges' votes."""
-    return caption is not None and error is None and plurality(votes)
-
-
-# ---------------------------------------------------------------------------------------------
 # Instruction prompt (uniM3)
 
 PROMPT_STYLES = ("alpaca", "mistral")
@@ -215,9 +189,6 @@ __all__ = [
     "caption_request",
     "judge_question",
     "clean_caption",
-    "parse_judge_answer",
-    "plurality",
-    "keep_caption",
     "instruction_prompt",
     "record_prompt",
     "extract_response",

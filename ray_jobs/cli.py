@@ -6,19 +6,11 @@ import argparse
 import json
 import sys
 
+from .common import add_job_arguments, load_job_config, quiet, run_guarded
+
 
 def _add_job(sub, name: str, help_text: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("config", help="YAML config file (see configs/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by dotted key, e.g. --set output.path=/tmp/out (repeatable)",
-    )
-    return p
+    return add_job_arguments(sub.add_parser(name, help=help_text, description=help_text), positional=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="caslie",
         description="CASLIE on Ray: caption, judge, enrich, fine-tune, evaluate and serve e-commerce models.",
     )
+    parser.add_argument("--version", action="version", version=f"caslie {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -36,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo-out", help="folder for all demo outputs (default: demo-out)")
     p.add_argument("--records", type=int, default=140, help="synthetic records to generate (default: 140)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs on the terminal")
 
     _add_job(sub, "enrich", "caption every image, let the judges vote, write enriched records (Ray Data)")
     _add_job(sub, "evaluate", "answer the test splits (Ray Data), score per task, table + chart, ablations")
@@ -101,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_tiny_models(args) -> int:
-    from caslie_core.tiny_models import build_tiny_models
+    from caslie_core.models.tiny import build_tiny_models
 
     print(json.dumps(build_tiny_models(args.dir, seed=args.seed), indent=2))
     return 0
@@ -122,7 +116,7 @@ def _cmd_synth(args) -> int:
 def _cmd_validate(args) -> int:
     from collections import Counter
 
-    from caslie_core.records import load_records
+    from caslie_core.io.sources import load_records
 
     result = load_records(args.records, mode="strict" if args.strict else "collect")
     by_task = Counter(r.spec.abbr for r in result.records)
@@ -142,8 +136,9 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    from caslie_core.metrics import load_predictions, score_records
-    from caslie_core.records import load_records, normalise_split
+    from caslie_core.evaluation.metrics import load_predictions, score_records
+    from caslie_core.io.sources import load_records
+    from caslie_core.records import normalise_split
 
     records = load_records(args.records, mode="strict").records
     preds = load_predictions(args.predictions, records)
@@ -163,10 +158,8 @@ def _run_job(name: str, args) -> int:
     """A config-driven job: validate CONFIG (+ --set overrides) with its model, then run it."""
     import importlib
 
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import JOB_CONFIGS
-
-    importlib.import_module(f"ray_jobs.{name}").run(load_config(JOB_CONFIGS[name], args.config, args.overrides))
+    quiet(args.verbose)
+    importlib.import_module(f"ray_jobs.{name}").run(load_job_config(name, args.config, args.overrides))
     return 0
 
 
@@ -187,7 +180,7 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from ray_jobs.submit import submit
+    from .submit import submit
 
     res = submit(
         args.job,
@@ -202,8 +195,9 @@ def _cmd_submit(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from ray_jobs.demo import run_demo
+    from .demo import run_demo
 
+    quiet(args.verbose)
     run_demo(args.workdir, records=args.records, seed=args.seed)
     return 0
 
@@ -222,28 +216,13 @@ COMMANDS = {
 }
 
 
-def run_guarded(command: str, fn) -> int:
-    """Run a command; expected user-facing problems print one clear line (exit 2), not a traceback."""
-    from caslie_core.errors import CaslieError
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return fn()
-    except (CaslieError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"caslie {command}: error: {msg}", file=sys.stderr)
-        return 2
-
-
-def run_job_module(job: str) -> int:
-    """`python -m ray_jobs.<job>`: run the job from its importable module, not from `__main__`.
-
-    Run as `__main__`, the module's functions would be pickled for Ray's workers as `__main__.<name>`, which
-    the workers cannot import (the same file is `ray_jobs.<job>` there).
-    """
-    import importlib
-
-    module = importlib.import_module(f"ray_jobs.{job}")
-    return run_guarded(job, lambda: module.main(sys.argv[1:]))
+        return version("caslie")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

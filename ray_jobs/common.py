@@ -1,34 +1,116 @@
-"""What every Ray job shares: connecting to a cluster, Arrow <-> row conversion, progress settings."""
+"""What every Ray job shares: connecting to a cluster, the Ray Data context, Arrow rows, one config loader,
+one command-line parser and one error guard for every job, and the job log.
+
+Imports form a star: `cli`/`demo` -> the job shims -> this module -> `caslie_core`. Nothing here imports
+a job module, so no cycle can form.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+JOBS = ("enrich", "train", "evaluate", "serve")
+
+# The jobs' own progress lines ("[enrich] 140 records: ..."): INFO on stdout; `quiet()` raises the bar.
+log = logging.getLogger("caslie")
+if not log.handlers:
+    _handler = logging.StreamHandler(sys.stdout)
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
-def init_ray(ray_cfg) -> bool:
-    """Connect to `ray.address`, else RAY_ADDRESS, else start a local cluster. Returns True if we started it.
+def _answers(address: str, timeout: float = 1.0) -> bool:
+    """Does a GCS listen at host:port? (Ray's address file outlives a cluster that died without `ray stop`.)"""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
-    Workers must import our packages: the repo goes on PYTHONPATH (inherited by local workers) and
-    in the runtime env's working_dir is left to the submitter (see cluster/runtime_env.yaml).
+
+def running_local_cluster() -> str | None:
+    """The address of a local cluster Ray's address file names, if it answers (`ray start`, `caslie serve`)."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        address = read_ray_address()
+    except Exception:  # noqa: BLE001 - a private helper; without it we simply start our own cluster
+        return None
+    return address if address and _answers(address) else None
+
+
+def init_ray(ray_cfg, *, verbose: bool | None = None) -> bool:
+    """Connect to Ray; returns True when this call started the cluster (then the job shuts it down).
+
+    `ray.address` (else RAY_ADDRESS): `local` starts a cluster of our own with `ray.num_cpus` and
+    `ray.object_store_memory`; `auto` or host:port joins that cluster. Unset: join a running local
+    cluster when one answers (its resources are its own, so ours are not passed), else start one.
+    Workers must import our packages: the repo goes on PYTHONPATH (inherited by local workers).
     """
     import ray
 
     if ray.is_initialized():
         return False
+    verbose = _verbose() if verbose is None else verbose
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
+    kwargs = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"logging_level": "WARNING", "log_to_driver": True}
-    if address:
+    if address is None and (found := running_local_cluster()):
+        address = found
+        log.info(f"[ray] joined the running local Ray cluster at {found} (set ray.address=local to start our own)")
+    elif address and address != "local":
+        log.info(f"[ray] joining the Ray cluster at {address}")
+    if address and address != "local":
         ray.init(address=address, **kwargs)
         return False
     ray.init(
-        num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory, include_dashboard=False, **kwargs
+        address="local",
+        num_cpus=ray_cfg.num_cpus,
+        object_store_memory=ray_cfg.object_store_memory,
+        include_dashboard=False,
+        **kwargs,
     )
+    if not verbose:
+        log.info(f"[ray] started a local Ray cluster; Ray's own logs: {_session_logs()}")
     return True
+
+
+def _session_logs() -> str:
+    try:
+        import ray
+
+        return str(Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs")
+    except Exception:  # noqa: BLE001 - only for the message
+        return "/tmp/ray/session_latest/logs"
+
+
+def _verbose() -> bool:
+    return os.environ.get("CASLIE_VERBOSE", "") not in ("", "0")
+
+
+def quiet(verbose: bool) -> None:
+    """Send Ray's, Ray Data's and transformers' chatter to the Ray session's log files, not the terminal."""
+    os.environ["CASLIE_VERBOSE"] = "1" if verbose else "0"
+    if verbose:
+        return
+    for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune", "transformers", "peft", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def configure_data_context(progress_bars: bool | None) -> None:
@@ -37,7 +119,7 @@ def configure_data_context(progress_bars: bool | None) -> None:
     ctx = ray.data.DataContext.get_current()
     show = progress_bars if progress_bars is not None else (sys.stderr.isatty() and not os.environ.get("CI"))
     ctx.enable_progress_bars = bool(show)
-    ctx.print_on_execution_start = bool(show)
+    ctx.print_on_execution_start = bool(show) and _verbose()
     ctx.enable_operator_progress_bars = bool(show)
 
 
@@ -49,15 +131,59 @@ def to_table(rows: list[dict], types: dict):
     return pa.Table.from_pylist([{k: r.get(k) for k in types} for r in rows], schema=schema)
 
 
-def job_main(name: str, model, run, doc: str | None, argv: list[str] | None) -> int:
-    """`python -m ray_jobs.<name> --config FILE [--set k=v ...]`: load and validate the config, run the job."""
-    import argparse
+def load_job_config(job: str, path: str | Path | None, overrides: list[str] | None = None):
+    """The one config loader of every entry path (CLI, `python -m`, demo, submit): YAML + `--set`, validated."""
+    from caslie_core.config import JOB_CONFIGS, load_config
 
-    from caslie_core.config import load_config
+    return load_config(JOB_CONFIGS[job], path, overrides)
 
-    parser = argparse.ArgumentParser(prog=f"python -m ray_jobs.{name}", description=(doc or "").split("\n\n")[0])
-    parser.add_argument("--config", required=True, help=f"YAML config (see configs/{name}-*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    run(load_config(model, args.config, args.overrides))
+
+def add_job_arguments(parser: argparse.ArgumentParser, *, positional: bool) -> argparse.ArgumentParser:
+    """CONFIG and `--set KEY=VALUE` (repeatable); `positional` for `caslie JOB CONFIG`, else `--config`."""
+    if positional:
+        parser.add_argument("config", help="YAML config file (see configs/)")
+    else:
+        parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set output.path=/tmp/out (repeatable)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs on the terminal")
+    return parser
+
+
+def run_guarded(command: str, fn) -> int:
+    """Run a command; problems the user can fix print one clear line (exit 2), not a traceback."""
+    from caslie_core.errors import CaslieError
+
+    try:
+        return fn()
+    except (CaslieError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"caslie {command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def job_main(job: str, run, doc: str | None, argv: list[str] | None) -> int:
+    """`python -m ray_jobs.<job> --config FILE [--set k=v ...]`: load and validate the config, run the job."""
+    parser = argparse.ArgumentParser(prog=f"python -m ray_jobs.{job}", description=(doc or "").split("\n\n")[0])
+    args = add_job_arguments(parser, positional=False).parse_args(argv)
+    quiet(args.verbose)
+    run(load_job_config(job, args.config, args.overrides))
     return 0
+
+
+def job_entry(job: str) -> int:
+    """`python -m ray_jobs.<job>`: run the job from its importable module, not from `__main__`, under the guard.
+
+    Run as `__main__`, the module's functions would be pickled for Ray's workers as `__main__.<name>`, which
+    the workers cannot import (the same file is `ray_jobs.<job>` there).
+    """
+    import importlib
+
+    module = importlib.import_module(f"ray_jobs.{job}")
+    return run_guarded(job, lambda: module.main(sys.argv[1:]))

@@ -16,7 +16,7 @@ def run_demo(workdir: str, *, records: int = 140, seed: int = 0) -> dict:
     opening), `config` and `command` (the job a cluster user would submit for it), `figures` (headline numbers)
     and `seconds`.
     """
-    from caslie_core.tiny_models import ensure_tiny_models
+    from caslie_core.models.tiny import ensure_tiny_models
 
     t0 = time.time()
     work = Path(workdir).resolve()
@@ -94,18 +94,16 @@ def _catalog(work: Path, records: int, seed: int) -> dict:
 
 def _job(job: str, overrides: list[str]):
     """Load `configs/<job>-demo.yaml` with the demo's paths, as `caslie <job> CONFIG --set ...` would."""
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import JOB_CONFIGS
-    from ray_jobs.common import ROOT
+    from .common import ROOT, load_job_config
 
     config = f"configs/{job}-demo.yaml"
-    cfg = load_config(JOB_CONFIGS[job], ROOT / config, overrides)
+    cfg = load_job_config(job, ROOT / config, overrides)
     command = " ".join([f"caslie {job} {config}", *(f"--set {o}" for o in overrides)])
     return cfg, config, command
 
 
 def _enrich(work: Path) -> dict:
-    from ray_jobs import enrich
+    from . import enrich
 
     cfg, config, command = _job(
         "enrich", [f"input.path={work / 'catalog' / 'records.jsonl'}", f"output.path={work / 'enriched'}"]
@@ -129,11 +127,11 @@ def _enrich(work: Path) -> dict:
 
 
 def _train(work: Path) -> dict:
-    from ray_jobs import train
+    from . import train
 
     cfg, config, command = _job(
         "train",
-        [f"data.path={work / 'enriched'}", f"run.storage_path={work / 'train-runs'}", f"output.path={work / 'model'}"],
+        [f"input.path={work / 'enriched'}", f"run.storage_path={work / 'train-runs'}", f"output.path={work / 'model'}"],
     )
     s = train.run(cfg)
     curve = s["loss_curve"]
@@ -164,11 +162,11 @@ def _train(work: Path) -> dict:
 
 
 def _evaluate(work: Path) -> dict:
-    from ray_jobs import evaluate
+    from . import evaluate
 
     cfg, config, command = _job(
         "evaluate",
-        [f"model.path={work / 'model'}", f"data.path={work / 'enriched'}", f"output.path={work / 'evaluation'}"],
+        [f"model.path={work / 'model'}", f"input.path={work / 'enriched'}", f"output.path={work / 'evaluation'}"],
     )
     s = evaluate.run(cfg)  # prints the table
     return _section(
@@ -207,12 +205,10 @@ def _serve(work: Path) -> dict:
 
     import requests
 
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import ServeConfig
-    from ray_jobs.common import ROOT
-    from ray_jobs.serve import serving
+    from .common import ROOT, load_job_config
+    from .serve import serving
 
-    cfg = load_config(ServeConfig, ROOT / "configs" / "serve-demo.yaml", [f"model.path={work / 'model'}"])
+    cfg = load_job_config("serve", ROOT / "configs" / "serve-demo.yaml", [f"model.path={work / 'model'}"])
     cfg.http.port = _free_port(cfg.http.port)
     rec = next(
         r

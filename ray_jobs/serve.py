@@ -17,10 +17,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,10 +26,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from caslie_core import serving as sv
-from caslie_core.errors import ConfigError, ImageError
-from caslie_core.jobconfigs import ServeConfig
+from caslie_core.config import ServeConfig
+from caslie_core.errors import ImageError
+from caslie_core.serving.spec import app_spec
 
-from .common import ROOT, init_ray
+from .common import ROOT, init_ray, job_entry, job_main
 
 log = logging.getLogger("ray.serve")
 APP_NAME = "caslie"
@@ -43,10 +42,14 @@ api = FastAPI(
 )
 
 
-def _batching(handler, settings: dict) -> None:
+def _batching(handler, settings) -> None:
     """Apply the configured batch size and wait to a `@serve.batch` method (off = batches of one)."""
-    handler.set_max_batch_size(settings["max_batch_size"] if settings["enabled"] else 1)
-    handler.set_batch_wait_timeout_s(settings["wait_timeout_s"] if settings["enabled"] else 0.0)
+    if isinstance(settings, dict):
+        from caslie_core.config.serve import BatchingSettings
+
+        settings = BatchingSettings.model_validate(settings)
+    handler.set_max_batch_size(settings.max_batch_size if settings.enabled else 1)
+    handler.set_batch_wait_timeout_s(settings.wait_timeout_s if settings.enabled else 0.0)
 
 
 class _Health:
@@ -67,23 +70,15 @@ class _Health:
         return "ok"
 
 
-# ----------------------------------------------------------------------------------- model replicas
-
-
 @serve.deployment
 class Captioner(_Health):
     def __init__(self, cfg: dict, batching: dict) -> None:
-        from caslie_core.captioning import Captioner as Model
+        from caslie_core.config.serve import ServeCaptionerConfig
+        from caslie_core.models.captioner import Captioner as Model
 
-        self.model = Model(
-            cfg["model"],
-            revision=cfg["revision"],
-            dtype=cfg["dtype"],
-            max_new_tokens=cfg["max_new_tokens"],
-            batch_size=batching["max_batch_size"],
-            trust_remote_code=cfg["trust_remote_code"],
-        )
-        _batching(self.caption, batching)
+        c = ServeCaptionerConfig.model_validate(cfg)
+        self.model = Model.from_config(c, batch_size=c.deployment.batching.max_batch_size)
+        _batching(self.caption, c.deployment.batching)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def caption(self, pixels: list, prompts: list[str]) -> list[dict]:
@@ -95,18 +90,12 @@ class Captioner(_Health):
 @serve.deployment
 class Judge(_Health):
     def __init__(self, cfg: dict, batching: dict) -> None:
-        from caslie_core.judging import Judge as Model
+        from caslie_core.config.serve import ServeJudgeConfig
+        from caslie_core.models.judge import Judge as Model
 
-        self.model = Model(
-            cfg["model"],
-            mode=cfg["mode"],
-            revision=cfg["revision"],
-            dtype=cfg["dtype"],
-            max_new_tokens=cfg["max_new_tokens"],
-            batch_size=batching["max_batch_size"],
-            trust_remote_code=cfg["trust_remote_code"],
-        )
-        _batching(self.vote, batching)
+        j = ServeJudgeConfig.model_validate(cfg)
+        self.model = Model.from_config(j, batch_size=j.deployment.batching.max_batch_size)
+        _batching(self.vote, j.deployment.batching)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def vote(self, questions: list[str]) -> list[dict]:
@@ -133,7 +122,7 @@ def predictor_deployment(max_adapters: int):
     @serve.deployment(name="Predictor")
     class Predictor(_Health):
         def __init__(self, spec: dict, batching: dict) -> None:
-            from caslie_core.predict import AdapterPredictor
+            from caslie_core.models.predictor import AdapterPredictor
 
             self.model = AdapterPredictor(
                 spec["base"],
@@ -149,7 +138,7 @@ def predictor_deployment(max_adapters: int):
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
         async def adapter(self, name: str) -> _Loaded:
-            from caslie_core.predict import local_copy
+            from caslie_core.models.predictor import local_copy
 
             path = await asyncio.to_thread(local_copy, self.paths[name])
             await asyncio.to_thread(self.model.load, name, path)
@@ -180,9 +169,6 @@ def predictor_deployment(max_adapters: int):
     return Predictor
 
 
-# ------------------------------------------------------------------------------------------- ingress
-
-
 def _downstream_errors():
     from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -203,8 +189,6 @@ class Ingress:
         self.key_digest = spec["key_digest"]
         self.policy = cfg.fetch.policy()
         self.retryable = _downstream_errors()
-
-    # ------------------------------------------------------------------ plumbing
 
     async def _body(self, request: Request) -> bytes:
         limit = self.cfg.http.max_body_bytes
@@ -281,8 +265,6 @@ class Ingress:
             raise sv.ApiError(404, f"unknown model {name!r}; served: {sorted(self.models)}", code="model_not_found")
         return name, self.models[name]
 
-    # ------------------------------------------------------------------ stages
-
     async def _images(self, slots: list[sv.ImageSlot], mode: str, stage: dict) -> None:
         stage["name"] = "fetching images"
         cap = self.cfg.fetch.max_images
@@ -355,8 +337,6 @@ class Ingress:
             await step()
             timings[name] = round((time.perf_counter() - t) * 1000, 1)
         return record, sv.enriched(record, slots)
-
-    # ------------------------------------------------------------------ routes
 
     @api.post("/v1/enrich")
     async def enrich(self, request: Request):
@@ -458,65 +438,15 @@ class Ingress:
         return body
 
 
-# ------------------------------------------------------------------------------------------- builder
-
-
-def _abs(path: str | None) -> str | None:
-    """Relative local paths resolve against the working directory, else the repo root."""
-    if not path or "://" in path or os.path.isabs(path):
-        return path
-    return os.path.abspath(path) if os.path.exists(path) else str(ROOT / path)
-
-
-def app_spec(cfg: ServeConfig) -> dict:
-    """What the deployments need, resolved once where the app is built (model sources, names, key digest)."""
-    from caslie_core.predict import resolve_model_source
-
-    m = cfg.model.model_copy(update={"path": _abs(cfg.model.path)})
-    source = resolve_model_source(m)
-    adapters = {cfg.model.name: source["adapter"]} if source["adapter"] else {}
-    adapters.update({n: _abs(p) for n, p in cfg.model.adapters.items()})
-    missing = [
-        f"model.adapters.{n}: {p} has no adapter_config.json"
-        for n, p in adapters.items()
-        if "://" not in p and not (Path(p) / "adapter_config.json").exists()
-    ]
-    if missing:
-        raise ConfigError(missing)
-    models = {n: n for n in adapters}
-    if cfg.model.serve_base or not models:
-        models[sv.BASE_MODEL_NAME if models else cfg.model.name] = sv.BASE_MODEL_NAME
-    digest = None
-    if cfg.http.api_key_env:
-        key = os.environ.get(cfg.http.api_key_env)
-        if not key:
-            raise ConfigError([f"http.api_key_env: environment variable {cfg.http.api_key_env} is not set"])
-        digest = sv.key_digest(key)
-    predictor = {
-        "base": source["base"],
-        "revision": source["revision"],
-        "dtype": cfg.model.dtype,
-        "max_new_tokens": cfg.model.max_new_tokens,
-        "max_prompt_tokens": cfg.model.max_prompt_tokens,
-        "trust_remote_code": cfg.model.trust_remote_code,
-        "adapters": adapters,
-    }
-    return {"predictor": predictor, "models": models, "style": source["style"], "key_digest": digest}
-
-
 def build_app(args: ServeConfig) -> serve.Application:
     """The Serve application; `args` is the `args:` mapping of a Serve config file (validated by Serve)."""
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
-    spec = app_spec(cfg)
+    spec = app_spec(cfg, root=ROOT)
     retry = cfg.http.retry_after_s
     c = cfg.captioner
-    captioner = Captioner.options(**c.deployment.options("Captioner", retry)).bind(
-        c.model_dump(exclude={"deployment"}), c.deployment.batching.model_dump()
-    )
+    captioner = Captioner.options(**c.deployment.options("Captioner", retry)).bind(c.model_dump(mode="json"), None)
     judges = [
-        Judge.options(**j.deployment.options(f"Judge_{j.name}", retry)).bind(
-            j.model_dump(exclude={"deployment"}), j.deployment.batching.model_dump()
-        )
+        Judge.options(**j.deployment.options(f"Judge_{j.name}", retry)).bind(j.model_dump(mode="json"), None)
         for j in cfg.judges
     ]
     m = cfg.model
@@ -577,10 +507,8 @@ def run(cfg: ServeConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .common import job_main
-
-    return job_main("serve", ServeConfig, run, __doc__, argv)
+    return job_main("serve", run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(job_entry("serve"))

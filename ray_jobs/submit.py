@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 
-from .common import ROOT
+from .common import JOBS, ROOT, load_job_config
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -56,16 +56,14 @@ def submit(
     """Validate, submit, optionally wait. Returns {submission_id, status, address}."""
     from ray.job_submission import JobSubmissionClient
 
-    from caslie_core.config import load_config
     from caslie_core.errors import CaslieError
-    from caslie_core.jobconfigs import JOB_CONFIGS
 
-    if job not in JOB_CONFIGS or job == "serve":
+    if job not in JOBS or job == "serve":
         raise CaslieError(
-            f"unknown job {job!r}; jobs: {', '.join(j for j in JOB_CONFIGS if j != 'serve')} "
+            f"unknown job {job!r}; jobs: {', '.join(j for j in JOBS if j != 'serve')} "
             "(serve with `serve deploy` or a RayService)"
         )
-    load_config(JOB_CONFIGS[job], config, overrides)  # fail fast, before any upload
+    load_job_config(job, config, overrides)  # fail fast, before any upload
     address = (
         address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
     )

@@ -5,14 +5,11 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import socket
 import sys
 import threading
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, free_port, train_config
 
 # Offline, quiet, small: set before anything imports Ray or transformers.
 for key, value in {
@@ -36,12 +33,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
     """Each test session builds its tiny models into its own cache (never the user's)."""
@@ -52,7 +43,7 @@ def _cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_models(_cache):
-    from caslie_core.tiny_models import ensure_tiny_models
+    from caslie_core.models.tiny import ensure_tiny_models
 
     return ensure_tiny_models()
 
@@ -141,35 +132,6 @@ def train_catalog(tmp_path_factory, tiny_models):
     out = tmp_path_factory.mktemp("train-catalog")
     write_catalog(out, 1200, seed=3, splits={"train": 0.72, "val": 0.08, "test": 0.1, "ood_test": 0.1})
     return out / "records.jsonl"
-
-
-def train_config(catalog, work, *overrides):
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import TrainConfig
-
-    return load_config(
-        TrainConfig,
-        ROOT / "configs" / "train-demo.yaml",
-        [
-            f"data.path={catalog}",
-            f"run.storage_path={work / 'runs'}",
-            f"output.path={work / 'model'}",
-            "ray.num_cpus=null",
-            "ray.object_store_memory=null",
-            *overrides,
-        ],
-    )
-
-
-def steps_logged(run_dir: Path) -> int:
-    """Optimizer steps a training run has logged so far, over all its attempts (`RUN_DIR/progress`)."""
-    progress = Path(run_dir) / "progress"
-    return sum(len(p.read_text().splitlines()) for p in progress.glob("steps-*.jsonl")) if progress.exists() else 0
-
-
-def checkpoint_registered(run_dir: Path) -> bool:
-    """Ray Train has registered a reported checkpoint of the run (its controller writes this snapshot)."""
-    return (Path(run_dir) / "checkpoint_manager_snapshot.json").exists()
 
 
 @pytest.fixture(scope="session")

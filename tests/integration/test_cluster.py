@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, checkpoint_registered, free_port, steps_logged
+from helpers import ROOT, checkpoint_registered, free_port, steps_logged
 
 pytestmark = pytest.mark.slow
 
@@ -229,7 +229,7 @@ def test_training_spreads_over_both_nodes_and_resumes_after_one_is_removed(secur
         "train",
         "configs/train-demo.yaml",
         [
-            f"data.path={train_catalog}",
+            f"input.path={train_catalog}",
             f"run.storage_path={storage}",
             f"output.path={model}",
             "run.name=spread",

@@ -13,12 +13,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from imageserver import ImageServer
 from PIL import Image
 
-from caslie_core.config import load_config
-from caslie_core.jobconfigs import EnrichConfig
+from caslie_core.config import EnrichConfig, load_config
 from caslie_core.synthetic import write_catalog
 from ray_jobs import enrich
 

@@ -10,16 +10,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
 
 def _write_enriched(catalog: Path, out: Path) -> int:
     """Enrichment-output rows for the catalog's test splits (captions made up, every other one kept) + one failed."""
-    from caslie_core.enrichment import assemble
-    from caslie_core.records import load_records
-    from caslie_core.stages import OUTPUT_COLUMNS, output_schema
+    from caslie_core.enrichment.assemble import assemble
+    from caslie_core.io.sources import load_records
+    from caslie_core.io.store import OUTPUT_COLUMNS, output_schema
 
     rows = []
     for rec in load_records(str(catalog)).records:
@@ -73,8 +73,7 @@ def _write_enriched(catalog: Path, out: Path) -> int:
 
 @pytest.fixture(scope="module")
 def evaluated(trained, tmp_path_factory):
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import EvaluateConfig
+    from caslie_core.config import EvaluateConfig, load_config
     from ray_jobs import evaluate
 
     work = tmp_path_factory.mktemp("evaluate")
@@ -84,7 +83,7 @@ def evaluated(trained, tmp_path_factory):
         ROOT / "configs" / "evaluate-demo.yaml",
         [
             f"model.path={trained['cfg'].output.path}",
-            f"data.path={work / 'enriched'}",
+            f"input.path={work / 'enriched'}",
             f"output.path={work / 'out'}",
             "ray.num_cpus=null",
             "ray.object_store_memory=null",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, free_port
+from helpers import ROOT, free_port
 from imageserver import ImageServer
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def _data_uri(path: str) -> str:
 @pytest.fixture(scope="module")
 def second_adapter(trained, tmp_path_factory):
     """An adapter trained differently: only on category classification (it answers with option letters)."""
-    from conftest import train_config
+    from helpers import train_config
 
     from ray_jobs import train
 
@@ -72,8 +72,7 @@ def images(trained):
 def app(ray_session, trained, second_adapter, images):
     from ray import serve
 
-    from caslie_core.config import load_config
-    from caslie_core.jobconfigs import ServeConfig
+    from caslie_core.config import ServeConfig, load_config
     from ray_jobs.serve import start
 
     os.environ["CASLIE_TEST_API_KEY"] = KEY
@@ -138,7 +137,7 @@ def test_adapters_are_chosen_per_request(app, trained, second_adapter):
     """Each request is answered by the adapter it names: the served answers are exactly what that adapter
     gives offline (PEFT, merged) on the same enriched prompt, and the two adapters, trained differently,
     disagree. Requests alternate between adapters so that one replica serves both in turn."""
-    from caslie_core.predict import Predictor
+    from caslie_core.models.predictor import Predictor
     from caslie_core.prompts import instruction_prompt
 
     recs = _records(Path(trained["catalog"]), "answerability_prediction", 8)

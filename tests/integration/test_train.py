@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import checkpoint_registered, steps_logged, train_config
+from helpers import checkpoint_registered, steps_logged, train_config
 
 pytestmark = pytest.mark.slow
 
 
 def _held_out(catalog, n=None):
-    from caslie_core.training import training_example
+    from caslie_core.training.data import training_example
 
     rows = [json.loads(line) for line in open(catalog)]
     exs = [training_example(r) for r in rows if r["split"] in ("test", "ood_test")]
@@ -28,7 +28,7 @@ def _accuracy(answers, examples) -> float:
 
 
 def test_the_adapter_learns_the_rules(trained):
-    from caslie_core.predict import Predictor
+    from caslie_core.models.predictor import Predictor
 
     s = trained["summary"]
     assert s["steps"] == s["planned_steps"] > 100
@@ -51,8 +51,8 @@ def test_output_is_a_standard_peft_adapter_and_the_checkpoint_gives_the_same_ans
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from caslie_core.predict import Predictor
-    from caslie_core.tiny_models import resolve_model
+    from caslie_core.models.predictor import Predictor
+    from caslie_core.models.tiny import resolve_model
 
     s = trained["summary"]
     adapter = Path(s["adapter"])

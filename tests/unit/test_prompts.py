@@ -3,6 +3,7 @@ import json
 import pytest
 
 from caslie_core import prompts
+from caslie_core.models import judge
 from caslie_core.records import parse_record
 
 
@@ -64,14 +65,14 @@ def test_judge_question_has_context_caption_and_yes_no_instruction():
     ],
 )
 def test_parse_judge_answer(text, expected):
-    assert prompts.parse_judge_answer(text) == expected
+    assert judge.parse_judge_answer(text) == expected
 
 
 def test_plurality_ties_and_invalid_votes():
-    assert prompts.plurality(["yes", "yes", "no"])
-    assert not prompts.plurality(["yes", "no"])
-    assert prompts.plurality(["yes", None, None])
-    assert not prompts.plurality([None, None])
+    assert judge.plurality(["yes", "yes", "no"])
+    assert not judge.plurality(["yes", "no"])
+    assert judge.plurality(["yes", None, None])
+    assert not judge.plurality([None, None])
 
 
 def test_clean_caption():

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from caslie_core.errors import RecordError, SourceError
-from caslie_core.records import Record, Reject, iter_records, load_records, normalise_split, parse_record
+from caslie_core.io.sources import iter_records, load_records
+from caslie_core.records import Record, Reject, normalise_split, parse_record
 
 
 def cc_row(**kw):
@@ -138,7 +139,7 @@ def test_same_records_same_ids_across_jsonl_json_parquet(tmp_path):
 
 
 def test_json_array_streams_in_small_chunks(tmp_path):
-    from caslie_core.records import _iter_json_array
+    from caslie_core.io.sources import _iter_json_array
 
     rows = [cc_row(id=i) for i in range(30)]
     p = tmp_path / "big.json"

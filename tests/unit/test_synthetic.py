@@ -2,7 +2,7 @@ import json
 
 from PIL import Image
 
-from caslie_core.records import load_records
+from caslie_core.io.sources import load_records
 from caslie_core.synthetic import write_catalog
 from caslie_core.tasks import TASKS
 

@@ -1,0 +1,142 @@
+"""Config pieces every job shares: the strict base model, model references, pools, inputs and outputs."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..models.loading import DTYPES
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors; values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+Dtype = Literal[DTYPES]  # type: ignore[valid-type]
+
+
+class InputConfig(StrictModel):
+    path: str | list[str] = Field(
+        description="records file(s) or folder: JSONL, JSON list or Parquet; local, s3://, http(s)://"
+    )
+    format: Literal["auto", "jsonl", "json", "parquet"] = Field(
+        "auto", description="file format; auto reads it from the extension"
+    )
+    limit: int | None = Field(None, ge=1, description="process only the first N records (smoke runs)")
+
+
+class DataInput(StrictModel):
+    """`input` of the training and evaluation jobs: where the enriched (or raw) records are."""
+
+    path: str | list[str] = Field(
+        description="the enrichment output folder (reads its records/), its Parquet parts, or "
+        "MMECInstruct-schema records (JSONL, JSON, Parquet); local or s3://"
+    )
+
+
+def moved_data_path(data: Any) -> Any:
+    """`data.path` was the input's key before every job had `input.path`; accepted for one release."""
+    if not isinstance(data, dict) or not isinstance(data.get("data"), dict) or "path" not in data["data"]:
+        return data
+    data = {**data, "data": dict(data["data"])}
+    old = data["data"].pop("path")
+    # An old script's `--set data.path=X` on a config that has input.path: the explicit old key wins.
+    warnings.warn(
+        f"config key data.path is deprecated and will be removed in the next release: use input.path "
+        f"(input.path={old!r} taken from data.path)",
+        FutureWarning,
+        stacklevel=2,
+    )
+    data["input"] = {**(data.get("input") or {}), "path": old}
+    return data
+
+
+class OutputConfig(StrictModel):
+    path: str = Field(description="output folder (local or s3://); rerunning into it resumes")
+    partition_by_task: bool = Field(True, description="write task=<name>/ sub-folders (Hive style)")
+
+
+class PoolConfig(StrictModel):
+    min_size: int = Field(1, ge=1, description="actors kept alive; more = less cold start on bursts")
+    max_size: int = Field(1, ge=1, description="autoscaling ceiling; each actor holds a model copy")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor (0 = CPU); fractions share a GPU")
+    num_cpus: float = Field(1, gt=0, description="CPUs per actor")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="rows per Ray batch handed to an actor; bigger = better GPU use, more memory and coarser retries",
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must be <= max_size ({self.max_size})")
+        return self
+
+
+class FetchConfig(StrictModel):
+    threads: int = Field(16, ge=1, le=256, description="concurrent fetches per fetch task (bounded concurrency)")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to connect")
+    read_timeout: float = Field(20.0, gt=0, description="seconds of silence while reading before giving up")
+    retries: int = Field(3, ge=0, description="retries on transient errors (timeouts, 429, 5xx)")
+    backoff: float = Field(0.5, ge=0, description="first backoff in seconds; doubles per retry")
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="byte cap per image")
+    schemes: list[Literal["http", "https", "s3", "gs", "az"]] = Field(
+        default_factory=lambda: ["http", "https", "s3"], description="URL schemes allowed"
+    )
+    allow_local_files: bool = Field(True, description="allow plain paths and file:// (your own catalog)")
+    block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
+    allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
+
+    def policy(self):
+        from ..images import FetchPolicy
+
+        return FetchPolicy(
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_bytes=self.max_bytes,
+            retries=self.retries,
+            backoff=self.backoff,
+            schemes=tuple(self.schemes),
+            allow_local_files=self.allow_local_files,
+            block_private=self.block_private,
+            allowlist=list(self.allowlist),
+        )
+
+
+class DecodeConfig(StrictModel):
+    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: max width*height")
+    image_size: int = Field(
+        336,
+        ge=8,
+        description="images are letterboxed to this square before captioning; match the captioner's input size",
+    )
+
+
+class ModelRef(StrictModel):
+    model: str = Field(description="Hugging Face model id or local path (`tiny:NAME` for the offline tiny models)")
+    revision: str | None = Field(None, description="commit hash or tag to pin (recommended for hub models)")
+    dtype: Dtype = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    trust_remote_code: bool = Field(False, description="run model code from the hub (only for trusted repos)")
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def check_name(v: str) -> str:
+    """Judge names appear in column names (`votes_<name>`) and responses: short, lower-case identifiers."""
+    if not _NAME.match(v):
+        raise ValueError(f"judge name {v!r} must match {_NAME.pattern}")
+    return v
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(None, description="cluster address; default: RAY_ADDRESS, else a local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster")
+    object_store_memory: int | None = Field(None, ge=78643200, description="bytes for a local object store")
+    progress_bars: bool | None = Field(None, description="default: on a terminal, off in CI")

@@ -1,0 +1,80 @@
+"""`caslie enrich` config: records in, captions + votes + enriched instruction data out."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .common import (
+    DecodeConfig,
+    FetchConfig,
+    InputConfig,
+    ModelRef,
+    OutputConfig,
+    PoolConfig,
+    RayConfig,
+    StrictModel,
+    check_name,
+)
+
+
+class CaptionerConfig(ModelRef):
+    max_new_tokens: int = Field(128, ge=1, le=1024, description="caption length cap (method: 128)")
+    micro_batch: int = Field(8, ge=1, description="images per generate() call inside an actor")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="captioner actor pool")
+
+
+class JudgeConfig(ModelRef):
+    name: str = Field(description="short name, used in column names (votes_<name>)")
+    mode: Literal["logits", "generate"] = Field(
+        "logits",
+        description="logits: one forward pass, compare yes/no scores (fast); generate: as the "
+        "research code, read the generated answer (slower, may answer neither)",
+    )
+    max_new_tokens: int = Field(16, ge=1, le=64, description="generate mode only")
+    micro_batch: int = Field(16, ge=1, description="questions per forward/generate call")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="judge actor pool")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+
+class DedupConfig(StrictModel):
+    enabled: bool = Field(True, description="caption each (image content, request) pair once per run")
+    claim_ttl_s: float = Field(
+        600.0, gt=0, description="seconds before another actor may redo a pair whose claimant went silent"
+    )
+    max_entries: int = Field(2_000_000, ge=1000, description="cache size cap (captions kept in memory)")
+
+
+class LimitsConfig(StrictModel):
+    max_failed_fraction: float = Field(
+        1.0, ge=0, le=1, description="fail the job when failed records / records exceed this (1.0 = never)"
+    )
+    min_records: int = Field(100, ge=1, description="records seen before the fraction is checked")
+
+
+class EnrichConfig(StrictModel):
+    """`caslie enrich`: records in, captions + votes + enriched instruction data out."""
+
+    input: InputConfig
+    output: OutputConfig
+    fetch: FetchConfig = Field(default_factory=FetchConfig, description="image fetching")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="image decoding")
+    captioner: CaptionerConfig
+    judges: list[JudgeConfig] = Field(min_length=1, description="the judge panel; plurality of yes keeps")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="caption de-duplication")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="error-rate limit")
+    ray: RayConfig = Field(default_factory=RayConfig, description="cluster connection")
+    records_per_batch: int = Field(16, ge=1, description="records per CPU task batch (fetch, decode, write)")
+
+    @model_validator(mode="after")
+    def _unique_judges(self):
+        names = [j.name for j in self.judges]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"judge names must be unique; repeated: {dupes}")
+        return self

@@ -1,0 +1,197 @@
+"""`caslie serve` config: the arguments of the Serve application (`ray_jobs.serve:build_app`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .common import Dtype, ModelRef, RayConfig, StrictModel, check_name
+
+
+class AutoscalingSettings(StrictModel):
+    """Ray Serve `autoscaling_config` of one deployment (replicas follow ongoing requests)."""
+
+    min_replicas: int = Field(1, ge=0, description="replicas kept when idle (0 = scale to zero: cold starts)")
+    max_replicas: int = Field(1, ge=1, description="ceiling; each replica holds a model copy")
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at deploy time (default: min)")
+    target_ongoing_requests: float = Field(
+        2.0,
+        gt=0,
+        description="requests in flight per replica the autoscaler aims for; lower = more replicas, lower latency",
+    )
+    upscale_delay_s: float = Field(30.0, ge=0, description="load must last this long before scaling up")
+    downscale_delay_s: float = Field(600.0, ge=0, description="idle this long before scaling down")
+    look_back_period_s: float = Field(30.0, gt=0, description="window over which load is averaged")
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="how often replicas report load; keep it below look_back_period_s"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.metrics_interval_s >= self.look_back_period_s:
+            raise ValueError(
+                f"metrics_interval_s ({self.metrics_interval_s}) must be < look_back_period_s "
+                f"({self.look_back_period_s})"
+            )
+        return self
+
+    def serve_dict(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+class BatchingSettings(StrictModel):
+    """Dynamic request batching (`@serve.batch`): requests arriving together share one model call."""
+
+    enabled: bool = Field(True, description="off = one request per model call (for comparison)")
+    max_batch_size: int = Field(8, ge=1, description="requests per model call; bigger = more throughput, more memory")
+    wait_timeout_s: float = Field(0.01, ge=0, description="how long a first request waits for company")
+
+
+class DeploymentSettings(StrictModel):
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (fractions share a core)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share a GPU)")
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings, description="replica bounds")
+    batching: BatchingSettings = Field(default_factory=BatchingSettings, description="dynamic batching")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests one replica accepts at once")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="requests waiting for a replica before callers get 503 + Retry-After (-1 = unbounded)"
+    )
+    health_check_period_s: float = Field(10.0, gt=0, description="seconds between replica health checks")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="a check slower than this fails the replica")
+
+    def options(self, name: str, retry_after_s: float) -> dict:
+        """`Deployment.options(...)` keyword arguments."""
+        return {
+            "name": name,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "autoscaling_config": self.autoscaling.serve_dict(),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+
+
+class ServeHttpConfig(StrictModel):
+    host: str = Field("127.0.0.1", description="address the HTTP proxy binds (0.0.0.0 exposes it: put auth on)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="per-request deadline (clients may ask for less with timeout_s); on expiry 504"
+    )
+    retry_after_s: float = Field(2.0, ge=0, description="Retry-After seconds sent with 503 when overloaded")
+    api_key_env: str | None = Field(
+        None,
+        description="name of the environment variable holding the API key "
+        "(never the key itself); unset = no auth (demo only)",
+    )
+    downstream_retries: int = Field(2, ge=0, description="retries of a model call whose replica died")
+    ingress: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_cpus=0.25, batching=BatchingSettings(enabled=False)),
+        description="the FastAPI ingress deployment (no model)",
+    )
+
+
+class ServeFetchConfig(StrictModel):
+    """Image fetching on behalf of clients: stricter than for a trusted catalog."""
+
+    schemes: list[Literal["http", "https", "s3"]] = Field(
+        default_factory=lambda: ["http", "https"], description="URL schemes clients may send"
+    )
+    connect_timeout: float = Field(3.0, gt=0, description="seconds to connect")
+    read_timeout: float = Field(10.0, gt=0, description="seconds of silence while reading")
+    retries: int = Field(1, ge=0, description="retries on transient errors")
+    max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="byte cap per image (URLs and data: URIs)")
+    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: max width*height")
+    max_images: int = Field(16, ge=1, description="images per request")
+    block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
+    allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
+
+    def policy(self):
+        from ..images import FetchPolicy
+
+        return FetchPolicy(
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_bytes=self.max_bytes,
+            retries=self.retries,
+            schemes=tuple(self.schemes),
+            allow_local_files=False,
+            block_private=self.block_private,
+            allowlist=list(self.allowlist),
+        )
+
+
+class ServeCaptionerConfig(ModelRef):
+    max_new_tokens: int = Field(128, ge=1, le=1024, description="caption length cap (method: 128)")
+    image_size: int = Field(336, ge=8, description="images are letterboxed to this square")
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings, description="replicas")
+
+
+class ServeJudgeConfig(ModelRef):
+    name: str = Field(description="short name, shown in responses")
+    mode: Literal["logits", "generate"] = Field("logits", description="see the enrichment job")
+    max_new_tokens: int = Field(16, ge=1, le=64, description="generate mode only")
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings, description="replicas")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+
+class ServeModelConfig(StrictModel):
+    path: str | None = Field(
+        None,
+        description="the training job's output folder (served as it is), or a PEFT "
+        "adapter folder; becomes the adapter named `name`",
+    )
+    model: str | None = Field(None, description="base model (hub id or path); default: the one recorded in path")
+    revision: str | None = Field(None, description="base model revision")
+    dtype: Dtype = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    prompt_style: Literal["auto", "alpaca", "mistral"] = Field("auto", description="as in evaluation")
+    trust_remote_code: bool = Field(False, description="run model code from the hub (only for trusted repos)")
+    name: str = Field("caslie", description="model id of `path` in the API (/v1/models, `model` of requests)")
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="more PEFT adapters served side by side, name -> folder (local or s3://); chosen per request",
+    )
+    serve_base: bool = Field(False, description="also answer with the base model alone (model id `base`)")
+    max_adapters_per_replica: int = Field(4, ge=1, description="adapters kept loaded per replica (LRU)")
+    max_new_tokens: int = Field(100, ge=1, le=2048, description="answer length cap (method: 100)")
+    max_prompt_tokens: int = Field(2048, ge=16, description="longer prompts are cut in the middle")
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings, description="replicas")
+
+    @model_validator(mode="after")
+    def _names(self):
+        if not self.path and not self.model:
+            raise ValueError("set model.path (training output or adapter) or model.model")
+        # without adapters the base model itself is served under `name`
+        names = [self.name, *self.adapters]
+        if len(set(names)) != len(names) or "base" in names:
+            raise ValueError(f"model names must be unique and not 'base': {names}")
+        return self
+
+
+class ServeConfig(StrictModel):
+    """The arguments of the Serve application (`ray_jobs.serve:build_app`)."""
+
+    http: ServeHttpConfig = Field(default_factory=ServeHttpConfig, description="HTTP and the ingress")
+    model: ServeModelConfig
+    captioner: ServeCaptionerConfig
+    judges: list[ServeJudgeConfig] = Field(min_length=1, description="the judge panel; plurality of yes keeps")
+    fetch: ServeFetchConfig = Field(default_factory=ServeFetchConfig, description="client image fetching")
+    ray: RayConfig = Field(default_factory=RayConfig, description="cluster connection (caslie serve)")
+
+    @model_validator(mode="after")
+    def _unique_judges(self):
+        names = [j.name for j in self.judges]
+        if len(set(names)) != len(names):
+            raise ValueError(f"judge names must be unique: {names}")
+        return self

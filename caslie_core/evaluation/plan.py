@@ -1,0 +1,58 @@
+"""What is decided before any evaluation actor starts (`EvalPlan`): the model to load, the inputs, the
+splits and tasks. Every problem is reported at once in one `ConfigError`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import EvaluateConfig
+from ..errors import ConfigError
+from ..io.sources import load_records
+from ..io.store import classify_inputs
+from ..models.predictor import ModelSource, resolve_model_source
+from ..records import normalise_split
+from ..tasks import get_task
+
+
+@dataclass
+class EvalPlan:
+    enriched_files: list[str]
+    record_rows: list[dict]
+    splits: list[str]
+    task_names: list[str] | None
+    model: ModelSource
+
+
+def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
+    """Everything that can be checked before an actor starts; raises ConfigError listing what to fix."""
+    problems = []
+    inputs = classify_inputs(cfg.input.path, key="input.path")
+    problems += inputs.problems
+    splits = []
+    for s in cfg.data.splits:
+        try:
+            splits.append(normalise_split(s))
+        except ValueError as e:
+            problems.append(f"data.splits: {e}")
+    try:
+        task_names = [get_task(t).name for t in cfg.data.tasks] if cfg.data.tasks else None
+    except KeyError as e:
+        problems.append(f"data.tasks: {e.args[0]}")
+        task_names = None
+    record_rows = []
+    if inputs.records and not inputs.problems:
+        loaded = load_records(inputs.records, mode="collect")
+        record_rows = [r.to_row() for r in loaded.records]
+    if record_rows and set(cfg.ablations) - {"none"}:
+        problems.append(
+            f"ablations: {sorted(set(cfg.ablations) - {'none'})} need captions, but {inputs.records} "
+            "are raw records; evaluate the enrichment output, or use ablations=[none]"
+        )
+    model = None
+    try:
+        model = resolve_model_source(cfg.model)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return EvalPlan(inputs.enriched, record_rows, splits, task_names, model)

@@ -1,0 +1,202 @@
+"""The enrichment output store: schema, atomic Parquet parts, listing, reading back, de-duplication.
+
+Layout: `OUTPUT/records/[task=<name>/]part-<sha1 of its ids>.parquet`, one row per input record.
+A part is written under a temporary dot-name and renamed, so a reader never sees half a part, and its
+name depends only on the ids it holds, so a rerun of the same batch overwrites instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+
+from ..errors import SourceError
+from ..tasks import get_task
+
+OUTPUT_COLUMNS = (
+    "id",
+    "task",
+    "split",
+    "status",
+    "error",
+    "instruction",
+    "input",
+    "options",
+    "output",
+    "images",
+    "original_input",
+    "original_options",
+    "n_images",
+    "n_failed_images",
+    "n_kept",
+    "image_results",
+    "extra",
+    "raw",
+    "captioner_model",
+    "captioner_revision",
+    "judges",
+    "prompt_version",
+    "config_hash",
+    "run_id",
+)
+
+
+def output_schema():
+    import pyarrow as pa
+
+    ints = {"n_images", "n_failed_images", "n_kept"}
+    return pa.schema([(c, pa.int32() if c in ints else pa.string()) for c in OUTPUT_COLUMNS])
+
+
+def partition_value(task: str) -> str:
+    try:
+        return get_task(task).name
+    except KeyError:
+        return "_invalid"
+
+
+def parts_root(output: str) -> str:
+    return output.rstrip("/") + "/records"
+
+
+def write_parts(rows: list[dict], output: str, *, partition: bool) -> list[dict]:
+    """Write finalized output rows as Parquet parts, atomically (temporary name, then rename).
+
+    Returns one `{id, status, task, path}` per row (what the job counts and tests check)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(parts_root(output))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(partition_value(r["task"] or "") if partition else "", []).append(r)
+    written = []
+    schema = output_schema()
+    for value, group in groups.items():
+        folder = f"{root}/task={value}" if partition else root
+        fs.makedirs(folder, exist_ok=True)
+        name = "part-" + hashlib.sha1("\n".join(sorted(r["id"] for r in group)).encode()).hexdigest()[:20]
+        final = f"{folder}/{name}.parquet"
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}.parquet"
+        table = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in group], schema=schema)
+        with fs.open(tmp, "wb") as fh:
+            pq.write_table(table, fh)
+        fs.mv(tmp, final)
+        written.extend({"id": r["id"], "status": r["status"], "task": value, "path": final} for r in group)
+    return written
+
+
+def list_parts(output: str) -> list[str]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(parts_root(output))
+    if not fs.exists(root):
+        return []
+    files = [p for p in fs.find(root) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")]
+    return [fs.unstrip_protocol(p) if "://" in output else p for p in files]
+
+
+def read_output(output: str, columns: list[str] | None = None) -> list[dict]:
+    """All written output rows (small columns for summaries and tests)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path in list_parts(output):
+        with fsspec.open(path, "rb") as fh:
+            rows.extend(pq.read_table(fh, columns=columns).to_pylist())
+    return rows
+
+
+def drop_duplicates(output: str) -> int:
+    """Keep one row per id across parts; return how many rows were removed.
+
+    A killed driver's write tasks can still finish after it died (Ray stops a dead job's workers
+    within seconds, not at once), so a rerun that started meanwhile may write some records again.
+    Parts are visited in name order; a later part loses the ids seen before (rewritten atomically,
+    deleted when empty)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    seen: set[str] = set()
+    removed = 0
+    for path in sorted(list_parts(output)):
+        fs, p = fsspec.core.url_to_fs(path)
+        with fs.open(p, "rb") as fh:
+            ids = pq.read_table(fh, columns=["id"]).column("id").to_pylist()
+        dup = [i for i in ids if i in seen]
+        seen.update(ids)
+        if not dup:
+            continue
+        removed += len(dup)
+        with fs.open(p, "rb") as fh:
+            table = pq.read_table(fh)
+        keep = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(sorted(set(dup))))))
+        if keep.num_rows == 0:
+            fs.rm(p)
+            continue
+        folder, name = p.rsplit("/", 1)
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+        with fs.open(tmp, "wb") as fh:
+            pq.write_table(keep, fh)
+        fs.mv(tmp, p)
+    return removed
+
+
+def done_ids(output: str) -> frozenset:
+    return frozenset(r["id"] for r in read_output(output, ["id"]))
+
+
+def is_enriched_parquet(path: str) -> bool:
+    """A Parquet file written by the enrichment job (it has `status` and `original_input` columns)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as fh:
+        names = set(pq.read_schema(fh).names)
+    return {"status", "original_input"} <= names
+
+
+@dataclass
+class Inputs:
+    """What a training or evaluation input resolved to: enrichment parts, raw record files, problems."""
+
+    enriched: list[str] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def classify_inputs(paths: str | list[str], *, key: str = "input.path") -> Inputs:
+    """Enrichment output (a job's output folder, its parts) vs raw MMECInstruct records, for `key`."""
+    import fsspec
+
+    from .sources import find_record_files, is_records_file
+
+    out = Inputs()
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        fs, root = fsspec.core.url_to_fs(path)
+        if not fs.exists(root):
+            out.problems.append(f"{key}: {path} does not exist")
+            continue
+        if fs.isdir(root):
+            parts = list_parts(path) if fs.exists(root.rstrip("/") + "/records") else []
+            if parts:
+                out.enriched.extend(parts)
+                continue
+            try:
+                found = find_record_files(path, key=key)
+            except SourceError:
+                out.problems.append(f"{key}: {path} holds no enrichment output (records/) and no JSONL/JSON/Parquet")
+                continue
+        elif is_records_file(path):
+            found = [path]
+        else:
+            out.problems.append(f"{key}: {path}: not JSONL, JSON or Parquet")
+            continue
+        for f in found:
+            (out.enriched if f.endswith(".parquet") and is_enriched_parquet(f) else out.records).append(f)
+    return out

@@ -1,0 +1,113 @@
+"""Context-conditioned captioning (EC3) with any Hugging Face image-text-to-text model.
+
+`Captioner.caption(images, prompts)` runs batched, left-padded, greedy generation and returns one
+`CaptionResult` per image. A batch that raises is retried item by item, so one bad input fails alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..prompts import clean_caption
+
+
+@dataclass
+class CaptionResult:
+    """`caption` is None both for an empty caption (no caption, not an error) and for a failure (`error`)."""
+
+    caption: str | None
+    error: str | None = None
+
+
+class Captioner:
+    """Loads the model and processor once; `caption` is called per batch."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_new_tokens: int = 128,
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from .loading import fix_padding, pick_device, pick_dtype
+        from .tiny import resolve_model
+
+        path = resolve_model(model)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        tok = getattr(self.processor, "tokenizer", None)
+        if tok is not None:
+            fix_padding(tok)
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(
+                path, revision=revision, dtype=self.dtype, trust_remote_code=trust_remote_code
+            )
+            .to(self.device)
+            .eval()
+        )
+        if self.model.generation_config.pad_token_id is None and tok is not None:
+            self.model.generation_config.pad_token_id = tok.pad_token_id
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self._torch = torch
+
+    @classmethod
+    def from_config(cls, c, *, batch_size: int | None = None) -> Captioner:
+        """From a captioner config section (`CaptionerConfig` or the service's `ServeCaptionerConfig`)."""
+        return cls(
+            c.model,
+            revision=c.revision,
+            dtype=c.dtype,
+            max_new_tokens=c.max_new_tokens,
+            batch_size=batch_size or getattr(c, "micro_batch", 8),
+            trust_remote_code=c.trust_remote_code,
+        )
+
+    def render(self, prompt: str) -> str:
+        proc = self.processor
+        if getattr(proc, "chat_template", None):
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return proc.apply_chat_template(msgs, add_generation_prompt=True)
+        token = getattr(proc, "image_token", "<image>")
+        return f"{token}\n{prompt}"
+
+    def _generate(self, images: list[Any], prompts: list[str]) -> list[str | None]:
+        texts = [self.render(p) for p in prompts]
+        enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        enc = {
+            k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in enc.items()
+        }
+        with self._torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = out[:, enc["input_ids"].shape[1] :]
+        decoded = self.processor.batch_decode(new, skip_special_tokens=True)
+        return [clean_caption(t) for t in decoded]
+
+    def caption(self, images: list[Any], prompts: list[str]) -> list[CaptionResult]:
+        """Caption `images[i]` with `prompts[i]`; images are PIL images or HxWx3 uint8 arrays."""
+        from PIL import Image
+
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image(s) for {len(prompts)} prompt(s)")
+        pil = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
+        from .batching import error_text, run_batched
+
+        def run(chunk):
+            return [CaptionResult(c) for c in self._generate([im for im, _ in chunk], [p for _, p in chunk])]
+
+        return run_batched(
+            list(zip(pil, prompts)),
+            self.batch_size,
+            run,
+            lambda e: CaptionResult(None, error_text(e)),
+            sort_key=lambda item: len(item[1]),
+        )

@@ -1,0 +1,68 @@
+"""The online service without Ray: `api` (errors, request schemas, OpenAI shapes, keys) and `flow` (the
+steps of a request over image slots). `ray_jobs/serve.py` wraps both in Serve deployments."""
+
+from __future__ import annotations
+
+from .api import (
+    BASE_MODEL_NAME,
+    ApiError,
+    ChatMessage,
+    ChatPart,
+    ChatRequest,
+    EnrichRequest,
+    PredictRequest,
+    chat_chunks,
+    chat_completion,
+    key_digest,
+    key_matches,
+    models_list,
+    parse_body,
+    validation_detail,
+)
+from .flow import (
+    ImageSlot,
+    caption_outcome,
+    chat_prompt,
+    chat_questions,
+    chat_request_text,
+    chat_slots,
+    enriched,
+    image_failure_status,
+    load_image,
+    read_data_uri,
+    record_questions,
+    record_slots,
+    shown_url,
+    to_record,
+)
+
+__all__ = [
+    "BASE_MODEL_NAME",
+    "ApiError",
+    "ChatMessage",
+    "ChatPart",
+    "ChatRequest",
+    "EnrichRequest",
+    "ImageSlot",
+    "PredictRequest",
+    "caption_outcome",
+    "chat_chunks",
+    "chat_completion",
+    "chat_prompt",
+    "chat_questions",
+    "chat_request_text",
+    "chat_slots",
+    "enriched",
+    "image_failure_status",
+    "key_digest",
+    "key_matches",
+    "load_image",
+    "models_list",
+    "parse_body",
+    "read_data_uri",
+    "record_questions",
+    "record_slots",
+    "shown_url",
+    "to_record",
+    "validation_detail",
+]

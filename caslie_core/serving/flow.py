@@ -1,0 +1,172 @@
+"""The request flow of the online service, without Serve: a client's record or chat becomes image slots,
+images are read (SSRF-safe, byte and pixel caps), captions and votes land on the slots, and the kept
+captions are written into the text the model answers.
+
+Image intake is strict because it runs on behalf of strangers: only the configured URL schemes (no
+local files ever), `data:` URIs with a byte cap, the address rules of `caslie_core.images` (loopback,
+private, link-local and metadata addresses refused, also after redirects and DNS), and the
+decompression-bomb guard of `decode_image`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from ..enrichment.assemble import SINGLE_KEY, assemble
+from ..errors import ImageError, RecordError
+from ..images import FetchPolicy, decode_image, fetch_image
+from ..models.judge import keep_caption
+from ..prompts import (
+    caption_request,
+    chat_caption_request,
+    chat_judge_question,
+    clean_caption,
+    instruction_prompt,
+    judge_question,
+)
+from ..records import Record, parse_record
+from .api import ApiError, ChatPart, ChatRequest, EnrichRequest
+
+
+def to_record(req: EnrichRequest) -> Record:
+    raw = req.model_dump(include={"id", "task", "instruction", "input", "options", "images"}, exclude_none=True)
+    try:
+        return parse_record(raw)
+    except RecordError as e:
+        loc = ["body", e.field] if e.field else ["body"]
+        raise ApiError(422, [{"loc": loc, "msg": e.reason, "type": "value_error"}]) from None
+
+
+def read_data_uri(uri: str, max_bytes: int) -> bytes:
+    """`data:[<mediatype>][;base64],<data>` -> bytes, with a byte cap checked before decoding."""
+    head, sep, payload = uri.partition(",")
+    if not sep:
+        raise ImageError("fetch", "malformed data: URI (no comma)")
+    is_b64 = head.lower().endswith(";base64")
+    if (len(payload) * 3 // 4 if is_b64 else len(payload)) > max_bytes + 3:
+        raise ImageError("fetch", f"image exceeds the {max_bytes}-byte cap")
+    try:
+        data = base64.b64decode(payload, validate=True) if is_b64 else unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError("fetch", f"malformed base64 in data: URI ({e})") from None
+    if len(data) > max_bytes:
+        raise ImageError("fetch", f"image exceeds the {max_bytes}-byte cap")
+    return data
+
+
+def load_image(url: str, policy: FetchPolicy, *, size: int, max_pixels: int):
+    """A client's image URL or data: URI -> `size x size` RGB array. Raises ImageError (fetch or decode)."""
+    if url[:5].lower() == "data:":
+        data = read_data_uri(url, policy.max_bytes)
+    else:
+        data = fetch_image(url, policy)
+    return decode_image(data, max_pixels=max_pixels, size=size)
+
+
+def shown_url(url: str) -> str:
+    """URLs as echoed in responses: data: URIs are not sent back whole."""
+    if url[:5].lower() == "data:":
+        return f"{url.partition(',')[0]},... ({len(url)} chars)"
+    return url
+
+
+def image_failure_status(err: ImageError) -> int:
+    """422 for what the client can fix (refused, not an image, too big); 502 when the image host failed."""
+    return 502 if getattr(err, "transient", False) else 422
+
+
+@dataclass
+class ImageSlot:
+    """One image of a request as it moves through the stages."""
+
+    index: int
+    url: str
+    prompt: str = ""
+    pixels: Any = None
+    caption: str | None = None
+    votes: dict[str, str | None] = field(default_factory=dict)
+    error: dict | None = None
+
+    @property
+    def kept(self) -> bool:
+        return keep_caption(self.caption, self.error, list(self.votes.values()))
+
+    def report(self) -> dict:
+        return {
+            "index": self.index,
+            "url": shown_url(self.url),
+            "caption": self.caption,
+            "votes": self.votes,
+            "kept": self.kept,
+            "error": self.error,
+        }
+
+
+def record_slots(record: Record) -> list[ImageSlot]:
+    return [ImageSlot(i, u, caption_request(record, i)) for i, u in enumerate(record.images)]
+
+
+def record_questions(record: Record, slots: list[ImageSlot]) -> dict[int, str]:
+    """Judge question per captioned image."""
+    return {s.index: judge_question(record, s.index, s.caption) for s in slots if s.caption is not None}
+
+
+def caption_outcome(slot: ImageSlot, result: dict) -> None:
+    """Apply a captioner reply {caption, error} to a slot (empty captions count as no caption)."""
+    if result.get("error"):
+        slot.error = {"stage": "caption", "message": result["error"]}
+    else:
+        slot.caption = clean_caption(result.get("caption"))
+
+
+def enriched(record: Record, slots: list[ImageSlot]) -> dict:
+    """The record's enriched input and options (kept captions written in) plus the per-image report."""
+    text = assemble(record, [s.caption for s in slots], [s.kept for s in slots])
+    failed = sum(s.error is not None for s in slots)
+    return {
+        "status": "partial" if failed else "ok",
+        "input": text.input,
+        "options": text.options,
+        "images": [s.report() for s in slots],
+        "n_kept": sum(s.kept for s in slots),
+        "n_failed_images": failed,
+    }
+
+
+def chat_request_text(req: ChatRequest) -> tuple[str, list[str]]:
+    """(the conversation as one instruction text, the image URLs of the user's messages, in order)."""
+    lines, urls = [], []
+    last_user = (
+        max(i for i, m in enumerate(req.messages) if m.role == "user")
+        if any(m.role == "user" for m in req.messages)
+        else None
+    )
+    if last_user is None:
+        raise ApiError(422, [{"loc": ["body", "messages"], "msg": "no user message", "type": "value_error"}])
+    for i, m in enumerate(req.messages):
+        parts = [ChatPart(type="text", text=m.content)] if isinstance(m.content, str) else (m.content or [])
+        text = " ".join(p.text for p in parts if p.type == "text" and p.text)
+        if m.role == "user":
+            urls.extend(u for p in parts if p.type == "image_url" and (u := p.url()))
+        if text:
+            lines.append(text if i == last_user else f"{m.role}: {text}")
+    return "\n".join(lines), urls
+
+
+def chat_slots(text: str, urls: list[str]) -> list[ImageSlot]:
+    return [ImageSlot(i, u, chat_caption_request(text)) for i, u in enumerate(urls)]
+
+
+def chat_questions(text: str, slots: list[ImageSlot]) -> dict[int, str]:
+    return {s.index: chat_judge_question(text, s.caption) for s in slots if s.caption is not None}
+
+
+def chat_prompt(text: str, slots: list[ImageSlot], *, style: str) -> str:
+    """The instruction prompt for a chat: the user's words as the instruction, kept captions as the input."""
+    kept = [s.caption for s in slots if s.kept]
+    value = {SINGLE_KEY: kept[0]} if len(kept) == 1 else ({SINGLE_KEY: kept} if kept else {})
+    return instruction_prompt(text, value, [], style=style)

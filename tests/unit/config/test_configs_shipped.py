@@ -1,0 +1,115 @@
+"""Every shipped config validates, and starts with the command that runs it."""
+
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+
+from caslie_core.config import config_model_for, load_config
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {
+        "enrich-demo.yaml",
+        "enrich-mmecinstruct.yaml",
+        "train-demo.yaml",
+        "train-caslie-s.yaml",
+        "evaluate-demo.yaml",
+        "evaluate-caslie-m.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_validates_and_names_its_command(path: Path):
+    model = config_model_for(str(path))
+    cfg = load_config(model, path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("caslie " in first or "python -m" in first or "serve " in first)
+    assert cfg.model_dump()
+
+
+def test_paper_config_matches_the_method():
+    from caslie_core.config import EnrichConfig
+
+    cfg = load_config(EnrichConfig, ROOT / "configs" / "enrich-mmecinstruct.yaml")
+    assert cfg.captioner.model == "meta-llama/Llama-3.2-11B-Vision-Instruct"
+    assert cfg.captioner.max_new_tokens == 128 and cfg.captioner.pool.num_gpus >= 1
+    assert {j.model for j in cfg.judges} == {
+        "meta-llama/Llama-3.2-3B-Instruct",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "meta-llama/Llama-3.2-11B-Vision-Instruct",
+        "mistralai/Mistral-7B-Instruct-v0.3",
+        "microsoft/Phi-3.5-mini-instruct",
+    }
+
+
+def test_enrich_config_errors_are_all_reported():
+    from caslie_core.config import EnrichConfig
+    from caslie_core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            EnrichConfig,
+            ROOT / "configs" / "enrich-demo.yaml",
+            [
+                "captioner.pool.min_size=3",
+                "captioner.pool.max_size=2",
+                "judges.0.mode=vote",
+                "fetch.threds=4",
+                "judges.1.name=judge_logits",
+            ],
+        )
+    text = str(e.value)
+    assert "min_size (3) must be <= max_size (2)" in text
+    assert "judges.0.mode" in text and "fetch.threds: unknown key" in text
+
+
+@pytest.mark.parametrize(
+    "size,model,arch",
+    [
+        ("s", "meta-llama/Llama-3.2-3B-Instruct", "llama"),
+        ("m", "mistralai/Mistral-7B-Instruct-v0.3", "mistral"),
+        ("l", "meta-llama/Llama-2-13b-chat-hf", "llama"),
+    ],
+)
+def test_paper_train_configs_match_the_method_and_their_architectures(size, model, arch):
+    """The three CASLIE bases: method LoRA settings, effective batch 128, targets that exist in the architecture
+    (checked on a meta-device skeleton of the same architecture family; no download)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    from caslie_core.config import TrainConfig
+    from caslie_core.training.lora import lora_target_problems
+
+    cfg = load_config(TrainConfig, ROOT / "configs" / f"train-caslie-{size}.yaml")
+    assert cfg.model.model == model and cfg.scaling.use_gpu and cfg.model.dtype == "bfloat16"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 16, 0.1)
+    assert cfg.optim.lr == 1e-4 and cfg.optim.warmup_ratio == 0.05 and cfg.data.max_length == 2048
+    assert cfg.optim.batch_size * cfg.optim.grad_accum * cfg.scaling.num_workers == 128
+    assert cfg.model.prompt_style == ("mistral" if arch == "mistral" else "alpaca")
+    if size == "l":
+        assert cfg.scaling.strategy == "fsdp" and cfg.model.gradient_checkpointing
+    small = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    conf = MistralConfig(**small) if arch == "mistral" else LlamaConfig(**small)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(conf)
+    assert lora_target_problems(skeleton, cfg.lora.target_modules) == []
+
+
+@pytest.mark.parametrize("size", ["s", "m", "l"])
+def test_paper_evaluate_configs_use_the_method_decoding(size):
+    from caslie_core.config import EvaluateConfig
+
+    cfg = load_config(EvaluateConfig, ROOT / "configs" / f"evaluate-caslie-{size}.yaml")
+    assert cfg.generation.max_new_tokens == 100 and cfg.pool.num_gpus >= 1
+    assert cfg.model.path.endswith(f"caslie-{size}") and cfg.ablations == ["kept", "none", "all"]
+    assert cfg.data.splits == ["test", "ood_test"]

@@ -1,0 +1,186 @@
+"""The enrichment stages without Ray, on the real tiny models."""
+
+import json
+import shutil
+
+import pytest
+
+from caslie_core.enrichment import pipeline, stages
+from caslie_core.images import FetchPolicy
+from caslie_core.synthetic import write_catalog
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    from caslie_core.models.captioner import Captioner
+    from caslie_core.models.judge import Judge
+
+    return {
+        "captioner": Captioner("tiny:captioner", max_new_tokens=6, batch_size=4),
+        "logits": Judge("tiny:lm", mode="logits"),
+        "generate": Judge("tiny:lm", mode="generate", max_new_tokens=3),
+    }
+
+
+class CountingCaptioner:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def caption(self, images, prompts):
+        self.calls += len(images)
+        return self.inner.caption(images, prompts)
+
+
+def test_pipeline_accounts_for_every_record_and_dedups(models, tmp_path):
+    m = write_catalog(tmp_path, 14, seed=5, broken_images=3)
+    rows = [{"text": line} for line in open(m["jsonl"])]
+    # Two copies of the same CC record under new ids: identical (image, request) pairs.
+    cc = next(json.loads(r["text"]) for r in rows if "category" in r["text"])
+    for k in range(2):
+        rows.append({"text": json.dumps({**cc, "id": f"dup{k}"})})
+    rows.append({"text": "{not json"})
+    rows.append({"text": json.dumps({**cc, "id": "badtask", "task": "nope"})})
+    counting = CountingCaptioner(models["captioner"])
+    out = pipeline.run_local(
+        rows,
+        policy=FetchPolicy(allow_local_files=True),
+        captioner=counting,
+        judges={"lg": models["logits"], "gen": models["generate"]},
+        size=32,
+        max_pixels=10**7,
+        provenance={"run_id": "t"},
+        batch=5,
+    )
+    assert len(out) == len(rows)
+    by_id = {o["id"]: o for o in out}
+    assert by_id["badtask"]["status"] == "failed"
+    assert json.loads(by_id["badtask"]["error"])["stage"] == "validate"
+    bad_json = [o for o in out if o["id"].startswith("raw-")]
+    assert len(bad_json) == 1 and "malformed JSON" in bad_json[0]["error"] and bad_json[0]["raw"] == "{not json"
+    broken = {b["id"]: b["kind"] for b in m["broken_images"]}
+    for rid, kind in broken.items():
+        o = by_id[rid]
+        assert o["status"] == "partial" and o["n_failed_images"] >= 1
+        res = json.loads(o["image_results"])[0]
+        assert res["caption"] is None and not res["kept"]
+        assert res["error"]["stage"] == ("fetch" if kind == "missing" else "decode")
+    ok = [o for o in out if o["status"] == "ok"]
+    assert ok and all(o["n_failed_images"] == 0 for o in ok)
+    for o in ok:
+        results = json.loads(o["image_results"])
+        assert len(results) == o["n_images"] and set(results[0]["votes"]) == {"lg", "gen"}
+        assert results[0]["votes"]["lg"] in ("yes", "no")  # logits mode always answers
+        assert results[0]["votes"]["gen"] in ("yes", "no", None)
+        assert o["n_kept"] == sum(r["kept"] for r in results)
+    # the duplicates were captioned once: their captions were served from the cache
+    total_images = sum(o["n_images"] - o["n_failed_images"] for o in out if o["status"] != "failed")
+    assert counting.calls == total_images - 2
+    assert all(json.loads(by_id[f"dup{k}"]["image_results"])[0]["cached"] for k in range(2))
+    summary = pipeline.summarize(out)
+    assert summary["records"] == len(rows) and summary["failed"] == 2
+    assert summary["ok"] + summary["partial"] + summary["failed"] == len(rows)
+
+
+def test_enriched_input_uses_kept_captions_only(models, tmp_path):
+    m = write_catalog(tmp_path, 7, seed=9)
+    rows = [{"text": line} for line in open(m["jsonl"])]
+    out = pipeline.run_local(
+        rows,
+        policy=FetchPolicy(allow_local_files=True),
+        captioner=models["captioner"],
+        judges={"lg": models["logits"]},
+        size=32,
+        max_pixels=10**7,
+        provenance={},
+    )
+    for o in out:
+        res = json.loads(o["image_results"])
+        inp = json.loads(o["input"])
+        if o["task"] == "category_classification":
+            val = inp["product information extracted from image"]
+            assert (val is not None) == res[0]["kept"]
+            if res[0]["kept"]:
+                assert val == res[0]["caption"]
+        assert json.loads(o["original_input"]) != inp or o["task"] == "sequential_recommendation"
+
+
+def test_internal_error_becomes_failed_row_not_exception():
+    row = {
+        "id": "x",
+        "task": "category_classification",
+        "split": "",
+        "status": "pending",
+        "error": "",
+        "record": "{not a record",
+        "raw": "",
+        "n_images": 1,
+    }
+    out = stages.finalize_rows([row], judge_names=["a"], provenance={})
+    assert out[0]["status"] == "failed" and json.loads(out[0]["error"])["stage"] == "internal"
+
+
+def test_caption_failure_is_recorded_per_image(tmp_path):
+    class Broken:
+        def caption(self, images, prompts):
+            from caslie_core.models.captioner import CaptionResult
+
+            return [CaptionResult(None, "RuntimeError: CUDA out of memory") for _ in images]
+
+    m = write_catalog(tmp_path, 2, seed=1, tasks=["CC"])
+    shutil.rmtree(tmp_path / "unused", ignore_errors=True)
+    rows = stages.parse_rows([{"text": line} for line in open(m["jsonl"])])
+    rows = stages.decode_rows(stages.fetch_rows(rows, FetchPolicy(allow_local_files=True)), max_pixels=10**7, size=32)
+    rows = stages.CaptionStage(Broken(), 32)(rows)
+    out = stages.finalize_rows(rows, judge_names=[], provenance={})
+    for o in out:
+        assert o["status"] == "partial"
+        assert json.loads(o["image_results"])[0]["error"] == {
+            "stage": "caption",
+            "message": "RuntimeError: CUDA out of memory",
+        }
+
+
+def test_claims_make_a_second_actor_wait_for_the_first(tiny_models, tmp_path):
+    """Two actors, one cache: a pair claimed by actor A is not captioned by actor B, who waits for it;
+    a pair whose claimant fails is released and captioned by the waiter."""
+    import threading
+
+    from caslie_core.enrichment.cache import ClaimTable
+    from caslie_core.models.captioner import CaptionResult
+
+    class Slow:
+        def __init__(self, fail=False):
+            self.calls, self.fail = 0, fail
+
+        def caption(self, images, prompts):
+            import time
+
+            self.calls += len(images)
+            time.sleep(0.3)
+            return [CaptionResult(None, "boom") if self.fail else CaptionResult(f"cap {p[-8:]}") for p in prompts]
+
+    m = write_catalog(tmp_path, 3, seed=2, tasks=["CC"])
+    base = stages.parse_rows([{"text": line} for line in open(m["jsonl"])])
+    base = stages.decode_rows(stages.fetch_rows(base, FetchPolicy(allow_local_files=True)), max_pixels=10**7, size=32)
+
+    def fresh():
+        return [dict(r) for r in base]
+
+    for fail_first in (False, True):
+        cache = ClaimTable(ttl=60, max_entries=1000)
+        a, b = Slow(fail=fail_first), Slow()
+        out = {}
+        stage_a = stages.CaptionStage(a, 32, cache, owner="A")
+        ta = threading.Thread(target=lambda s=stage_a, o=out: o.update(a=s(fresh())))
+        ta.start()
+        import time
+
+        time.sleep(0.1)  # A holds the claims now
+        out["b"] = stages.CaptionStage(b, 32, cache, owner="B", poll_s=0.02)(fresh())
+        ta.join()
+        assert a.calls == 3
+        if fail_first:
+            assert b.calls == 3  # released after A failed, then B did the work
+        else:
+            assert b.calls == 0 and all(json.loads(r["captions"])[0] for r in out["b"])
+            assert all(r["caption_cached"][0] for r in out["b"])

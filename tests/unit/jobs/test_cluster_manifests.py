@@ -1,0 +1,171 @@
+"""cluster/: KubeRay manifests and the launcher YAML agree with configs/ and carry no secrets."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+from helpers import ROOT
+
+from caslie_core.config import JOB_CONFIGS, load_config, read_yaml
+
+KUBERAY = ROOT / "cluster" / "kuberay"
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((KUBERAY / name).read_text())
+
+
+def _gpu_group(spec: dict) -> dict:
+    group = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    return {
+        "gpus": int(limits["nvidia.com/gpu"]),
+        "cpus": int(limits["cpu"]),
+        "max": group["maxReplicas"],
+        "min": group["minReplicas"],
+        "start_gpus": int(group["rayStartParams"]["num-gpus"]),
+        "start_cpus": int(group["rayStartParams"]["num-cpus"]),
+    }
+
+
+def _check_cluster_spec(spec: dict) -> None:
+    assert spec["rayVersion"].startswith("2.60")
+    head = spec["headGroupSpec"]
+    assert head["template"]["spec"]["containers"] and "rayStartParams" in head
+    for group in spec["workerGroupSpecs"]:
+        assert group["groupName"] and group["template"]["spec"]["containers"]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    g = _gpu_group(spec)
+    assert g["gpus"] == g["start_gpus"] and g["cpus"] == g["start_cpus"]
+    for c in [head["template"]["spec"]["containers"][0]] + [
+        w["template"]["spec"]["containers"][0] for w in spec["workerGroupSpecs"]
+    ]:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        for name, e in env.items():  # secrets come from Secrets, never as literal values
+            if any(k in name for k in ("TOKEN", "KEY", "SECRET")):
+                assert "valueFrom" in e and "value" not in e, name
+
+
+def test_raycluster_is_well_formed_and_secure():
+    doc = _load("raycluster.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster" and doc["metadata"]["name"]
+    _check_cluster_spec(doc["spec"])
+
+
+@pytest.mark.parametrize("name,job", [("rayjob-enrich.yaml", "enrich"), ("rayjob-train.yaml", "train")])
+def test_rayjobs_run_our_entrypoints_with_valid_configs(name, job):
+    doc = _load(name)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    spec = doc["spec"]
+    assert (
+        spec.get("clusterSelector") == {"ray.io/cluster": _load("raycluster.yaml")["metadata"]["name"]}
+        or "rayClusterSpec" in spec
+    )
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:3] == ["python", "-m", f"ray_jobs.{job}"] and argv[3] == "--config"
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    load_config(JOB_CONFIGS[job], ROOT / argv[4], overrides)
+    yaml.safe_load(spec["runtimeEnvYAML"])
+
+
+def test_rayservice_serves_the_checked_in_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = _load("rayservice.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    embedded = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    assert embedded == read_yaml(ROOT / "configs" / "serve-caslie-m.yaml")
+    ServeDeploySchema.model_validate(embedded)
+    _check_cluster_spec(doc["spec"]["rayClusterConfig"])
+    assert _gpu_group(doc["spec"]["rayClusterConfig"]) == _gpu_group(_load("raycluster.yaml")["spec"])
+    envs = {
+        e["name"] for e in doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    api_key_env = embedded["applications"][0]["args"]["http"]["api_key_env"]
+    assert api_key_env in envs
+
+
+def _gpu_needs() -> dict[str, tuple[float, float, float]]:
+    """config -> (largest GPUs of one actor/worker, largest CPUs of one, GPUs needed at minimum scale)."""
+    needs = {}
+    cfg = load_config(JOB_CONFIGS["enrich"], ROOT / "configs" / "enrich-mmecinstruct.yaml")
+    pools = [cfg.captioner.pool] + [j.pool for j in cfg.judges]
+    needs["enrich-mmecinstruct"] = (
+        max(p.num_gpus for p in pools),
+        max(p.num_cpus for p in pools),
+        sum(p.num_gpus * p.min_size for p in pools),
+    )
+    for size in "sml":
+        t = load_config(JOB_CONFIGS["train"], ROOT / "configs" / f"train-caslie-{size}.yaml")
+        gpus = (t.scaling.resources_per_worker or {}).get("GPU", 1 if t.scaling.use_gpu else 0)
+        needs[f"train-caslie-{size}"] = (gpus, t.scaling.cpus_per_worker, gpus * t.scaling.num_workers)
+        e = load_config(JOB_CONFIGS["evaluate"], ROOT / "configs" / f"evaluate-caslie-{size}.yaml")
+        needs[f"evaluate-caslie-{size}"] = (e.pool.num_gpus, e.pool.num_cpus, e.pool.num_gpus * e.pool.min_size)
+    s = load_config(JOB_CONFIGS["serve"], ROOT / "configs" / "serve-caslie-m.yaml")
+    deps = [s.model.deployment, s.captioner.deployment, s.http.ingress] + [j.deployment for j in s.judges]
+    needs["serve-caslie-m"] = (
+        max(d.num_gpus for d in deps),
+        max(d.num_cpus for d in deps),
+        sum(d.num_gpus * d.autoscaling.min_replicas for d in deps),
+    )
+    return needs
+
+
+def test_resource_numbers_agree_with_the_cluster():
+    g = _gpu_group(_load("raycluster.yaml")["spec"])
+    for name, (per_actor_gpus, per_actor_cpus, minimum) in _gpu_needs().items():
+        assert per_actor_gpus <= g["gpus"], f"{name}: one actor needs more GPUs than a worker pod has"
+        assert per_actor_cpus <= g["cpus"], f"{name}: one actor needs more CPUs than a worker pod has"
+        assert minimum <= g["max"] * g["gpus"], f"{name}: needs {minimum} GPUs at minimum scale"
+
+
+def test_launcher_matches_the_kuberay_worker_group():
+    doc = yaml.safe_load((ROOT / "cluster" / "launcher" / "aws-gpu.yaml").read_text())
+    g = _gpu_group(_load("raycluster.yaml")["spec"])
+    gpu = doc["available_node_types"]["gpu"]
+    assert gpu["resources"] == {"CPU": g["cpus"], "GPU": g["gpus"]}
+    assert gpu["max_workers"] == g["max"] and gpu["min_workers"] == g["min"]
+    assert doc["available_node_types"][doc["head_node_type"]]["resources"] == {"CPU": 0}
+    assert all(
+        "RAY_AUTH_MODE=token" in c
+        for c in doc["head_start_ray_commands"] + doc["worker_start_ray_commands"]
+        if c.startswith("RAY_AUTH_MODE") or "ray start" in c
+    )
+
+
+def test_runtime_env_holds_no_secrets():
+    env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "."
+    secretish = [n for n in env.get("env_vars", {}) if n.endswith(("_TOKEN", "_KEY", "_KEY_ID")) or "SECRET" in n]
+    assert not secretish
+
+
+def _secret_refs(node) -> set[tuple[str, str]]:
+    if isinstance(node, dict):
+        ref = node.get("secretKeyRef")
+        found = {(ref["name"], ref["key"])} if isinstance(ref, dict) else set()
+        return found.union(*(_secret_refs(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_secret_refs(v) for v in node))
+    return set()
+
+
+def test_the_readme_creates_every_secret_the_manifests_read():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    created = {
+        (m.group(1), key)
+        for m in re.finditer(r"kubectl create secret generic (\S+)((?: --from-literal=\S+)+)", readme)
+        for key in re.findall(r"--from-literal=([\w.-]+)=", m.group(2))
+    }
+    wanted = set().union(
+        *(
+            _secret_refs(list(yaml.safe_load_all((ROOT / "cluster" / "kuberay" / f).read_text())))
+            for f in ("raycluster.yaml", "rayjob-enrich.yaml", "rayjob-train.yaml", "rayservice.yaml")
+        )
+    )
+    assert wanted and wanted <= created, sorted(wanted - created)

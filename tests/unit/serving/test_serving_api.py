@@ -1,0 +1,274 @@
+"""The Ray-free parts of the service: request parsing, client image intake, chat shapes, auth, adapters."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from helpers import ROOT
+from PIL import Image
+
+from caslie_core import serving as sv
+from caslie_core.errors import ImageError
+from caslie_core.images import FetchPolicy
+
+RECORD = {
+    "task": "CC",
+    "instruction": "Pick the category.",
+    "input": {"title": "Red mug"},
+    "options": ["A: Kitchen", "B: Garden"],
+    "images": ["https://cdn.example.com/a.jpg"],
+}
+
+
+def png(size=(20, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_parse_body_reports_where_the_problem_is():
+    with pytest.raises(sv.ApiError) as e:
+        sv.parse_body(b'{"task": ', sv.PredictRequest)
+    assert e.value.status == 422 and e.value.detail[0]["type"] == "json_invalid"
+    with pytest.raises(sv.ApiError) as e:
+        sv.parse_body(b"[1, 2]", sv.PredictRequest)
+    assert "JSON object" in e.value.detail[0]["msg"]
+    with pytest.raises(sv.ApiError) as e:
+        sv.parse_body(json.dumps({**RECORD, "instruction": "", "colour": 1}).encode(), sv.PredictRequest)
+    locs = {tuple(d["loc"]) for d in e.value.detail}
+    assert locs == {("body", "instruction"), ("body", "colour")}
+    req = sv.parse_body(json.dumps(RECORD).encode(), sv.PredictRequest)
+    assert req.adapter is None and req.image_errors == "fail"
+
+
+def test_records_from_requests_accept_json_strings_or_values_and_name_the_field():
+    as_strings = {**RECORD, "input": json.dumps(RECORD["input"]), "options": json.dumps(RECORD["options"])}
+    a = sv.to_record(sv.PredictRequest(**RECORD))
+    b = sv.to_record(sv.PredictRequest(**as_strings))
+    assert a.input == b.input == {"title": "Red mug"} and a.options == b.options and a.id == b.id
+    for bad, field in [
+        ({"task": "XX"}, "task"),
+        ({"input": {"name": "x"}}, "input"),
+        ({"images": []}, "images"),
+        ({"options": "not json"}, "options"),
+    ]:
+        with pytest.raises(sv.ApiError) as e:
+            sv.to_record(sv.PredictRequest(**{**RECORD, **bad}))
+        assert e.value.status == 422 and e.value.detail[0]["loc"] == ["body", field], bad
+
+
+def test_data_uris_are_capped_and_decoded():
+    data = png()
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    assert sv.read_data_uri(uri, 10_000) == data
+    arr = sv.load_image(uri, FetchPolicy(), size=16, max_pixels=1000)
+    assert arr.shape == (16, 16, 3)
+    with pytest.raises(ImageError, match="cap"):
+        sv.read_data_uri(uri, 50)
+    with pytest.raises(ImageError, match="base64"):
+        sv.read_data_uri("data:image/png;base64,@@@@", 1000)
+    with pytest.raises(ImageError, match="no comma"):
+        sv.read_data_uri("data:image/png;base64", 1000)
+    with pytest.raises(ImageError, match="pixel limit"):
+        sv.load_image(uri, FetchPolicy(), size=16, max_pixels=100)  # 20x10 = 200 pixels
+    assert sv.shown_url(uri).startswith("data:image/png;base64,...") and len(sv.shown_url(uri)) < 60
+
+
+def test_client_urls_never_reach_local_files_or_other_schemes():
+    policy = FetchPolicy(schemes=("http", "https"), allow_local_files=False, retries=0)
+    for url, fragment in [
+        ("file:///etc/passwd", "local file"),
+        ("/etc/passwd", "local file"),
+        ("s3://bucket/a.png", "scheme 's3' not allowed"),
+        ("gopher://x/", "not allowed"),
+    ]:
+        with pytest.raises(ImageError, match=fragment):
+            sv.load_image(url, policy, size=8, max_pixels=100)
+
+
+def test_image_failure_status():
+    assert sv.image_failure_status(ImageError("fetch", "refused: loopback")) == 422
+    assert sv.image_failure_status(ImageError("decode", "not an image")) == 422
+    assert sv.image_failure_status(ImageError("fetch", "HTTP 503", transient=True)) == 502
+
+
+def test_slots_keep_a_caption_by_plurality_and_assemble_the_input():
+    rec = sv.to_record(sv.PredictRequest(**RECORD))
+    slots = sv.record_slots(rec)
+    assert "Red mug" in slots[0].prompt
+    sv.caption_outcome(slots[0], {"caption": "  a red ceramic\nmug ", "error": None})
+    assert slots[0].caption == "a red ceramic mug"
+    questions = sv.record_questions(rec, slots)
+    assert set(questions) == {0} and "a red ceramic mug" in questions[0]
+    slots[0].votes = {"a": "yes", "b": "no", "c": "yes"}
+    out = sv.enriched(rec, slots)
+    assert out["status"] == "ok" and out["n_kept"] == 1
+    assert out["input"]["product information extracted from image"] == "a red ceramic mug"
+    slots[0].votes = {"a": "yes", "b": "no"}  # a tie keeps nothing
+    assert sv.enriched(rec, slots)["input"]["product information extracted from image"] is None
+    failed = sv.record_slots(rec)
+    sv.caption_outcome(failed[0], {"caption": None, "error": "boom"})
+    out = sv.enriched(rec, failed)
+    assert out["status"] == "partial" and out["images"][0]["error"] == {"stage": "caption", "message": "boom"}
+
+
+def test_chat_requests_become_instruction_prompts():
+    req = sv.ChatRequest(
+        model="m",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "https://x/a.png"}},
+                ],
+            },
+        ],
+        temperature=0.7,
+        user="someone",
+    )  # unknown sampling fields are ignored
+    text, urls = sv.chat_request_text(req)
+    assert text == "system: Be brief.\nWhat is this?" and urls == ["https://x/a.png"]
+    slots = sv.chat_slots(text, urls)
+    assert "What is this?" in slots[0].prompt
+    slots[0].caption, slots[0].votes = "a lamp", {"j": "yes"}
+    prompt = sv.chat_prompt(text, slots, style="alpaca")
+    assert "What is this?" in prompt and "a lamp" in prompt and prompt.rstrip().endswith("### Response:")
+    assert sv.chat_prompt(text, slots, style="mistral").startswith("[INST]")
+    with pytest.raises(sv.ApiError):
+        sv.chat_request_text(sv.ChatRequest(model="m", messages=[{"role": "system", "content": "x"}]))
+
+
+def test_openai_shapes():
+    done = sv.chat_completion("m", "B", prompt_tokens=10, completion_tokens=2)
+    assert done["usage"]["total_tokens"] == 12 and done["choices"][0]["message"]["content"] == "B"
+    events = sv.chat_chunks(done)
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "B"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert [m["id"] for m in sv.models_list(["a", "b"])["data"]] == ["a", "b"]
+    body = sv.ApiError(404, "unknown model 'x'", code="model_not_found").openai_body()
+    assert body["error"]["code"] == "model_not_found" and body["error"]["type"] == "invalid_request_error"
+
+
+def test_api_key_check():
+    digest = sv.key_digest("s3cret")
+    assert sv.key_matches({"authorization": "Bearer s3cret"}, digest)
+    assert sv.key_matches({"x-api-key": "s3cret"}, digest)
+    assert not sv.key_matches({"authorization": "Bearer nope"}, digest)
+    assert not sv.key_matches({}, digest)
+    assert sv.key_matches({}, None)  # no key configured: open (demo only)
+
+
+def test_serve_configs_are_serve_files_that_agree_with_their_args():
+    from ray.serve.schema import ServeDeploySchema
+
+    from caslie_core.config import ServeConfig, load_config, read_yaml
+
+    for path in sorted((ROOT / "configs").glob("serve-*.yaml")):
+        data = read_yaml(path)
+        ServeDeploySchema.model_validate(data)
+        cfg = load_config(ServeConfig, path)
+        assert data["http_options"]["host"] == cfg.http.host and data["http_options"]["port"] == cfg.http.port
+        assert cfg.http.host == "127.0.0.1" or cfg.http.api_key_env, f"{path.name}: exposed without a key"
+
+
+def test_serve_config_errors():
+    from caslie_core.config import ServeConfig, load_config
+    from caslie_core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            ServeConfig,
+            ROOT / "configs" / "serve-demo.yaml",
+            ["model.deployment.autoscaling.min_replicas=3", "judges.0.name=Bad Name"],
+        )
+    assert "min_replicas (3)" in str(e.value) and "judge name" in str(e.value)
+    with pytest.raises(ConfigError, match="not 'base'"):
+        load_config(ServeConfig, ROOT / "configs" / "serve-demo.yaml", ["model.adapters={base: /x}"])
+    with pytest.raises(ConfigError, match="metrics_interval_s"):
+        load_config(
+            ServeConfig, ROOT / "configs" / "serve-demo.yaml", ["model.deployment.autoscaling.metrics_interval_s=60"]
+        )
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_models, tmp_path_factory):
+    """Two random (non-identity) LoRA adapters on the tiny LM, with a modules_to_save head each."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for name, seed in (("red", 1), ("blue", 2)):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["lm"])
+        cfg = LoraConfig(
+            r=4,
+            lora_alpha=64,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+            modules_to_save=["lm_head"],
+        )
+        peft_model = get_peft_model(model, cfg)
+        with torch.no_grad():
+            peft_model.base_model.model.lm_head.modules_to_save["default"].weight.normal_(0, 0.5)
+        path = tmp_path_factory.mktemp(f"adapter-{name}")
+        peft_model.save_pretrained(path)
+        out[name] = str(path)
+    return out
+
+
+def test_adapter_predictor_switches_adapters_like_separate_models(two_adapters):
+    from caslie_core.models.predictor import AdapterPredictor, Predictor
+
+    prompts = ["### Instruction:\nPick one.\n\n### Response:\n", "### Instruction:\nSay yes.\n\n### Response:\n"]
+    ref = {
+        n: [a.raw for a in Predictor("tiny:lm", adapter=p, max_new_tokens=6).answer(prompts)]
+        for n, p in two_adapters.items()
+    }
+    ref["base"] = [a.raw for a in Predictor("tiny:lm", max_new_tokens=6).answer(prompts)]
+    assert ref["red"] != ref["blue"] and ref["red"] != ref["base"]
+
+    p = AdapterPredictor("tiny:lm", max_new_tokens=6)
+    p.load("red", two_adapters["red"])
+    p.load("blue", two_adapters["blue"])
+    for adapter, expect in (("red", ref["red"]), ("blue", ref["blue"]), (None, ref["base"]), ("red", ref["red"])):
+        assert [x.raw for x in p.answer(prompts, adapter)] == expect, adapter
+    assert all(x.n_new_tokens <= 2 for x in p.answer(prompts, "red", max_new_tokens=2))
+    p.unload("red")
+    with pytest.raises(KeyError, match="not loaded"):
+        p.answer(prompts, "red")
+    assert [x.raw for x in p.answer(prompts, "blue")] == ref["blue"]
+    p.unload("blue")  # the last one stays in PEFT, unused: the base model answers as before
+    assert [x.raw for x in p.answer(prompts)] == ref["base"]
+    p.load("red", two_adapters["red"])
+    assert [x.raw for x in p.answer(prompts, "red")] == ref["red"] and list(p.peft.peft_config) == ["red"]
+
+
+def test_the_builder_takes_the_config_files_args_as_serve_run_passes_them(tiny_models):
+    """What `serve run configs/serve-demo.yaml` does with our import path and args (no cluster needed)."""
+    import importlib
+
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    from caslie_core.config import ServeConfig, apply_overrides, read_yaml
+
+    app_cfg = ServeDeploySchema.model_validate(read_yaml(ROOT / "configs" / "serve-demo.yaml")).applications[0]
+    module, attr = app_cfg.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    args = apply_overrides(app_cfg.args, ["model.path=null", "model.model=tiny:lm"])
+    app = call_user_app_builder_with_args_if_necessary(builder, args)
+    assert type(app).__name__ == "Application"
+    from ray_jobs.serve import app_spec
+
+    spec = app_spec(ServeConfig.model_validate(args))
+    assert spec["models"] == {"caslie-demo": "base"} and spec["key_digest"] is None
+    with pytest.raises(Exception, match="judges"):
+        call_user_app_builder_with_args_if_necessary(builder, {**args, "judges": []})
