@@ -60,7 +60,7 @@ def init_ray(ray_cfg, *, verbose: bool | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    verbose = _verbose() if verbose is None else verbose
+    verbose = verbose_mode() if verbose is None else verbose
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
     kwargs = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
@@ -93,7 +93,7 @@ def _session_logs() -> str:
         return "/tmp/ray/session_latest/logs"
 
 
-def _verbose() -> bool:
+def verbose_mode() -> bool:
     return os.environ.get("CASLIE_VERBOSE", "") not in ("", "0")
 
 
@@ -109,8 +109,9 @@ def quiet(verbose: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    # Only the libraries' own notices: our deprecations (a FutureWarning such as data.path's) stay visible.
+    for category in (FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|ray|peft|accelerate)\b")
 
 
 def configure_data_context(progress_bars: bool | None) -> None:
@@ -119,7 +120,7 @@ def configure_data_context(progress_bars: bool | None) -> None:
     ctx = ray.data.DataContext.get_current()
     show = progress_bars if progress_bars is not None else (sys.stderr.isatty() and not os.environ.get("CI"))
     ctx.enable_progress_bars = bool(show)
-    ctx.print_on_execution_start = bool(show) and _verbose()
+    ctx.print_on_execution_start = bool(show) and verbose_mode()
     ctx.enable_operator_progress_bars = bool(show)
 
 
@@ -129,6 +130,52 @@ def to_table(rows: list[dict], types: dict):
 
     schema = pa.schema([(name, typ) for name, typ in types.items()])
     return pa.Table.from_pylist([{k: r.get(k) for k in types} for r in rows], schema=schema)
+
+
+def actor_id() -> str:
+    """This actor's id (stable across its restarts), or the process id outside an actor."""
+    import ray
+
+    return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+
+
+def unreachable_errors() -> tuple[type[Exception], ...]:
+    """What a call to an actor raises when the actor (or its node) is gone or not answering."""
+    import ray
+
+    return (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError)
+
+
+def driver_actor(cls, name: str, namespace: str, *args):
+    """A named helper actor pinned (softly) to the driver's node, restarted if it dies; no CPU reserved."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    options = dict(name=name, namespace=namespace, scheduling_strategy=here, max_restarts=-1, max_task_retries=-1)
+    return ray.remote(num_cpus=0)(cls).options(**options).remote(*args)
+
+
+class BestEffortActor:
+    """Calls a named actor, returning `fallback` (and saying so once) when it cannot be reached in time."""
+
+    TIMEOUT_S = 60.0
+
+    def __init__(self, name: str, namespace: str) -> None:
+        import ray
+
+        self.actor, self.name, self.unavailable = ray.get_actor(name, namespace=namespace), name, 0
+
+    def call(self, method: str, *args, fallback):
+        import ray
+
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args), timeout=self.TIMEOUT_S)
+        except unreachable_errors() as e:
+            self.unavailable += 1
+            if self.unavailable == 1:
+                log.warning(f"[ray] actor {self.name} unavailable ({type(e).__name__}); going on without it")
+            return fallback
 
 
 def load_job_config(job: str, path: str | Path | None, overrides: list[str] | None = None):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
+
+from .common import log, verbose_mode
 
 STAGES = ("catalog", "enrich", "train", "evaluate", "serve")
 
@@ -23,6 +26,8 @@ def run_demo(workdir: str, *, records: int = 140, seed: int = 0) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     models = ensure_tiny_models()
     print(f"[demo] tiny models ready under {Path(models['lm']).parent}")
+    if not verbose_mode():  # the jobs' own lines are summed up in one line per stage here
+        log.setLevel(logging.WARNING)
     summary: dict = {"workdir": str(work), "tiny_models": models, "stages": {}}
     steps = {
         "catalog": lambda: _catalog(work, records, seed),
@@ -31,11 +36,16 @@ def run_demo(workdir: str, *, records: int = 140, seed: int = 0) -> dict:
         "evaluate": lambda: _evaluate(work),
         "serve": lambda: _serve(work),
     }
-    for name in STAGES:
-        t = time.time()
-        section = steps[name]()
-        section["seconds"] = round(time.time() - t, 2)
-        summary["stages"][name] = section
+    try:
+        for name in STAGES:
+            print(f"[demo] {name}: started", flush=True)
+            t = time.time()
+            section = steps[name]()
+            section["seconds"] = round(time.time() - t, 2)
+            summary["stages"][name] = section
+            print(f"[demo] {name}: done in {section['seconds']:.0f} s; {section.pop('headline')}", flush=True)
+    finally:
+        log.setLevel(logging.INFO)
     summary["seconds"] = round(time.time() - t0, 2)
     summary["summary"] = str(work / "summary.json")
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -53,14 +63,19 @@ def _print_where(summary: dict) -> None:
             print(f"  {'':<9} {label}: {path}")
         print(f"  {'':<9} again: {s['command']}")
     print(f"  {'summary':<9} {summary['summary']}")
+    if not verbose_mode():
+        print(
+            f"  {'ray logs':<9} /tmp/ray/session_latest/logs (each stage's Ray session under /tmp/ray/); --verbose shows them"
+        )
 
 
 def _short(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def _section(output: Path | None, config: str, command: str, figures: dict, **files) -> dict:
+def _section(output: Path | None, config: str, command: str, figures: dict, headline: str = "", **files) -> dict:
     return {
+        "headline": headline,
         "output": str(output) if output else None,
         "files": {k: str(v) for k, v in files.items()},
         "config": config,
@@ -73,8 +88,8 @@ def _catalog(work: Path, records: int, seed: int) -> dict:
     from caslie_core.synthetic import write_catalog
 
     m = write_catalog(work / "catalog", records, seed=seed, broken_images=max(3, records // 40))
-    print(
-        f"[demo] synthetic catalog: {m['records']} records, {m['images']} images "
+    headline = (
+        f"synthetic catalog: {m['records']} records, {m['images']} images "
         f"({len(m['broken_images'])} broken on purpose) in {work / 'catalog'}"
     )
     return _section(
@@ -89,6 +104,7 @@ def _catalog(work: Path, records: int, seed: int) -> dict:
         },
         records=work / "catalog" / "records.jsonl",
         manifest=work / "catalog" / "manifest.json",
+        headline=headline,
     )
 
 
@@ -123,6 +139,7 @@ def _enrich(work: Path) -> dict:
         },
         records=s["records_path"],
         summary=work / "enriched" / "summary.json",
+        headline=f"{s['records']} records: {s['ok']} ok, {s['partial']} partial, {s['failed']} failed; kept share per task {s['kept_share_per_task']}",
     )
 
 
@@ -137,8 +154,8 @@ def _train(work: Path) -> dict:
     curve = s["loss_curve"]
     losses = curve["loss"]
     marks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4, len(losses) - 1}) if losses else []
-    print(
-        "[demo] loss curve: "
+    headline = (
+        f"{s['steps']} steps; loss curve: "
         + ", ".join(f"step {curve['steps'][i]}: {losses[i]:.3f}" for i in marks)
         + (f"; eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else "")
     )
@@ -158,6 +175,7 @@ def _train(work: Path) -> dict:
         adapter=s["adapter"],
         summary=work / "model" / "summary.json",
         checkpoints=s["storage"],
+        headline=headline,
     )
 
 
@@ -183,6 +201,7 @@ def _evaluate(work: Path) -> dict:
         chart=s["results"]["chart"],
         results=s["results"]["json"],
         summary=work / "evaluation" / "summary.json",
+        headline=f"{s['prompts']} prompts, {s['invalid']} invalid answers; table {s['results']['markdown']}",
     )
 
 
@@ -224,8 +243,8 @@ def _serve(work: Path) -> dict:
         r.raise_for_status()
         out = r.json()
     img = out["images"][0]
-    print(
-        f"[demo] served at {url}: POST /v1/predict {rec['task']} {rec['id']} -> answer {out['answer']!r} "
+    headline = (
+        f"served at {url}: POST /v1/predict {rec['task']} {rec['id']} -> answer {out['answer']!r} "
         f"(gold {rec['output']!r}); caption kept: {img['kept']} (votes {img['votes']}); "
         f"{out['timings_ms']['total']:.0f} ms"
     )
@@ -245,4 +264,5 @@ def _serve(work: Path) -> dict:
             "timings_ms": out["timings_ms"],
         },
         model=work / "model" / "adapter",
+        headline=headline,
     )

@@ -6,7 +6,8 @@ Deployments (each with its own autoscaling, and `@serve.batch` where a model run
     Predictor         base model + PEFT adapters side by side, chosen per request (model multiplexing)
     Ingress           FastAPI: /v1/predict, /v1/enrich, /v1/chat/completions, /v1/models, /healthz
 
-The deployments are shims over `caslie_core` (captioning, judging, predict, serving). The ingress fetches
+The deployments are shims over `caslie_core` (`models.captioner`, `models.judge`, `models.predictor`,
+`serving`). The ingress fetches
 and decodes images itself (threads; SSRF-safe), fans the captions and votes out concurrently, and retries
 a model call whose replica died. Overload gives 503 with Retry-After (Serve's max_queued_requests), a
 passed deadline 504.
@@ -28,6 +29,7 @@ from ray import serve
 from caslie_core import serving as sv
 from caslie_core.config import ServeConfig
 from caslie_core.errors import ImageError
+from caslie_core.models.batching import FailureStreak, groups
 from caslie_core.serving.spec import app_spec
 
 from .common import ROOT, init_ray, job_entry, job_main
@@ -53,18 +55,18 @@ def _batching(handler, settings) -> None:
 
 
 class _Health:
-    """A replica whose every item failed in `LIMIT` batches in a row (a broken device or model) reports
-    itself unhealthy; Serve then replaces it."""
+    """Serve's health check over the core's rule (`FailureStreak`): a replica failing every item of several
+    batches in a row (a broken device or model) reports itself unhealthy, and Serve replaces it."""
 
-    LIMIT = 3
-    _bad = 0
+    streak = None
 
     def _track(self, errors: list) -> None:
-        self._bad = self._bad + 1 if errors and all(errors) else 0
+        self.streak = self.streak or FailureStreak()
+        self.streak.track(errors)
 
     def check_health(self) -> None:
-        if self._bad >= self.LIMIT:
-            raise RuntimeError(f"{self._bad} batches in a row failed on every item")
+        if self.streak and self.streak.failing:
+            raise RuntimeError(self.streak.reason())
 
     async def ping(self) -> str:
         return "ok"
@@ -124,15 +126,7 @@ def predictor_deployment(max_adapters: int):
         def __init__(self, spec: dict, batching: dict) -> None:
             from caslie_core.models.predictor import AdapterPredictor
 
-            self.model = AdapterPredictor(
-                spec["base"],
-                revision=spec["revision"],
-                dtype=spec["dtype"],
-                max_new_tokens=spec["max_new_tokens"],
-                batch_size=batching["max_batch_size"],
-                max_prompt_tokens=spec["max_prompt_tokens"],
-                trust_remote_code=spec["trust_remote_code"],
-            )
+            self.model = AdapterPredictor.from_spec(spec, batch_size=batching["max_batch_size"])
             self.paths: dict[str, str] = spec["adapters"]
             _batching(self._answer, batching)
 
@@ -155,9 +149,7 @@ def predictor_deployment(max_adapters: int):
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
         async def _answer(self, prompts: list[str], adapters: list, limits: list) -> list[dict]:
             out: list[Any] = [None] * len(prompts)
-            for key in dict.fromkeys(zip(adapters, limits)):
-                idx = [i for i, k in enumerate(zip(adapters, limits)) if k == key]
-                adapter, limit = key
+            for (adapter, limit), idx in groups(zip(adapters, limits)).items():
                 if adapter is not None and adapter not in self.model.loaded:  # evicted while queued
                     await self.adapter(adapter)
                 answers = await asyncio.to_thread(self.model.answer, [prompts[i] for i in idx], adapter, limit)
@@ -167,12 +159,6 @@ def predictor_deployment(max_adapters: int):
             return out
 
     return Predictor
-
-
-def _downstream_errors():
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    return (RayActorError, ActorUnavailableError)
 
 
 @serve.deployment
@@ -188,41 +174,24 @@ class Ingress:
         self.style = spec["style"]
         self.key_digest = spec["key_digest"]
         self.policy = cfg.fetch.policy()
-        self.retryable = _downstream_errors()
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        self.retryable = (RayActorError, ActorUnavailableError)  # a replica died mid-request: retry elsewhere
 
     async def _body(self, request: Request) -> bytes:
         limit = self.cfg.http.max_body_bytes
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise sv.ApiError(413, f"request body of {length} bytes is over the {limit}-byte limit")
-        chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > limit:
-                raise sv.ApiError(413, f"request body is over the {limit}-byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await sv.read_body(request.stream(), limit, request.headers.get("content-length", ""))
 
     def _authorize(self, request: Request) -> None:
         if not sv.key_matches(request.headers, self.key_digest):  # Starlette headers: case-insensitive
-            raise sv.ApiError(
-                401,
-                "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
-                {"WWW-Authenticate": "Bearer"},
-                code="invalid_api_key",
-            )
+            raise sv.unauthorized()
 
     def _error(self, err: sv.ApiError, openai: bool) -> JSONResponse:
         body = err.openai_body() if openai else {"detail": err.detail}
         return JSONResponse(body, status_code=err.status, headers=err.headers)
 
     def _overloaded(self, why: str) -> sv.ApiError:
-        return sv.ApiError(
-            503,
-            f"overloaded: {why}; retry later",
-            {"Retry-After": str(max(1, round(self.cfg.http.retry_after_s)))},
-            code="overloaded",
-        )
+        return sv.overloaded(why, self.cfg.http.retry_after_s)
 
     async def _handle(self, request: Request, model, work, *, openai: bool = False):
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -260,18 +229,11 @@ class Ingress:
                 await asyncio.sleep(0.5 * 2**attempt)
 
     def _model_id(self, name: str | None) -> tuple[str, str]:
-        name = name or self.default_model
-        if name not in self.models:
-            raise sv.ApiError(404, f"unknown model {name!r}; served: {sorted(self.models)}", code="model_not_found")
-        return name, self.models[name]
+        return sv.served_model(self.models, name or self.default_model)
 
     async def _images(self, slots: list[sv.ImageSlot], mode: str, stage: dict) -> None:
         stage["name"] = "fetching images"
-        cap = self.cfg.fetch.max_images
-        if len(slots) > cap:
-            raise sv.ApiError(
-                422, [{"loc": ["body", "images"], "msg": f"{len(slots)} images; at most {cap}", "type": "too_long"}]
-            )
+        sv.check_image_count(slots, self.cfg.fetch.max_images)
         size, max_pixels = self.cfg.captioner.image_size, self.cfg.fetch.max_pixels
         failures: list[tuple[sv.ImageSlot, ImageError]] = []
 
@@ -286,18 +248,7 @@ class Ingress:
 
         await asyncio.gather(*(one(s) for s in slots))
         if failures and mode == "fail":
-            status = min(sv.image_failure_status(e) for _, e in failures)
-            raise sv.ApiError(
-                status,
-                [
-                    {
-                        "loc": ["body", "images", s.index],
-                        "msg": f"{e.stage}: {e.reason}",
-                        "type": f"image_{e.stage}_error",
-                    }
-                    for s, e in sorted(failures, key=lambda f: f[0].index)
-                ],
-            )
+            raise sv.image_failures_error(failures)
 
     async def _caption(self, slots: list[sv.ImageSlot], stage: dict) -> None:
         stage["name"] = "captioning"
@@ -350,30 +301,15 @@ class Ingress:
 
     @api.post("/v1/predict")
     async def predict(self, request: Request):
-        from caslie_core.prompts import instruction_prompt
-
         async def work(req: sv.PredictRequest, stage: dict):
             t0, timings = time.perf_counter(), {}
             name, model_id = self._model_id(req.adapter)
             record, out = await self._enrich(req, stage, timings)
-            prompt = instruction_prompt(record.instruction, out["input"], out["options"], style=self.style)
             t = time.perf_counter()
-            ans = await self._answer(prompt, model_id, stage)
+            ans = await self._answer(sv.record_prompt_text(record, out, style=self.style), model_id, stage)
             timings["predict"] = round((time.perf_counter() - t) * 1000, 1)
             timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
-            if ans["error"]:
-                raise sv.ApiError(500, f"the model failed on this record: {ans['error']}", code="model_error")
-            return {
-                "id": record.id,
-                "task": record.task,
-                "model": name,
-                "answer": ans["text"],
-                "valid": ans["text"] in record.labels,
-                "raw_output": ans["raw"],
-                **out,
-                "usage": {"prompt_tokens": ans["n_prompt_tokens"], "completion_tokens": ans["n_new_tokens"]},
-                "timings_ms": timings,
-            }
+            return sv.predict_response(record, name, out, ans, timings)
 
         return await self._handle(request, sv.PredictRequest, work)
 
@@ -424,18 +360,19 @@ class Ingress:
                 **{f"Judge_{n}": h for n, h in self.judges.items()},
             }
 
-            async def ping(h):
-                try:
-                    return await asyncio.wait_for(h.ping.remote(), 10)
-                except Exception as e:
-                    return f"{type(e).__name__}: {e}"
-
-            replies = await asyncio.gather(*(ping(h) for h in handles.values()))
+            replies = await asyncio.gather(*(_ping(h) for h in handles.values()))
             body["deployments"] = dict(zip(handles, replies))
             if any(r != "ok" for r in replies):
                 body["status"] = "degraded"
                 return JSONResponse(body, status_code=503)
         return body
+
+
+async def _ping(handle) -> str:
+    try:
+        return await asyncio.wait_for(handle.ping.remote(), 10)
+    except Exception as e:  # noqa: BLE001 - reported in the health body
+        return f"{type(e).__name__}: {e}"
 
 
 def build_app(args: ServeConfig) -> serve.Application:
@@ -496,8 +433,7 @@ def run(cfg: ServeConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     with serving(cfg) as url:
-        print(f"CASLIE is serving at {url}; Ctrl-C stops it")
-        print(f"  curl {url}/healthz     models: {url}/v1/models     API: {url}/docs")
+        print(f"CASLIE is serving at {url}; Ctrl-C stops it\n  curl {url}/healthz   {url}/v1/models   {url}/docs")
         try:
             while not stopped["flag"]:
                 time.sleep(0.5)

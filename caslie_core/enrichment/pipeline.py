@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..errors import CaslieError
 from ..images import FetchPolicy
 from ..io import store
 from ..io.store import partition_value
@@ -16,6 +17,25 @@ from ..prompts import PROMPT_VERSION
 from ..tasks import get_task
 from .cache import CaptionCache, LocalCaptionCache
 from .stages import CaptionStage, JudgeStage, decode_rows, fetch_rows, finalize_rows, parse_rows
+
+
+class ErrorRateLimit:
+    """`limits.max_failed_fraction`: stop a job whose records fail past the configured share (after
+    `limits.min_records`), pointing at the `error` column; a rerun resumes."""
+
+    def __init__(self, limits, *, where: str) -> None:
+        self.limits, self.where, self.seen, self.failed = limits, where, 0, 0
+
+    def see(self, statuses: list[str]) -> None:
+        self.seen += len(statuses)
+        self.failed += statuses.count("failed")
+        lim, seen, failed = self.limits, self.seen, self.failed
+        if seen >= lim.min_records and failed / seen > lim.max_failed_fraction:
+            raise CaslieError(
+                f"error-rate limit passed: {failed} of {seen} records failed "
+                f"({failed / seen:.1%} > limits.max_failed_fraction={lim.max_failed_fraction}); "
+                f"see the `error` column under {self.where}; rerun to resume"
+            )
 
 
 def provenance(cfg, config_hash: str, run_id: str) -> dict:

@@ -24,7 +24,8 @@ from typing import Any
 from ..errors import ImageError, RecordError
 from ..images import FetchPolicy, decode_image, digest, fetch_image
 from ..io.store import OUTPUT_COLUMNS
-from ..models.judge import keep_caption
+from ..models.captioner import CaptionModel
+from ..models.judge import VoteModel, keep_caption
 from ..prompts import caption_request, judge_question
 from ..records import Record, Reject, parse_record, raw_id
 from .assemble import assemble
@@ -160,7 +161,7 @@ def decode_rows(rows: list[dict], *, max_pixels: int, size: int) -> list[dict]:
 class CaptionStage:
     """Captions every decoded image of each row; identical pairs are captioned once (via `cache`)."""
 
-    captioner: Any  # caslie_core.captioning.Captioner (or anything with .caption(images, prompts))
+    captioner: CaptionModel  # models.captioner.Captioner, or anything with .caption(images, prompts)
     size: int
     cache: CaptionCache | None = None
     owner: str = "local"
@@ -208,6 +209,8 @@ class CaptionStage:
             mine = [k for k in pending if status[k][0] == "mine"]
             if mine:
                 outs = self.captioner.caption([work[k][0] for k in mine], [work[k][1] for k in mine])
+                if len(outs) != len(mine):  # a captioner that drops items would leave them pending forever
+                    raise RuntimeError(f"captioner returned {len(outs)} results for {len(mine)} images")
                 for k, res in zip(mine, outs):
                     results[k] = (res.caption, res.error)
                 if self.cache is not None:
@@ -237,7 +240,7 @@ class CaptionStage:
 class JudgeStage:
     """One judge's vote on every caption of each row (`votes_<name>`: list of yes/no/None)."""
 
-    judge: Any  # caslie_core.judging.Judge
+    judge: VoteModel  # models.judge.Judge, or anything with .vote(questions)
     name: str
 
     def __call__(self, rows: list[dict]) -> list[dict]:

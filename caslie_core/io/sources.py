@@ -1,7 +1,8 @@
 """Reading MMECInstruct-schema records from files: format detection, streaming readers, folder discovery.
 
-One copy of "which files in this folder are records" for every job (enrich, train, evaluate), and
-`classify_inputs`, which tells enrichment output apart from raw records.
+One copy of "which files in this folder are records" for every job (enrich, train, evaluate), and the
+reading plan of the enrichment job (parallel readers or the driver). `io.store.classify_inputs` tells
+enrichment output apart from raw records.
 """
 
 from __future__ import annotations
@@ -253,3 +254,47 @@ def find_record_files(path: str, *, key: str = "input.path") -> list[str]:
             raise SourceError(f"{key}: {path}: folder has no .jsonl, .json or .parquet files")
         return [fs.unstrip_protocol(p) if "://" in path else p for p in found]
     return [path]
+
+
+@dataclass
+class Read:
+    """How one input file is read: `text` (JSON lines) or `parquet` by parallel readers, else `driver`."""
+
+    path: str
+    format: Format
+    reader: Literal["text", "parquet", "driver"]
+    filesystem: Any = None  # a pyarrow filesystem for remote paths (parallel readers only)
+
+
+PARALLEL_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs")
+
+
+def reading_plan(paths: str | list[str], fmt: str = "auto") -> list[Read]:
+    """Every records file under `paths` with the way to read it: uncompressed JSONL and Parquet on local or
+    object storage go to parallel readers; JSON lists, compressed files and http(s)/hf URLs through one process."""
+    import fsspec
+
+    plan = []
+    for root in [paths] if isinstance(paths, str) else list(paths):
+        for path in find_record_files(root):
+            f = detect_format(path) if fmt == "auto" else fmt
+            scheme = path.split("://", 1)[0] if "://" in path else "file"
+            if scheme not in PARALLEL_SCHEMES or f not in ("jsonl", "parquet") or path.endswith(".gz"):
+                plan.append(Read(path, f, "driver"))
+                continue
+            fs, stripped = fsspec.core.url_to_fs(path)
+            if not fs.exists(stripped):
+                raise SourceError(f"input.path {path}: no such file")
+            filesystem = None
+            if scheme != "file":
+                from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+                filesystem, path = PyFileSystem(FSSpecHandler(fs)), stripped
+            plan.append(Read(path, f, "text" if f == "jsonl" else "parquet", filesystem))
+    return plan
+
+
+def raw_texts(path: str) -> Iterator[str]:
+    """Each raw row of a file as JSON text (a malformed line keeps its own text, to be reported as such)."""
+    for _, raw in iter_raw_rows(path):
+        yield raw.raw_text if isinstance(raw, Exception) else json.dumps(raw, default=str)

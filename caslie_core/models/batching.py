@@ -42,3 +42,29 @@ def run_batched(
                 except Exception as e:
                     results[i] = failed(e)
     return results
+
+
+def groups(keys) -> dict:
+    """Positions by key, keys in first-seen order: `groups("aba") == {"a": [0, 2], "b": [1]}`."""
+    out: dict = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
+
+
+class FailureStreak:
+    """Batches in a row in which every item failed. Past `limit`, the model (or its device) is broken,
+    not the data: a service replica reports itself unhealthy, a batch job stops with a clear message."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit, self.count = limit, 0
+
+    def track(self, errors: list) -> None:
+        self.count = self.count + 1 if errors and all(errors) else 0
+
+    @property
+    def failing(self) -> bool:
+        return self.count >= self.limit
+
+    def reason(self) -> str:
+        return f"{self.count} batches in a row failed on every item"

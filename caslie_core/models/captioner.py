@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..prompts import clean_caption
 
@@ -18,6 +18,12 @@ class CaptionResult:
 
     caption: str | None
     error: str | None = None
+
+
+class CaptionModel(Protocol):
+    """What the caption stage and the service need of a captioner (a real one, or a fake in tests)."""
+
+    def caption(self, images: list, prompts: list[str]) -> list[CaptionResult]: ...
 
 
 class Captioner:

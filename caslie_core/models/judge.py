@@ -8,7 +8,7 @@ pass; the next-token scores of the yes-tokens and the no-tokens are compared (al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 JudgeMode = Literal["logits", "generate"]
 YES_FORMS = ("yes", "Yes", " yes", " Yes", "YES")
@@ -39,6 +39,12 @@ def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
         yes, no = yes or ids(YES_FORMS, False), no or ids(NO_FORMS, False)
     shared = yes & no
     return sorted(yes - shared), sorted(no - shared)
+
+
+class VoteModel(Protocol):
+    """What the judge stage and the service need of a judge (a real one, or a fake in tests)."""
+
+    def vote(self, questions: list[str]) -> list[Vote]: ...
 
 
 class Judge:

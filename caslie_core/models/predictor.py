@@ -193,6 +193,19 @@ class AdapterPredictor(Predictor):
     """One base model with several LoRA adapters loaded side by side; each call names the adapter to use
     (None = the base model alone). Thread-safe: loading, unloading and answering take one lock."""
 
+    @classmethod
+    def from_spec(cls, spec: dict, *, batch_size: int) -> AdapterPredictor:
+        """From the service's predictor spec (`caslie_core.serving.spec.app_spec(...)["predictor"]`)."""
+        return cls(
+            spec["base"],
+            revision=spec["revision"],
+            dtype=spec["dtype"],
+            max_new_tokens=spec["max_new_tokens"],
+            batch_size=batch_size,
+            max_prompt_tokens=spec["max_prompt_tokens"],
+            trust_remote_code=spec["trust_remote_code"],
+        )
+
     def __init__(self, model: str, **kwargs) -> None:
         import threading
 

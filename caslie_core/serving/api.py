@@ -34,6 +34,42 @@ class ApiError(Exception):
         return {"error": {"message": msg, "type": kind, "param": None, "code": self.code or str(self.status)}}
 
 
+def unauthorized() -> ApiError:
+    return ApiError(
+        401,
+        "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
+        {"WWW-Authenticate": "Bearer"},
+        code="invalid_api_key",
+    )
+
+
+def overloaded(why: str, retry_after_s: float) -> ApiError:
+    """503 with Retry-After: the client should come back, nothing is wrong with its request."""
+    return ApiError(
+        503, f"overloaded: {why}; retry later", {"Retry-After": str(max(1, round(retry_after_s)))}, code="overloaded"
+    )
+
+
+def served_model(models: dict[str, str], name: str) -> tuple[str, str]:
+    """(served name, multiplexed id) of a model a request names; 404 `model_not_found` otherwise."""
+    if name not in models:
+        raise ApiError(404, f"unknown model {name!r}; served: {sorted(models)}", code="model_not_found")
+    return name, models[name]
+
+
+async def read_body(chunks, limit: int, declared_length: str = "") -> bytes:
+    """Read a request body from an async iterator of chunks; 413 past `limit` bytes (declared or read)."""
+    if declared_length.isdigit() and int(declared_length) > limit:
+        raise ApiError(413, f"request body of {declared_length} bytes is over the {limit}-byte limit")
+    parts, n = [], 0
+    async for chunk in chunks:
+        n += len(chunk)
+        if n > limit:
+            raise ApiError(413, f"request body is over the {limit}-byte limit")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def validation_detail(err: ValidationError) -> list[dict]:
     """Pydantic errors as FastAPI's 422 detail: [{loc: ["body", ...], msg, type}]."""
     return [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in err.errors()]

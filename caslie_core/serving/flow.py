@@ -170,3 +170,43 @@ def chat_prompt(text: str, slots: list[ImageSlot], *, style: str) -> str:
     kept = [s.caption for s in slots if s.kept]
     value = {SINGLE_KEY: kept[0]} if len(kept) == 1 else ({SINGLE_KEY: kept} if kept else {})
     return instruction_prompt(text, value, [], style=style)
+
+
+def check_image_count(slots: list[ImageSlot], cap: int) -> None:
+    if len(slots) > cap:
+        raise ApiError(
+            422, [{"loc": ["body", "images"], "msg": f"{len(slots)} images; at most {cap}", "type": "too_long"}]
+        )
+
+
+def image_failures_error(failures: list[tuple[ImageSlot, ImageError]]) -> ApiError:
+    """Images that could not be read, as one error (422 if the client can fix any of them, else 502)."""
+    return ApiError(
+        min(image_failure_status(e) for _, e in failures),
+        [
+            {"loc": ["body", "images", s.index], "msg": f"{e.stage}: {e.reason}", "type": f"image_{e.stage}_error"}
+            for s, e in sorted(failures, key=lambda f: f[0].index)
+        ],
+    )
+
+
+def record_prompt_text(record: Record, out: dict, *, style: str) -> str:
+    """The instruction prompt of an enriched record (`out` from `enriched`)."""
+    return instruction_prompt(record.instruction, out["input"], out["options"], style=style)
+
+
+def predict_response(record: Record, model: str, out: dict, ans: dict, timings: dict) -> dict:
+    """The /v1/predict body: the answer, whether it is a valid label, the enrichment report, usage, timings."""
+    if ans["error"]:
+        raise ApiError(500, f"the model failed on this record: {ans['error']}", code="model_error")
+    return {
+        "id": record.id,
+        "task": record.task,
+        "model": model,
+        "answer": ans["text"],
+        "valid": ans["text"] in record.labels,
+        "raw_output": ans["raw"],
+        **out,
+        "usage": {"prompt_tokens": ans["n_prompt_tokens"], "completion_tokens": ans["n_new_tokens"]},
+        "timings_ms": timings,
+    }

@@ -175,8 +175,8 @@ def test_submission_without_the_token_fails_with_one_clear_line(secured_cluster,
 
 def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_dies(secured_cluster, tmp_path):
     """`caslie submit --wait` through the Jobs API; the worker node is killed once the job runs actors on it."""
+    from caslie_core.io import store
     from caslie_core.synthetic import write_catalog
-    from ray_jobs import enrich
 
     N = 160
     m = write_catalog(tmp_path / "cat", N, seed=12, broken_images=2)
@@ -201,11 +201,11 @@ def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_di
     while time.time() < deadline and client.poll() is None:
         # the job's actors run on the worker node and its first records are written
         on_worker = _alive_actors_on(secured_cluster, worker)
-        if on_worker and enrich.list_parts(str(out)):
+        if on_worker and store.list_parts(str(out)):
             break
         time.sleep(0.3)
     assert client.poll() is None and on_worker, "the job never ran actors on the worker node"
-    before = len(enrich.read_output(str(out), ["id"]))
+    before = len(store.read_output(str(out), ["id"]))
     assert _host(secured_cluster, "remove-worker")["node"] == worker
     try:
         text, _ = client.communicate(timeout=300)
@@ -215,7 +215,7 @@ def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_di
     assert client.returncode == 0 and "SUCCEEDED" in text, _logs(secured_cluster, sid)
     assert secured_cluster["token"] not in text
     assert before < N, "the node was removed after the job had written everything"
-    ids = [r["id"] for r in enrich.read_output(str(out), ["id"])]
+    ids = [r["id"] for r in store.read_output(str(out), ["id"])]
     assert len(ids) == N and len(set(ids)) == N
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"] == N and summary["partial"] == 2 and summary["ok"] + summary["partial"] == N

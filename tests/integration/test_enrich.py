@@ -18,6 +18,7 @@ from imageserver import ImageServer
 from PIL import Image
 
 from caslie_core.config import EnrichConfig, load_config
+from caslie_core.io import store
 from caslie_core.synthetic import write_catalog
 from ray_jobs import enrich
 
@@ -93,7 +94,7 @@ def test_http_images_s3_records_and_output(ray_session, catalog, s3_bucket, tmp_
     out = f"s3://{s3_bucket}/enriched"
     summary = enrich.run(config(f"s3://{s3_bucket}/in/records.parquet", out, *HTTP_SETTINGS))
 
-    written = enrich.read_output(out)
+    written = store.read_output(out)
     ids = [r["id"] for r in written]
     assert sorted(ids) == sorted(r["id"] for r in rows)  # exactly one output row per input record
     by_id = {r["id"]: r for r in written}
@@ -125,7 +126,7 @@ def test_http_images_s3_records_and_output(ray_session, catalog, s3_bucket, tmp_
     assert summary["errors_per_stage"]["fetch"] == 3 and summary["errors_per_stage"]["decode"] == 2
     fs = fsspec.filesystem("s3")
     assert fs.exists(f"{s3_bucket}/enriched/summary.json") and fs.exists(f"{s3_bucket}/enriched/resolved_config.yaml")
-    assert any("task=category_classification" in p for p in enrich.list_parts(out))
+    assert any("task=category_classification" in p for p in store.list_parts(out))
 
 
 def _caption_actor_pids() -> list[int]:
@@ -151,7 +152,7 @@ def test_captioner_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
     killed = False
     deadline = time.time() + 120
     while time.time() < deadline and worker.is_alive() and not killed:
-        if enrich.list_parts(str(out)):
+        if store.list_parts(str(out)):
             for pid in _caption_actor_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed = True
@@ -159,7 +160,7 @@ def test_captioner_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
     worker.join(timeout=240)
     assert killed, "the captioner actor was never seen running"
     assert result, "the job did not finish after its captioner was killed"
-    ids = [r["id"] for r in enrich.read_output(str(out), ["id"])]
+    ids = [r["id"] for r in store.read_output(str(out), ["id"])]
     assert len(ids) == 48 and len(set(ids)) == 48
     assert result["failed"] == 0
 
@@ -189,21 +190,21 @@ def test_driver_killed_then_rerun_resumes_without_duplicates(ray_session, tmp_pa
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 150
-    while time.time() < deadline and proc.poll() is None and len(enrich.list_parts(str(out))) < 1:
+    while time.time() < deadline and proc.poll() is None and len(store.list_parts(str(out))) < 1:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # The dead driver's write tasks may still finish for a moment: count once the parts stop changing.
     settled, last = time.time(), -1
     while time.time() - settled < 3:
-        now = len(enrich.list_parts(str(out)))
+        now = len(store.list_parts(str(out)))
         if now != last:
             settled, last = time.time(), now
         time.sleep(0.2)
-    first = len(enrich.read_output(str(out), ["id"]))
+    first = len(store.read_output(str(out), ["id"]))
     assert 0 < first < N, f"the kill came too late or too early ({first} records written)"
     summary = enrich.run(config(m["jsonl"], out, "records_per_batch=4"))
-    ids = [r["id"] for r in enrich.read_output(str(out), ["id"])]
+    ids = [r["id"] for r in store.read_output(str(out), ["id"])]
     assert len(ids) == N and len(set(ids)) == N
     assert summary["skipped_already_done"] == first and summary["processed_this_run"] == N - first
     assert summary["partial"] == 2 and summary["duplicate_ids"] == 0
@@ -232,7 +233,7 @@ def test_drop_duplicates_keeps_one_row_per_id(tmp_path):
         folder / "part-2.parquet",
     )
     pq.write_table(pa.Table.from_pylist([{"id": "a", "status": "ok"}], schema=schema), folder / "part-3.parquet")
-    assert enrich.drop_duplicates(str(tmp_path / "out")) == 2
-    ids = sorted(r["id"] for r in enrich.read_output(str(tmp_path / "out")))
-    assert ids == ["a", "b", "c"] and len(enrich.list_parts(str(tmp_path / "out"))) == 2
-    assert enrich.drop_duplicates(str(tmp_path / "out")) == 0
+    assert store.drop_duplicates(str(tmp_path / "out")) == 2
+    ids = sorted(r["id"] for r in store.read_output(str(tmp_path / "out")))
+    assert ids == ["a", "b", "c"] and len(store.list_parts(str(tmp_path / "out"))) == 2
+    assert store.drop_duplicates(str(tmp_path / "out")) == 0

@@ -56,3 +56,16 @@ def test_validate_reports_rejects(tmp_path, capsys):
     assert main(["validate", str(p)]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["rows"] == 1 and out["rejected"] == 1 and out["rejects"][0]["field"] == "input"
+
+
+def test_version():
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("caslie ")
+
+
+@pytest.mark.parametrize("job", ["enrich", "train", "evaluate"])
+def test_every_job_takes_input_and_output_paths_and_verbose(job):
+    args = build_parser().parse_args(
+        [job, f"configs/{job}-demo.yaml", "--set", "input.path=X", "--set", "output.path=Y"]
+    )
+    assert args.overrides == ["input.path=X", "output.path=Y"] and args.verbose is False

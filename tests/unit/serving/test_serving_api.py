@@ -266,7 +266,7 @@ def test_the_builder_takes_the_config_files_args_as_serve_run_passes_them(tiny_m
     args = apply_overrides(app_cfg.args, ["model.path=null", "model.model=tiny:lm"])
     app = call_user_app_builder_with_args_if_necessary(builder, args)
     assert type(app).__name__ == "Application"
-    from ray_jobs.serve import app_spec
+    from caslie_core.serving.spec import app_spec
 
     spec = app_spec(ServeConfig.model_validate(args))
     assert spec["models"] == {"caslie-demo": "base"} and spec["key_digest"] is None
