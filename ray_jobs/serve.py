@@ -36,12 +36,8 @@ from .common import ROOT, init_ray, job_entry, job_main
 
 log = logging.getLogger("ray.serve")
 APP_NAME = "caslie"
-api = FastAPI(
-    title="CASLIE",
-    version="1",
-    description="Context-conditioned captions, caption-quality "
-    "votes and answers of a fine-tuned model for e-commerce products.",
-)
+DESCRIPTION = "Context-conditioned captions, caption-quality votes and answers of a fine-tuned e-commerce model."
+api = FastAPI(title="CASLIE", version="1", description=DESCRIPTION)
 
 
 def _batching(handler, settings) -> None:
@@ -349,6 +345,14 @@ class Ingress:
             return self._error(e, True)
         return sv.models_list(list(self.models))
 
+    @staticmethod
+    async def _ping(handle) -> str:
+        # A method: the pickled ingress class missed a module-level helper (NameError in the replica).
+        try:
+            return await asyncio.wait_for(handle.ping.remote(), 10)
+        except Exception as e:  # noqa: BLE001 - reported in the health body
+            return f"{type(e).__name__}: {e}"
+
     @api.get("/healthz")
     async def healthz(self, deep: bool = False):
         """Liveness (no auth). `?deep=true` also pings one replica of every model deployment."""
@@ -360,19 +364,12 @@ class Ingress:
                 **{f"Judge_{n}": h for n, h in self.judges.items()},
             }
 
-            replies = await asyncio.gather(*(_ping(h) for h in handles.values()))
+            replies = await asyncio.gather(*[self._ping(h) for h in handles.values()])
             body["deployments"] = dict(zip(handles, replies))
             if any(r != "ok" for r in replies):
                 body["status"] = "degraded"
                 return JSONResponse(body, status_code=503)
         return body
-
-
-async def _ping(handle) -> str:
-    try:
-        return await asyncio.wait_for(handle.ping.remote(), 10)
-    except Exception as e:  # noqa: BLE001 - reported in the health body
-        return f"{type(e).__name__}: {e}"
 
 
 def build_app(args: ServeConfig) -> serve.Application:

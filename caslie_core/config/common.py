@@ -6,7 +6,7 @@ import re
 import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..models.loading import DTYPES
 
@@ -79,6 +79,22 @@ class PoolConfig(StrictModel):
         return self
 
 
+def fetch_policy(section) -> Any:
+    """The `images.FetchPolicy` of a fetch config section: every field the section has, the policy's
+    defaults for the rest (the service's section has no `allow_local_files`: strangers get no local files)."""
+    import dataclasses
+
+    from ..images import FetchPolicy
+
+    names = {f.name for f in dataclasses.fields(FetchPolicy)} & set(type(section).model_fields)
+    values = {n: getattr(section, n) for n in names}
+    if "schemes" in values:
+        values["schemes"] = tuple(values["schemes"])
+    if "allowlist" in values:
+        values["allowlist"] = list(values["allowlist"])
+    return FetchPolicy(**values)
+
+
 class FetchConfig(StrictModel):
     threads: int = Field(16, ge=1, le=256, description="concurrent fetches per fetch task (bounded concurrency)")
     connect_timeout: float = Field(5.0, gt=0, description="seconds to connect")
@@ -94,19 +110,7 @@ class FetchConfig(StrictModel):
     allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
 
     def policy(self):
-        from ..images import FetchPolicy
-
-        return FetchPolicy(
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-            max_bytes=self.max_bytes,
-            retries=self.retries,
-            backoff=self.backoff,
-            schemes=tuple(self.schemes),
-            allow_local_files=self.allow_local_files,
-            block_private=self.block_private,
-            allowlist=list(self.allowlist),
-        )
+        return fetch_policy(self)
 
 
 class DecodeConfig(StrictModel):
@@ -140,3 +144,20 @@ class RayConfig(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster")
     object_store_memory: int | None = Field(None, ge=78643200, description="bytes for a local object store")
     progress_bars: bool | None = Field(None, description="default: on a terminal, off in CI")
+
+
+class JudgeBase(ModelRef):
+    """One judge of the panel, in the batch job and in the service."""
+
+    name: str = Field(description="short name, used in column names (votes_<name>) and responses")
+    mode: Literal["logits", "generate"] = Field(
+        "logits",
+        description="logits: one forward pass, compare yes/no scores (fast); generate: as the "
+        "research code, read the generated answer (slower, may answer neither)",
+    )
+    max_new_tokens: int = Field(16, ge=1, le=64, description="generate mode only")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)

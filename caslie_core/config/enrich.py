@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from .common import (
     DecodeConfig,
     FetchConfig,
     InputConfig,
+    JudgeBase,
     ModelRef,
     OutputConfig,
     PoolConfig,
     RayConfig,
     StrictModel,
-    check_name,
 )
 
 
@@ -25,21 +23,9 @@ class CaptionerConfig(ModelRef):
     pool: PoolConfig = Field(default_factory=PoolConfig, description="captioner actor pool")
 
 
-class JudgeConfig(ModelRef):
-    name: str = Field(description="short name, used in column names (votes_<name>)")
-    mode: Literal["logits", "generate"] = Field(
-        "logits",
-        description="logits: one forward pass, compare yes/no scores (fast); generate: as the "
-        "research code, read the generated answer (slower, may answer neither)",
-    )
-    max_new_tokens: int = Field(16, ge=1, le=64, description="generate mode only")
+class JudgeConfig(JudgeBase):
     micro_batch: int = Field(16, ge=1, description="questions per forward/generate call")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="judge actor pool")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v)
 
 
 class DedupConfig(StrictModel):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from .common import Dtype, ModelRef, RayConfig, StrictModel, check_name
+from .common import Dtype, JudgeBase, ModelRef, RayConfig, StrictModel, fetch_policy
 
 
 class AutoscalingSettings(StrictModel):
@@ -114,18 +114,7 @@ class ServeFetchConfig(StrictModel):
     allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
 
     def policy(self):
-        from ..images import FetchPolicy
-
-        return FetchPolicy(
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-            max_bytes=self.max_bytes,
-            retries=self.retries,
-            schemes=tuple(self.schemes),
-            allow_local_files=False,
-            block_private=self.block_private,
-            allowlist=list(self.allowlist),
-        )
+        return fetch_policy(self)
 
 
 class ServeCaptionerConfig(ModelRef):
@@ -134,16 +123,8 @@ class ServeCaptionerConfig(ModelRef):
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings, description="replicas")
 
 
-class ServeJudgeConfig(ModelRef):
-    name: str = Field(description="short name, shown in responses")
-    mode: Literal["logits", "generate"] = Field("logits", description="see the enrichment job")
-    max_new_tokens: int = Field(16, ge=1, le=64, description="generate mode only")
+class ServeJudgeConfig(JudgeBase):
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings, description="replicas")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v)
 
 
 class ServeModelConfig(StrictModel):
