@@ -150,3 +150,9 @@ def get_task(name: str) -> Task:
 
 def task_names() -> list[str]:
     return [t.name for t in TASKS.values()]
+
+
+def wanted_tasks(tasks: list[str] | None) -> list[str] | None:
+    """The names of the tasks a config asks for (abbreviations accepted), None for all; KeyError names
+    an unknown one."""
+    return [get_task(t).name for t in tasks] if tasks else None

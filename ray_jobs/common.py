@@ -2,7 +2,7 @@
 one command-line parser and one error guard for every job, and the job log.
 
 Imports form a star: `cli`/`demo` -> the job shims -> this module -> `caslie_core`. Nothing here imports
-a job module, so no cycle can form.
+a job module statically (`job_entry` loads one by name at run time), so no cycle can form.
 """
 
 from __future__ import annotations
@@ -17,10 +17,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ("enrich", "train", "evaluate", "serve")
 
-# The jobs' own progress lines ("[enrich] 140 records: ..."): INFO on stdout; `quiet()` raises the bar.
+
+class _Stdout(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is at the time (pytest's capture, a redirect)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+# The jobs' own progress lines ("[enrich] 140 records: ..."): INFO on stdout.
 log = logging.getLogger("caslie")
 if not log.handlers:
-    _handler = logging.StreamHandler(sys.stdout)
+    _handler = _Stdout()
     _handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(_handler)
     log.setLevel(logging.INFO)
@@ -38,7 +51,7 @@ def _answers(address: str, timeout: float = 1.0) -> bool:
 
 
 def running_local_cluster() -> str | None:
-    """The address of a local cluster Ray's address file names, if it answers (`ray start`, `caslie serve`)."""
+    """The address of the local cluster Ray's address file names (a `ray start` cluster), if it answers."""
     try:
         from ray._private.utils import read_ray_address
 
@@ -62,7 +75,7 @@ def init_ray(ray_cfg, *, verbose: bool | None = None) -> bool:
         return False
     verbose = verbose_mode() if verbose is None else verbose
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
-    kwargs = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    kwargs = {"logging_level": "INFO" if verbose else "WARNING", "log_to_driver": verbose}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address is None and (found := running_local_cluster()):
         address = found
@@ -94,15 +107,20 @@ def _session_logs() -> str:
 
 
 def verbose_mode() -> bool:
-    return os.environ.get("CASLIE_VERBOSE", "") not in ("", "0")
+    """Ray's own logs on the terminal: on unless `quiet()` was asked for (the `caslie` commands without
+    --verbose). A job submitted to a cluster (`python -m ray_jobs.<job>`) keeps them all, for `ray job logs`."""
+    return os.environ.get("CASLIE_VERBOSE", "1") != "0"
 
 
 def quiet(verbose: bool) -> None:
-    """Send Ray's, Ray Data's and transformers' chatter to the Ray session's log files, not the terminal."""
+    """Send Ray's workers' output and the libraries' chatter to the Ray session's log files, not the
+    terminal; Ray's own warnings (a pool waiting for resources, a restarted worker group) still show."""
     os.environ["CASLIE_VERBOSE"] = "1" if verbose else "0"
     if verbose:
         return
-    for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune", "transformers", "peft", "filelock"):
+    for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("transformers", "peft", "filelock"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -132,52 +150,6 @@ def to_table(rows: list[dict], types: dict):
     return pa.Table.from_pylist([{k: r.get(k) for k in types} for r in rows], schema=schema)
 
 
-def actor_id() -> str:
-    """This actor's id (stable across its restarts), or the process id outside an actor."""
-    import ray
-
-    return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
-
-
-def unreachable_errors() -> tuple[type[Exception], ...]:
-    """What a call to an actor raises when the actor (or its node) is gone or not answering."""
-    import ray
-
-    return (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError)
-
-
-def driver_actor(cls, name: str, namespace: str, *args):
-    """A named helper actor pinned (softly) to the driver's node, restarted if it dies; no CPU reserved."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    options = dict(name=name, namespace=namespace, scheduling_strategy=here, max_restarts=-1, max_task_retries=-1)
-    return ray.remote(num_cpus=0)(cls).options(**options).remote(*args)
-
-
-class BestEffortActor:
-    """Calls a named actor, returning `fallback` (and saying so once) when it cannot be reached in time."""
-
-    TIMEOUT_S = 60.0
-
-    def __init__(self, name: str, namespace: str) -> None:
-        import ray
-
-        self.actor, self.name, self.unavailable = ray.get_actor(name, namespace=namespace), name, 0
-
-    def call(self, method: str, *args, fallback):
-        import ray
-
-        try:
-            return ray.get(getattr(self.actor, method).remote(*args), timeout=self.TIMEOUT_S)
-        except unreachable_errors() as e:
-            self.unavailable += 1
-            if self.unavailable == 1:
-                log.warning(f"[ray] actor {self.name} unavailable ({type(e).__name__}); going on without it")
-            return fallback
-
-
 def load_job_config(job: str, path: str | Path | None, overrides: list[str] | None = None):
     """The one config loader of every entry path (CLI, `python -m`, demo, submit): YAML + `--set`, validated."""
     from caslie_core.config import JOB_CONFIGS, load_config
@@ -199,7 +171,8 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, positional: bool) -> a
         metavar="KEY=VALUE",
         help="override a config value by dotted key, e.g. --set output.path=/tmp/out (repeatable)",
     )
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs on the terminal")
+    if positional:  # `caslie JOB`: quiet by default; `python -m ray_jobs.JOB` (submitted jobs) always verbose
+        parser.add_argument("--verbose", action="store_true", help="show Ray's own logs on the terminal")
     return parser
 
 
@@ -216,10 +189,11 @@ def run_guarded(command: str, fn) -> int:
 
 
 def job_main(job: str, run, doc: str | None, argv: list[str] | None) -> int:
-    """`python -m ray_jobs.<job> --config FILE [--set k=v ...]`: load and validate the config, run the job."""
+    """`python -m ray_jobs.<job> --config FILE [--set k=v ...]`: load and validate the config, run the job.
+
+    The entrypoint of submitted jobs: Ray's logs stay on (they are what `ray job logs` shows)."""
     parser = argparse.ArgumentParser(prog=f"python -m ray_jobs.{job}", description=(doc or "").split("\n\n")[0])
     args = add_job_arguments(parser, positional=False).parse_args(argv)
-    quiet(args.verbose)
     run(load_job_config(job, args.config, args.overrides))
     return 0
 

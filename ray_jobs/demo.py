@@ -186,7 +186,7 @@ def _evaluate(work: Path) -> dict:
         "evaluate",
         [f"model.path={work / 'model'}", f"input.path={work / 'enriched'}", f"output.path={work / 'evaluation'}"],
     )
-    s = evaluate.run(cfg)  # prints the table
+    s = evaluate.run(cfg)
     return _section(
         work / "evaluation",
         config,

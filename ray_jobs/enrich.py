@@ -23,17 +23,8 @@ from caslie_core.images import FetchPolicy
 from caslie_core.io import store
 from caslie_core.io.sources import raw_texts, reading_plan
 
-from .common import (
-    BestEffortActor,
-    actor_id,
-    configure_data_context,
-    driver_actor,
-    init_ray,
-    job_entry,
-    job_main,
-    log,
-    to_table,
-)
+from .actors import BestEffortActor, actor_id, best_effort_get, driver_actor
+from .common import configure_data_context, init_ray, job_entry, job_main, log, to_table
 
 S = pa.string()
 RAW = {"text": S}
@@ -213,7 +204,7 @@ def run(cfg: EnrichConfig) -> dict:
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 limit.see(batch.column("status").to_pylist())
-            cache_stats = BestEffortActor(*cache).call("stats", fallback={"unavailable": True}) if cache else {}
+            cache_stats = best_effort_get(cache_actor.stats.remote(), fallback=None) if cache_actor else {}
         finally:
             if cache_actor:
                 ray.kill(cache_actor)

@@ -70,7 +70,7 @@ class _Health:
 
 @serve.deployment
 class Captioner(_Health):
-    def __init__(self, cfg: dict, batching: dict) -> None:
+    def __init__(self, cfg: dict) -> None:
         from caslie_core.config.serve import ServeCaptionerConfig
         from caslie_core.models.captioner import Captioner as Model
 
@@ -87,7 +87,7 @@ class Captioner(_Health):
 
 @serve.deployment
 class Judge(_Health):
-    def __init__(self, cfg: dict, batching: dict) -> None:
+    def __init__(self, cfg: dict) -> None:
         from caslie_core.config.serve import ServeJudgeConfig
         from caslie_core.models.judge import Judge as Model
 
@@ -378,9 +378,9 @@ def build_app(args: ServeConfig) -> serve.Application:
     spec = app_spec(cfg, root=ROOT)
     retry = cfg.http.retry_after_s
     c = cfg.captioner
-    captioner = Captioner.options(**c.deployment.options("Captioner", retry)).bind(c.model_dump(mode="json"), None)
+    captioner = Captioner.options(**c.deployment.options("Captioner", retry)).bind(c.model_dump(mode="json"))
     judges = [
-        Judge.options(**j.deployment.options(f"Judge_{j.name}", retry)).bind(j.model_dump(mode="json"), None)
+        Judge.options(**j.deployment.options(f"Judge_{j.name}", retry)).bind(j.model_dump(mode="json"))
         for j in cfg.judges
     ]
     m = cfg.model
@@ -414,11 +414,13 @@ def serving(cfg: ServeConfig):
     try:
         yield start(cfg)
     finally:
-        serve.shutdown()
         if started:
             import ray
 
+            serve.shutdown()
             ray.shutdown()
+        else:  # a cluster we joined may serve other apps: take down only ours
+            serve.delete(APP_NAME)
 
 
 def run(cfg: ServeConfig) -> None:

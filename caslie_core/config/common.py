@@ -45,7 +45,8 @@ def moved_data_path(data: Any) -> Any:
         return data
     data = {**data, "data": dict(data["data"])}
     old = data["data"].pop("path")
-    # An old script's `--set data.path=X` on a config that has input.path: the explicit old key wins.
+    if isinstance(data.get("input"), dict) and data["input"].get("path") not in (None, old):
+        raise ValueError(f"data.path ({old!r}) is the old name of input.path ({data['input']['path']!r}): set one")
     warnings.warn(
         f"config key data.path is deprecated and will be removed in the next release: use input.path "
         f"(input.path={old!r} taken from data.path)",

@@ -274,8 +274,26 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
     data = read_yaml(path) if path else {}
     if isinstance(data, dict) and "applications" in data:
         data = serve_app_args(data, source=str(path))
+    if "input" in model.model_fields and "data" in model.model_fields:  # data.path became input.path
+        from .common import moved_data_path
+
+        data = moved_data_path(data)  # the file's old key, before the overrides: an explicit --set wins
+        overrides = [_renamed(o, "data.path=", "input.path=") for o in overrides or []]
     data = apply_overrides(data, overrides, model=model)
     return validate_config(model, data, source=str(path) if path else None)
+
+
+def _renamed(override: str, old: str, new: str) -> str:
+    if not override.startswith(old):
+        return override
+    import warnings
+
+    warnings.warn(
+        f"config key {old[:-1]} is deprecated and will be removed in the next release: use {new[:-1]}",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return new + override[len(old) :]
 
 
 def config_hash(cfg: BaseModel) -> str:

@@ -11,7 +11,7 @@ from ..io.sources import load_records
 from ..io.store import classify_inputs
 from ..models.predictor import ModelSource, resolve_model_source
 from ..records import normalise_split
-from ..tasks import get_task
+from ..tasks import wanted_tasks as names_of
 
 
 @dataclass
@@ -35,7 +35,7 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
         except ValueError as e:
             problems.append(f"data.splits: {e}")
     try:
-        task_names = [get_task(t).name for t in cfg.data.tasks] if cfg.data.tasks else None
+        task_names = names_of(cfg.data.tasks)
     except KeyError as e:
         problems.append(f"data.tasks: {e.args[0]}")
         task_names = None

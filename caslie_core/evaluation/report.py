@@ -187,8 +187,8 @@ def write_predictions(rows: list[dict], variant: str, path: str) -> None:
     with fsspec.open(path, "wt", encoding="utf-8") as fh:
         for r in rows:
             if r["variant"] == variant:
-                keys = ("id", "task", "split", "answer", "reference", "valid", "correct", "error")
-                line = {k: r[k] for k in keys} | {"prediction": r["raw"]}
+                line = {"id": r["id"], "task": r["task"], "split": r["split"], "prediction": r["raw"]}
+                line |= {k: r[k] for k in ("answer", "reference", "valid", "correct", "error")}
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 

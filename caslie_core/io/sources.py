@@ -231,14 +231,16 @@ def load_records(paths: str | list[str], *, mode: Literal["strict", "collect"] =
 
 
 def is_records_file(path: str) -> bool:
-    """A file whose name says it holds records (JSONL, JSON, Parquet); hidden and `_` files never do."""
-    if path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_")):
-        return False
+    """A file whose name says it holds records (JSONL, JSON, Parquet)."""
     try:
         detect_format(path)
         return True
     except SourceError:
         return False
+
+
+def _hidden(path: str) -> bool:
+    return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
 
 
 def find_record_files(path: str, *, key: str = "input.path") -> list[str]:
@@ -249,7 +251,8 @@ def find_record_files(path: str, *, key: str = "input.path") -> list[str]:
 
     fs, root = fsspec.core.url_to_fs(path)
     if fs.isdir(root):
-        found = sorted(p for p in fs.find(root) if is_records_file(p))
+        # hidden and `_` files in a folder (.tmp-*, _SUCCESS, _metadata) are never records
+        found = sorted(p for p in fs.find(root) if not _hidden(p) and is_records_file(p))
         if not found:
             raise SourceError(f"{key}: {path}: folder has no .jsonl, .json or .parquet files")
         return [fs.unstrip_protocol(p) if "://" in path else p for p in found]

@@ -54,7 +54,7 @@ def groups(keys) -> dict:
 
 class FailureStreak:
     """Batches in a row in which every item failed. Past `limit`, the model (or its device) is broken,
-    not the data: a service replica reports itself unhealthy, a batch job stops with a clear message."""
+    not the data: a service replica then reports itself unhealthy."""
 
     def __init__(self, limit: int = 3) -> None:
         self.limit, self.count = limit, 0

@@ -107,11 +107,6 @@ def prompt_style(model_id: str, configured: str) -> str:
     return default_style_for(model_id) if configured == "auto" else configured
 
 
-def task_names(tasks: list[str] | None) -> list[str] | None:
-    """Task names (abbreviations accepted) or None for all; raises KeyError naming the unknown one."""
-    return [get_task(t).name for t in tasks] if tasks else None
-
-
 def wanted_task(task, names: list[str] | None) -> bool:
     if not names:
         return True

@@ -17,7 +17,8 @@ from ..errors import ConfigError
 from ..io.sources import load_records
 from ..io.store import classify_inputs
 from ..records import split_or_none
-from .data import TRAINABLE_STATUSES, prompt_style, task_names, wanted_task
+from ..tasks import wanted_tasks as task_names
+from .data import TRAINABLE_STATUSES, prompt_style, wanted_task
 from .lora import model_problems
 from .recipe import steps_per_epoch
 
@@ -87,7 +88,9 @@ def run_name(cfg: TrainConfig) -> str:
     """Default run name: same input/model/LoRA/optimizer settings -> same name -> resume."""
     if cfg.run.name:
         return cfg.run.name
-    key = {k: v for k, v in cfg.model_dump(mode="json").items() if k in ("model", "input", "data", "lora", "optim")}
+    dump = cfg.model_dump(mode="json")
+    key = {k: v for k, v in dump.items() if k in ("model", "data", "lora", "optim")}
+    key["data"] = {**key["data"], "path": dump["input"]["path"]}  # as before input.path: old runs keep their name
     return "caslie-train-" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -1,8 +1,8 @@
 """The LoRA fine-tuning recipe, Ray-free, in the shape of torchtune's recipes.
 
     recipe = LoRARecipe(cfg, total_steps=plan.total_steps, report=report)
-    recipe.setup()                       # base model, LoRA, DDP/FSDP wrap, optimizer, scheduler
-    recipe.load_checkpoint(folder)       # adapter weights, optimizer, scheduler, step, epoch, position
+    recipe.setup()                       # base model + LoRA
+    recipe.load_checkpoint(folder)       # None or a checkpoint folder; then DDP/FSDP wrap, optimizer, scheduler
     recipe.train(train_batches, eval_batches)
     recipe.cleanup()
 
@@ -128,7 +128,7 @@ class LoRARecipe:
     ) -> None:
         self.cfg, self.total_steps, self.report = cfg, total_steps, report
         self.rank, self.world, self.device, self.node_id = rank, world, device, node_id
-        self.wrap_ddp = wrap_ddp or (lambda model: model)
+        self.wrap_ddp = wrap_ddp or (lambda model: model.to(device))  # Ray Train passes prepare_model
         self.progress_dir = progress_dir
         self.fsdp = cfg.scaling.strategy == "fsdp"
         self.state: dict = {
@@ -175,6 +175,7 @@ class LoRARecipe:
             self._resume_dir = folder
         self._record_attempt()
         self._wrap()
+        self._resume_dir = None  # the folder may be temporary (Ray's as_directory)
 
     def _record_attempt(self) -> None:
         import torch.distributed as dist

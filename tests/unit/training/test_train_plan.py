@@ -175,6 +175,26 @@ def test_data_path_is_accepted_for_one_release_with_a_warning(tmp_path):
     assert "path" not in cfg.data.model_dump()
 
 
+def test_an_old_config_file_with_data_path_still_loads_and_an_explicit_input_path_wins(tmp_path):
+    from caslie_core.config import TrainConfig, load_config
+
+    old = (ROOT / "configs" / "train-demo.yaml").read_text().replace("input:\n  path:", "data:\n  path:", 1)
+    old = old.replace("data:\n  train_split", "  train_split", 1)  # one data: section, as files had it
+    (tmp_path / "old.yaml").write_text(old)
+    with pytest.warns(FutureWarning):
+        assert load_config(TrainConfig, tmp_path / "old.yaml").input.path == "demo-out/enriched"
+    with pytest.warns(FutureWarning):
+        assert load_config(TrainConfig, tmp_path / "old.yaml", ["input.path=/new"]).input.path == "/new"
+
+
+def test_the_default_run_name_did_not_change_with_the_input_path_rename():
+    """Runs started before the rename resume after it: the name was hashed with data.path."""
+    from caslie_core.config import TrainConfig, load_config
+    from caslie_core.training.plan import run_name
+
+    assert run_name(load_config(TrainConfig, ROOT / "configs" / "train-demo.yaml")) == "caslie-train-b3b0b4d06e"
+
+
 def test_default_run_name_follows_the_settings_that_matter(enriched, tmp_path):
     from caslie_core.training.plan import run_name
 
