@@ -411,16 +411,16 @@ def start(cfg: ServeConfig, *, name: str = APP_NAME) -> str:
 def serving(cfg: ServeConfig):
     """`with serving(cfg) as url:` the app runs inside the block and is shut down after it."""
     started = init_ray(cfg.ray)
+    before = serve.status()
+    shared = bool(before.proxies or before.applications)  # Serve already runs here (other apps may too)
     try:
         yield start(cfg)
     finally:
+        serve.delete(APP_NAME) if shared else serve.shutdown()
         if started:
             import ray
 
-            serve.shutdown()
             ray.shutdown()
-        else:  # a cluster we joined may serve other apps: take down only ours
-            serve.delete(APP_NAME)
 
 
 def run(cfg: ServeConfig) -> None:

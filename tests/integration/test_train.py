@@ -138,6 +138,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, tra
     ]
     assert set(runs) == set(range(1, total + 1))
     repeated = len(runs) - total
-    assert 0 <= repeated <= every, (killed, files, s["attempts"])  # at most the steps since a checkpoint
     restart = s["attempts"][1]["start_step"]
     assert restart % every == 0 and restart > 0
+    # at most the steps run after the checkpoint it resumed from (the last one Ray Train had registered when
+    # the worker died; under load that can be one checkpoint before the newest reported one) + one in flight
+    assert 0 <= repeated <= killed["after_steps"] - restart + 1, (killed, files, s["attempts"])
