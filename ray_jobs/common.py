@@ -75,7 +75,7 @@ def init_ray(ray_cfg, *, verbose: bool | None = None) -> bool:
         return False
     verbose = verbose_mode() if verbose is None else verbose
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
-    kwargs = {"logging_level": "INFO" if verbose else "WARNING", "log_to_driver": verbose}
+    kwargs = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address is None and (found := running_local_cluster()):
         address = found
@@ -118,10 +118,7 @@ def quiet(verbose: bool) -> None:
     os.environ["CASLIE_VERBOSE"] = "1" if verbose else "0"
     if verbose:
         return
-    for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for name in ("transformers", "peft", "filelock"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    _quiet_loggers()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -132,9 +129,25 @@ def quiet(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|ray|peft|accelerate)\b")
 
 
+def _quiet_loggers() -> None:
+    """Ray's warnings (a restarted worker group, resources that never come) stay; its INFO lines and the
+    libraries' chatter go. Called again once Ray is up: Ray Data and Serve set their levels on import."""
+    for name in ("ray", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("ray.data", "ray.serve", "transformers", "peft", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def requiet() -> None:
+    """Apply quiet mode again after a library (Ray Data, Serve) set its own log levels."""
+    if not verbose_mode():
+        _quiet_loggers()
+
+
 def configure_data_context(progress_bars: bool | None) -> None:
     import ray.data
 
+    requiet()
     ctx = ray.data.DataContext.get_current()
     show = progress_bars if progress_bars is not None else (sys.stderr.isatty() and not os.environ.get("CI"))
     ctx.enable_progress_bars = bool(show)

@@ -32,7 +32,7 @@ from caslie_core.errors import ImageError
 from caslie_core.models.batching import FailureStreak, groups
 from caslie_core.serving.spec import app_spec
 
-from .common import ROOT, init_ray, job_entry, job_main
+from .common import ROOT, init_ray, job_entry, job_main, requiet
 
 log = logging.getLogger("ray.serve")
 APP_NAME = "caslie"
@@ -403,6 +403,7 @@ def build_app(args: ServeConfig) -> serve.Application:
 def start(cfg: ServeConfig, *, name: str = APP_NAME) -> str:
     """Start Serve on `http.host:http.port` and deploy the app; returns the base URL once it is ready."""
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    requiet()  # Serve sets its driver-side logger on start
     serve.run(build_app(cfg), name=name, route_prefix="/")
     return f"http://{cfg.http.host}:{cfg.http.port}"
 
