@@ -155,6 +155,18 @@ def configure_data_context(progress_bars: bool | None) -> None:
     ctx.enable_operator_progress_bars = bool(show)
 
 
+def read_inputs(enriched_files: list[str], record_rows: list[dict], columns):
+    """One dataset over enrichment output parts (only `columns`) and raw record rows (train, evaluate)."""
+    import ray.data
+
+    sources = []
+    if enriched_files:
+        sources.append(ray.data.read_parquet(enriched_files, columns=list(columns), partitioning=None))
+    if record_rows:
+        sources.append(ray.data.from_items(record_rows))
+    return sources[0] if len(sources) == 1 else sources[0].union(*sources[1:])
+
+
 def to_table(rows: list[dict], types: dict):
     """Rows -> Arrow table with fixed column types (stable schemas across blocks)."""
     import pyarrow as pa

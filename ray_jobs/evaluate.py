@@ -19,8 +19,9 @@ from caslie_core.errors import CaslieError
 from caslie_core.evaluation.ablations import prompt_rows
 from caslie_core.evaluation.plan import EvalPlan, plan_evaluation
 from caslie_core.evaluation.report import write_report
+from caslie_core.io.store import EVAL_COLUMNS
 
-from .common import configure_data_context, init_ray, job_entry, job_main, log, to_table
+from .common import configure_data_context, init_ray, job_entry, job_main, log, read_inputs, to_table
 
 PROMPTS = {
     "id": pa.string(),
@@ -38,20 +39,6 @@ ANSWERED = {
     "n_prompt_tokens": pa.int32(),
     "n_new_tokens": pa.int32(),
 }
-READ_COLUMNS = [
-    "id",
-    "task",
-    "split",
-    "status",
-    "instruction",
-    "input",
-    "options",
-    "output",
-    "images",
-    "original_input",
-    "original_options",
-    "image_results",
-]
 
 
 def prepare_batch(batch: pa.Table, **kwargs) -> pa.Table:
@@ -93,12 +80,7 @@ class PredictActor:
 def build_dataset(cfg: EvaluateConfig, plan: EvalPlan):
     import ray.data
 
-    sources = []
-    if plan.enriched_files:
-        sources.append(ray.data.read_parquet(plan.enriched_files, columns=READ_COLUMNS, partitioning=None))
-    if plan.record_rows:
-        sources.append(ray.data.from_items(plan.record_rows))
-    ds = sources[0] if len(sources) == 1 else sources[0].union(*sources[1:])
+    ds = read_inputs(plan.enriched_files, plan.record_rows, EVAL_COLUMNS)
     if cfg.data.limit:
         ds = ds.limit(cfg.data.limit)
     ds = ds.map_batches(

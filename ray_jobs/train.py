@@ -19,37 +19,18 @@ import time
 
 from caslie_core.config import TrainConfig, config_hash
 from caslie_core.errors import CaslieError
+from caslie_core.io.store import TEXT_COLUMNS
 from caslie_core.training.data import tokenize_batch
 from caslie_core.training.outputs import existing_checkpoints, train_summary, write_outputs
 from caslie_core.training.plan import TrainPlan, plan_training
 
-from .common import configure_data_context, init_ray, job_entry, job_main, log
-
-ENRICHED_COLUMNS = [
-    "id",
-    "task",
-    "split",
-    "status",
-    "instruction",
-    "input",
-    "options",
-    "output",
-    "original_input",
-    "original_options",
-]
+from .common import configure_data_context, init_ray, job_entry, job_main, log, read_inputs
 
 
 def build_datasets(cfg: TrainConfig, plan: TrainPlan) -> dict:
     """`train` (and `val`) datasets of tokenized rows, from enrichment parts and/or raw records."""
-    import ray.data
-
-    sources = []
-    if plan.enriched_files:
-        sources.append(ray.data.read_parquet(plan.enriched_files, columns=ENRICHED_COLUMNS, partitioning=None))
-    if plan.record_rows:
-        rows = [{**r, "status": "ok", "original_input": None, "original_options": None} for r in plan.record_rows]
-        sources.append(ray.data.from_items(rows))
-    base = sources[0] if len(sources) == 1 else sources[0].union(*sources[1:])
+    rows = [{**r, "status": "ok", "original_input": None, "original_options": None} for r in plan.record_rows]
+    base = read_inputs(plan.enriched_files, rows, TEXT_COLUMNS)
     kwargs = dict(
         tokenizer=cfg.model.model,
         style=plan.style,

@@ -57,6 +57,15 @@ def moved_data_path(data: Any) -> Any:
     return data
 
 
+class InputJobConfig(StrictModel):
+    """Base of the jobs that read `input.path` and once read `data.path` (train, evaluate)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_data_path(cls, data):
+        return moved_data_path(data)
+
+
 class OutputConfig(StrictModel):
     path: str = Field(description="output folder (local or s3://); rerunning into it resumes")
     partition_by_task: bool = Field(True, description="write task=<name>/ sub-folders (Hive style)")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .common import DataInput, Dtype, PoolConfig, RayConfig, StrictModel, moved_data_path
+from .common import DataInput, Dtype, InputJobConfig, PoolConfig, RayConfig, StrictModel
 
 
 class EvalModelConfig(StrictModel):
@@ -55,13 +55,8 @@ class EvalOutputConfig(StrictModel):
     )
 
 
-class EvaluateConfig(StrictModel):
+class EvaluateConfig(InputJobConfig):
     """`caslie evaluate`: batch inference on the test splits, per-task metrics, ablations, table and chart."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _moved_data_path(cls, data):
-        return moved_data_path(data)
 
     model: EvalModelConfig
     input: DataInput = Field(description="where the records are (enrichment output or raw records)")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from .common import DataInput, ModelRef, RayConfig, StrictModel, moved_data_path
+from .common import DataInput, InputJobConfig, ModelRef, RayConfig, StrictModel
 
 
 class TrainModelConfig(ModelRef):
@@ -111,13 +111,8 @@ class TrainOutputConfig(StrictModel):
     merge: bool = Field(False, description="also write the base model with the adapter merged in (full size)")
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(InputJobConfig):
     """`caslie train`: enriched data in, a LoRA adapter (PEFT format) out."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _moved_data_path(cls, data):
-        return moved_data_path(data)
 
     model: TrainModelConfig
     input: DataInput = Field(description="where the records are (enrichment output or raw records)")

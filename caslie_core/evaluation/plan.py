@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 from ..config import EvaluateConfig
 from ..errors import ConfigError
-from ..io.sources import load_records
-from ..io.store import classify_inputs
+from ..io.store import load_inputs
 from ..models.predictor import ModelSource, resolve_model_source
 from ..records import normalise_split
 from ..tasks import wanted_tasks as names_of
@@ -26,7 +25,7 @@ class EvalPlan:
 def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
     """Everything that can be checked before an actor starts; raises ConfigError listing what to fix."""
     problems = []
-    inputs = classify_inputs(cfg.input.path, key="input.path")
+    inputs = load_inputs(cfg.input.path, key="input.path")
     problems += inputs.problems
     splits = []
     for s in cfg.data.splits:
@@ -39,10 +38,7 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
     except KeyError as e:
         problems.append(f"data.tasks: {e.args[0]}")
         task_names = None
-    record_rows = []
-    if inputs.records and not inputs.problems:
-        loaded = load_records(inputs.records, mode="collect")
-        record_rows = [r.to_row() for r in loaded.records]
+    record_rows = inputs.record_rows
     if record_rows and set(cfg.ablations) - {"none"}:
         problems.append(
             f"ablations: {sorted(set(cfg.ablations) - {'none'})} need captions, but {inputs.records} "

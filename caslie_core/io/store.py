@@ -40,6 +40,9 @@ OUTPUT_COLUMNS = (
     "config_hash",
     "run_id",
 )
+# What training reads of an output row (the text, before and after enrichment), and evaluation besides.
+TEXT_COLUMNS = OUTPUT_COLUMNS[:4] + ("instruction", "input", "options", "output", "original_input", "original_options")
+EVAL_COLUMNS = TEXT_COLUMNS + ("images", "image_results")
 
 
 def output_schema():
@@ -163,11 +166,26 @@ def is_enriched_parquet(path: str) -> bool:
 
 @dataclass
 class Inputs:
-    """What a training or evaluation input resolved to: enrichment parts, raw record files, problems."""
+    """What a training or evaluation input resolved to: enrichment parts, raw record files (and, once loaded,
+    their valid rows and how many were rejected), problems."""
 
     enriched: list[str] = field(default_factory=list)
     records: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    record_rows: list[dict] = field(default_factory=list)
+    rejected: int = 0
+
+
+def load_inputs(paths: str | list[str], *, key: str = "input.path") -> Inputs:
+    """`classify_inputs`, then the raw record files read and validated (rejects counted, never raised)."""
+    from .sources import load_records
+
+    inputs = classify_inputs(paths, key=key)
+    if inputs.records and not inputs.problems:
+        loaded = load_records(inputs.records, mode="collect")
+        inputs.record_rows = [r.to_row() for r in loaded.records]
+        inputs.rejected = len(loaded.rejects)
+    return inputs
 
 
 def classify_inputs(paths: str | list[str], *, key: str = "input.path") -> Inputs:

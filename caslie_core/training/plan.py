@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..io.sources import load_records
-from ..io.store import classify_inputs
+from ..io.store import load_inputs
 from ..records import split_or_none
 from ..tasks import wanted_tasks as task_names
 from .data import TRAINABLE_STATUSES, prompt_style, wanted_task
@@ -102,13 +101,9 @@ def absolute_storage(path: str) -> str:
 def plan_training(cfg: TrainConfig) -> TrainPlan:
     """Everything that can be checked before a worker starts; raises ConfigError listing what to fix."""
     problems: list[str] = []
-    inputs = classify_inputs(cfg.input.path, key="input.path")
+    inputs = load_inputs(cfg.input.path, key="input.path")
     problems += inputs.problems
-    record_rows, rejected = [], 0
-    if inputs.records and not inputs.problems:
-        loaded = load_records(inputs.records, mode="collect")
-        record_rows = [r.to_row() for r in loaded.records]
-        rejected = len(loaded.rejects)
+    record_rows, rejected = inputs.record_rows, inputs.rejected
     train_split = split_or_none(cfg.data.train_split)
     eval_split = split_or_none(cfg.data.eval_split)
     if train_split is None:

@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT
+from helpers import ROOT, train_config
 
 from caslie_core.errors import ConfigError
 
@@ -60,18 +60,7 @@ def enriched(tmp_path):
 
 
 def _cfg(data_path, tmp_path, *overrides):
-    from caslie_core.config import TrainConfig, load_config
-
-    return load_config(
-        TrainConfig,
-        ROOT / "configs" / "train-demo.yaml",
-        [
-            f"input.path={data_path}",
-            f"run.storage_path={tmp_path / 'runs'}",
-            f"output.path={tmp_path / 'model'}",
-            *overrides,
-        ],
-    )
+    return train_config(data_path, tmp_path, *overrides)
 
 
 def test_failed_rows_are_skipped_and_counted_partial_ones_train(enriched, tmp_path, tiny_models):
