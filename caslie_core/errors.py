@@ -76,3 +76,22 @@ class ImageError(CaslieError):
         self.reason = message
         self.transient = transient
         super().__init__(f"{stage}: {message}")
+
+
+class EngineError(CaslieError):
+    """A model failed every item of several batches in a row: the model or its device is broken, not the data."""
+
+
+def find_error(error: BaseException, cls: type[BaseException]) -> BaseException | None:
+    """The first `cls` in `error`'s chain of causes (`__cause__`, `__context__`, and the `cause` Ray's task
+    errors carry): what a remote stage raised, inside what the engine raised for it."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, cls):
+            return e
+        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None

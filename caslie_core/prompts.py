@@ -112,6 +112,21 @@ def judge_question(record: Record, index: int, caption: str) -> str:
     return body + JUDGE_SUFFIX
 
 
+# Where the caption goes in a judge question prepared before the caption exists (the batch job builds each
+# image's question once, when the record is parsed, and fills it in when the caption comes back).
+CAPTION_SLOT = "\x00caption\x00"
+
+
+def judge_template(record: Record, index: int) -> str:
+    """`judge_question` with `CAPTION_SLOT` for the caption: `fill_caption(judge_template(r, i), c)` equals
+    `judge_question(r, i, c)`."""
+    return judge_question(record, index, CAPTION_SLOT)
+
+
+def fill_caption(template: str, caption: str) -> str:
+    return template.replace(CAPTION_SLOT, caption)
+
+
 def chat_caption_request(request: str, *, max_chars: int = 500) -> str:
     """Caption request for an image attached to a free-form (chat) request."""
     return f"{CAPTION_GENERAL} {CHAT_CAPTION_CONTEXT.format(request=_WS.sub(' ', request).strip()[:max_chars])}"

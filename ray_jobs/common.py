@@ -145,14 +145,16 @@ def requiet() -> None:
 
 
 def configure_data_context(progress_bars: bool | None) -> None:
+    """Ray Data's progress: bars on a terminal, a log line every few seconds elsewhere (Ray Data picks), on
+    unless `ray.progress_bars: false` (or RAY_DATA_DISABLE_PROGRESS_BARS=1 in the environment)."""
     import ray.data
 
     requiet()
     ctx = ray.data.DataContext.get_current()
-    show = progress_bars if progress_bars is not None else (sys.stderr.isatty() and not os.environ.get("CI"))
-    ctx.enable_progress_bars = bool(show)
-    ctx.print_on_execution_start = bool(show) and verbose_mode()
-    ctx.enable_operator_progress_bars = bool(show)
+    if progress_bars is not None:
+        ctx.enable_progress_bars = progress_bars
+        ctx.enable_operator_progress_bars = progress_bars
+    ctx.print_on_execution_start = ctx.enable_progress_bars and verbose_mode()
 
 
 def read_inputs(enriched_files: list[str], record_rows: list[dict], columns):

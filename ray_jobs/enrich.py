@@ -3,14 +3,17 @@
     caslie enrich configs/enrich-demo.yaml --set input.path=records.jsonl --set output.path=/tmp/enriched
     python -m ray_jobs.enrich --config configs/enrich-demo.yaml [--set key=value ...]
 
-Recipe: connect -> read -> validate -> fetch + decode -> captioner pool -> a pool per judge -> finalize +
-write Parquet parts (`caslie_core.io.store`) -> summary. One row per record, so the graph streams with no
-shuffle. Rerunning into the same output resumes: records already written are skipped.
+Recipe: connect -> scan the output (finished ids, counts) -> read -> validate + skip finished + fetch + decode
+-> captioner pool -> a pool per judge -> finalize + write Parquet parts, each returning its counts -> drop
+duplicates -> summary. Records travel as typed Arrow items (`caslie_core.items`), one row per record, so the
+graph streams with no shuffle; the driver sums counts and never holds ids or rows. Rerunning into the same
+output resumes: records already written are skipped.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 
@@ -19,27 +22,17 @@ import pyarrow as pa
 from caslie_core.config import EnrichConfig, config_hash, write_resolved
 from caslie_core.enrichment import pipeline, stages
 from caslie_core.enrichment.cache import ClaimTable
+from caslie_core.errors import CaslieError, EngineError, find_error
 from caslie_core.images import FetchPolicy
-from caslie_core.io import store
+from caslie_core.io import ledger, store
 from caslie_core.io.sources import raw_texts, reading_plan
 
 from .actors import BestEffortActor, actor_id, best_effort_get, driver_actor
-from .common import configure_data_context, init_ray, job_entry, job_main, log, to_table
-
-S = pa.string()
-RAW = {"text": S}
-PARSED = {**dict.fromkeys(("id", "task", "split", "status", "error", "record", "raw"), S), "n_images": pa.int32()}
-DECODED = {**PARSED, "image_errors": S, "image_digests": pa.list_(S), "pixels": pa.list_(pa.binary())}
-CAPTIONED = {
-    **{k: v for k, v in DECODED.items() if k != "pixels"},
-    "captions": S,
-    "caption_cached": pa.list_(pa.bool_()),
-}
-WRITTEN = dict.fromkeys(("id", "status", "task", "path"), S)
+from .common import configure_data_context, init_ray, job_entry, job_main, log
 
 
 def read_raw(cfg: EnrichConfig):
-    """Dataset of raw rows, each `{"text": <one record as JSON>}`, from every input file."""
+    """Dataset of raw rows: `{"text": <one record as JSON>}` (JSONL, JSON) or the record's columns (Parquet)."""
     import ray.data
 
     parts = []
@@ -48,7 +41,6 @@ def read_raw(cfg: EnrichConfig):
             ds = ray.data.read_text(r.path, filesystem=r.filesystem)
         elif r.reader == "parquet":
             ds = ray.data.read_parquet(r.path, filesystem=r.filesystem)
-            ds = ds.map_batches(_parquet_to_text, batch_format="pyarrow")
         else:  # JSON lists, compressed files and http(s)/hf URLs stream through the driver
             ds = ray.data.from_items([{"text": text} for text in raw_texts(r.path)])
         parts.append(ds)
@@ -56,29 +48,24 @@ def read_raw(cfg: EnrichConfig):
     return ds.limit(cfg.input.limit) if cfg.input.limit else ds
 
 
-def _parquet_to_text(batch: pa.Table) -> pa.Table:
-    return to_table([{"text": json.dumps(r, default=str)} for r in batch.to_pylist()], RAW)
+_DONE: dict[str, ledger.DoneIds] = {}  # the finished ids of a resumed run, mapped once per worker process
 
 
-_DONE: dict[str, frozenset] = {}  # the finished ids of a resumed run, fetched once per worker process
-
-
-def parse_batch(batch: pa.Table, done_ref=None) -> pa.Table:
+def _done(done_ref) -> ledger.DoneIds | None:
     import ray
 
-    rows = stages.parse_rows(batch.to_pylist())
-    if done_ref is not None:
-        if done_ref.hex() not in _DONE:
-            _DONE.clear()
-            _DONE[done_ref.hex()] = ray.get(done_ref)
-        rows = [r for r in rows if r["id"] not in _DONE[done_ref.hex()]]
-    return to_table(rows, PARSED)
+    if done_ref is None:
+        return None
+    if done_ref.hex() not in _DONE:
+        _DONE.clear()
+        _DONE[done_ref.hex()] = ledger.DoneIds(ray.get(done_ref))  # zero-copy: numpy from the object store
+    return _DONE[done_ref.hex()]
 
 
-def fetch_decode_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels: int, size: int) -> pa.Table:
-    rows = stages.fetch_rows(batch.to_pylist(), policy, threads=threads)
-    rows = stages.decode_rows(rows, max_pixels=max_pixels, size=size)
-    return to_table(rows, DECODED)
+def prepare_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels: int, size: int, done_ref=None):
+    return stages.prepare(
+        batch.to_pylist(), policy=policy, threads=threads, max_pixels=max_pixels, size=size, done=_done(done_ref)
+    )
 
 
 class _RayCache(BestEffortActor):
@@ -106,41 +93,45 @@ class CaptionActor:
         self.stage = stages.CaptionStage(model, size, cache_client, owner=actor_id(), wait_s=wait_s)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return to_table(self.stage(batch.to_pylist()), CAPTIONED)
+        return self.stage(batch)
 
 
 class JudgeActor:
-    def __init__(self, judge: dict, columns: dict) -> None:
+    def __init__(self, judge: dict) -> None:
         from caslie_core.config import JudgeConfig
         from caslie_core.models.judge import Judge
 
         j = JudgeConfig.model_validate(judge)
         self.stage = stages.JudgeStage(Judge.from_config(j), j.name)
-        self.columns = columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return to_table(self.stage(batch.to_pylist()), self.columns)
+        return self.stage(batch)
 
 
-def write_batch(batch: pa.Table, output: str, judge_names: list[str], provenance: dict, partition: bool) -> pa.Table:
-    rows = stages.finalize_rows(batch.to_pylist(), judge_names=judge_names, provenance=provenance)
-    return to_table(store.write_parts(rows, output, partition=partition), WRITTEN)
+COUNTS = pa.schema([("counts", pa.string())])
+
+
+def write_batch(batch: pa.Table, output: str, provenance: dict, partition: bool) -> pa.Table:
+    """Finalize and write a batch; return its counts (one small row: the driver never reads the output)."""
+    counts = pipeline.write(batch, output=output, provenance=provenance, partition=partition)
+    return pa.Table.from_pylist([{"counts": json.dumps(counts)}], schema=COUNTS)
 
 
 def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache: tuple[str, str] | None, chash: str, run_id: str):
     import ray.data
 
-    policy = cfg.fetch.policy()
     size = cfg.decode.image_size
-    ds = read_raw(cfg)
-    ds = ds.map_batches(
-        parse_batch, batch_format="pyarrow", batch_size=cfg.records_per_batch, fn_kwargs={"done_ref": done_ref}
-    )
-    ds = ds.map_batches(
-        fetch_decode_batch,
+    ds = read_raw(cfg).map_batches(
+        prepare_batch,
         batch_format="pyarrow",
         batch_size=cfg.records_per_batch,
-        fn_kwargs={"policy": policy, "threads": cfg.fetch.threads, "max_pixels": cfg.decode.max_pixels, "size": size},
+        fn_kwargs=dict(
+            policy=cfg.fetch.policy(),
+            threads=cfg.fetch.threads,
+            max_pixels=cfg.decode.max_pixels,
+            size=size,
+            done_ref=done_ref,
+        ),
     )
     cp = cfg.captioner.pool
     ds = ds.map_batches(
@@ -154,9 +145,7 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache: tuple[str, str] | 
             captioner=cfg.captioner.model_dump(), size=size, cache=cache, wait_s=cfg.dedup.claim_ttl_s
         ),
     )
-    columns = dict(CAPTIONED)
     for j in cfg.judges:
-        columns = {**columns, f"votes_{j.name}": pa.string()}
         ds = ds.map_batches(
             JudgeActor,
             batch_format="pyarrow",
@@ -164,17 +153,15 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache: tuple[str, str] | 
             compute=ray.data.ActorPoolStrategy(min_size=j.pool.min_size, max_size=j.pool.max_size),
             num_gpus=j.pool.num_gpus,
             num_cpus=j.pool.num_cpus,
-            fn_constructor_kwargs={"judge": j.model_dump(), "columns": dict(columns)},
+            fn_constructor_kwargs={"judge": j.model_dump()},
         )
-    prov = pipeline.provenance(cfg, chash, run_id)
     return ds.map_batches(
         write_batch,
         batch_format="pyarrow",
-        batch_size=cfg.records_per_batch,
+        batch_size=cfg.output.rows_per_part,
         fn_kwargs=dict(
             output=cfg.output.path,
-            judge_names=[j.name for j in cfg.judges],
-            provenance=prov,
+            provenance=pipeline.provenance(cfg, chash, run_id),
             partition=cfg.output.partition_by_task,
         ),
     )
@@ -189,37 +176,59 @@ def run(cfg: EnrichConfig) -> dict:
     t0 = time.time()
     try:
         configure_data_context(cfg.ray.progress_bars)
-        fs, out_root = fsspec.core.url_to_fs(cfg.output.path)
+        out = cfg.output.path
+        fs, out_root = fsspec.core.url_to_fs(out)
         fs.makedirs(out_root, exist_ok=True)
         write_resolved(cfg, cfg.output.path)
         chash = config_hash(cfg)
         run_id = uuid.uuid4().hex[:12]
-        previous = store.done_ids(cfg.output.path)
-        done_ref = ray.put(previous) if previous else None
+        # Both helpers run as tasks, next to the data: the driver holds counts, never ids.
+        done_ref, meta_ref = ray.remote(num_cpus=0, num_returns=2)(pipeline.scan_output).remote(out)
+        earlier = ray.get(meta_ref)
+        resumed = earlier["records"]
         cache = (f"caslie-caption-cache-{run_id}", "caslie") if cfg.dedup.enabled else None
         # On the driver's node (it lives as long as the job does); restarted empty if that fails anyway.
         cache_actor = driver_actor(ClaimTable, *cache, cfg.dedup.claim_ttl_s, cfg.dedup.max_entries) if cache else None
-        ds = build_dataset(cfg, done_ref=done_ref, cache=cache, chash=chash, run_id=run_id)
+        ds = build_dataset(cfg, done_ref=done_ref if resumed else None, cache=cache, chash=chash, run_id=run_id)
         limit = pipeline.ErrorRateLimit(cfg.limits, where=store.parts_root(cfg.output.path))
+        interval = 0 if sys.stdout.isatty() else cfg.progress_interval_s  # a terminal has Ray Data's bars
+        progress = pipeline.Progress(interval, total=cfg.input.limit, say=log.info)
+        if resumed:
+            log.info(f"[enrich] resuming: {resumed:,} records already in {cfg.output.path} are skipped")
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                limit.see(batch.column("status").to_pylist())
-            cache_stats = best_effort_get(cache_actor.stats.remote(), fallback=None) if cache_actor else {}
+                for text in batch.column("counts").to_pylist():
+                    counts = json.loads(text)
+                    progress.add(counts)
+                    limit.see(counts.get("records", 0), counts.get("failed", 0))
+        except Exception as e:
+            engine = find_error(e, EngineError)
+            if engine is None:
+                raise
+            raise CaslieError(
+                f"enrichment stopped: {engine}; records written so far are kept, rerun to resume"
+            ) from None
         finally:
+            cache_stats = best_effort_get(cache_actor.stats.remote(), fallback=None) if cache_actor else {}
             if cache_actor:
                 ray.kill(cache_actor)
-        removed = store.drop_duplicates(cfg.output.path)
-        wall = time.time() - t0
+        dataset_seconds = time.time() - t0
+        removed, removed_counts = ray.get(ray.remote(num_cpus=0)(pipeline.dedupe_output).remote(out))
+        now = progress.counts
+        total = ledger.add_counts(ledger.add_counts(earlier["counts"], now), removed_counts, -1)
         summary = pipeline.enrich_summary(
             cfg,
-            wall=wall,
-            processed_now=limit.seen,
-            resumed=len(previous),
+            total,
+            wall=time.time() - t0,
+            dataset_seconds=dataset_seconds,
+            processed_now=now.get("records", 0),
+            images_now=now.get("images", 0),
+            resumed=resumed,
+            duplicates_removed=removed,
             cache_stats=cache_stats,
             chash=chash,
             run_id=run_id,
         )
-        summary["duplicates_removed"] = removed
         with fsspec.open(cfg.output.path.rstrip("/") + "/summary.json", "wt") as fh:
             json.dump(summary, fh, indent=2)
         log.info(

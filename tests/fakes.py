@@ -53,6 +53,8 @@ class FakeCaptioner:
     fail_on: item positions (0-based, counted over all calls in the order received) or a predicate
         `(image, prompt) -> bool`; those items come back as `CaptionResult(None, error=CAPTION_ERROR)`.
     raise_always: every call raises RuntimeError (after counting it).
+    raise_on: a predicate `(image, prompt) -> bool`; a call holding such an item raises RuntimeError (a model
+        that crashes on one item and takes its batch with it).
     """
 
     def __init__(
@@ -60,10 +62,12 @@ class FakeCaptioner:
         *,
         fail_on: set[int] | Callable[[Any, str], bool] | None = None,
         raise_always: bool = False,
+        raise_on: Callable[[Any, str], bool] | None = None,
         words: int = 4,
     ) -> None:
         self.fail_on = fail_on
         self.raise_always = raise_always
+        self.raise_on = raise_on
         self.words = words
         self.calls = 0  # caption() calls
         self.items = 0  # images captioned (or attempted), over all calls
@@ -75,6 +79,8 @@ class FakeCaptioner:
         self.calls += 1
         if self.raise_always:
             raise RuntimeError("fake captioner: the whole batch crashed")
+        if self.raise_on is not None and any(self.raise_on(i, p) for i, p in zip(images, prompts)):
+            raise RuntimeError("fake captioner: raised on one item")
         out = []
         for image, prompt in zip(images, prompts):
             position = self.items
@@ -94,6 +100,7 @@ class FakeJudge:
     fail_on: item positions (0-based, over all calls) or a predicate `question -> bool`; those items come
         back as `Vote(None, None, error=JUDGE_ERROR)`, as the real judge returns a batch item that failed.
     raise_always: every call raises RuntimeError (after counting it).
+    raise_on: a predicate `question -> bool`; a call holding such a question raises RuntimeError.
     """
 
     def __init__(
@@ -102,10 +109,12 @@ class FakeJudge:
         *,
         fail_on: set[int] | Callable[[str], bool] | None = None,
         raise_always: bool = False,
+        raise_on: Callable[[str], bool] | None = None,
     ) -> None:
         self.yes_if = yes_if
         self.fail_on = fail_on
         self.raise_always = raise_always
+        self.raise_on = raise_on
         self.calls = 0
         self.items = 0
         self.questions: list[str] = []
@@ -119,6 +128,8 @@ class FakeJudge:
         self.calls += 1
         if self.raise_always:
             raise RuntimeError("fake judge: the whole batch crashed")
+        if self.raise_on is not None and any(self.raise_on(q) for q in questions):
+            raise RuntimeError("fake judge: raised on one item")
         out = []
         for q in questions:
             position = self.items

@@ -69,6 +69,12 @@ class InputJobConfig(StrictModel):
 class OutputConfig(StrictModel):
     path: str = Field(description="output folder (local or s3://); rerunning into it resumes")
     partition_by_task: bool = Field(True, description="write task=<name>/ sub-folders (Hive style)")
+    rows_per_part: int = Field(
+        1000,
+        ge=1,
+        description="records per write task (one Parquet part per task partition); fewer, bigger parts "
+        "resume and list faster, smaller ones lose less work when a job is killed",
+    )
 
 
 class PoolConfig(StrictModel):
@@ -109,6 +115,12 @@ class FetchConfig(StrictModel):
     threads: int = Field(16, ge=1, le=256, description="concurrent fetches per fetch task (bounded concurrency)")
     connect_timeout: float = Field(5.0, gt=0, description="seconds to connect")
     read_timeout: float = Field(20.0, gt=0, description="seconds of silence while reading before giving up")
+    total_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds per image from the first attempt to giving up: retries, backoff, Retry-After "
+        "waits and reading the body (bounds a server that drips bytes)",
+    )
     retries: int = Field(3, ge=0, description="retries on transient errors (timeouts, 429, 5xx)")
     backoff: float = Field(0.5, ge=0, description="first backoff in seconds; doubles per retry")
     max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="byte cap per image")
@@ -118,6 +130,9 @@ class FetchConfig(StrictModel):
     allow_local_files: bool = Field(True, description="allow plain paths and file:// (your own catalog)")
     block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
     allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
+    pool: bool = Field(
+        True, description="reuse keep-alive HTTP(S) connections per host and checked address (off: one per image)"
+    )
 
     def policy(self):
         return fetch_policy(self)
@@ -153,7 +168,9 @@ class RayConfig(StrictModel):
     address: str | None = Field(None, description="cluster address; default: RAY_ADDRESS, else a local cluster")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster")
     object_store_memory: int | None = Field(None, ge=78643200, description="bytes for a local object store")
-    progress_bars: bool | None = Field(None, description="default: on a terminal, off in CI")
+    progress_bars: bool | None = Field(
+        None, description="Ray Data's progress display (bars on a terminal, log lines elsewhere); default on"
+    )
 
 
 class JudgeBase(ModelRef):

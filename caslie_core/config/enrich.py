@@ -55,7 +55,12 @@ class EnrichConfig(StrictModel):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="caption de-duplication")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="error-rate limit")
     ray: RayConfig = Field(default_factory=RayConfig, description="cluster connection")
-    records_per_batch: int = Field(16, ge=1, description="records per CPU task batch (fetch, decode, write)")
+    records_per_batch: int = Field(
+        16, ge=1, description="records per fetch+decode task (its images are fetched at once)"
+    )
+    progress_interval_s: float = Field(
+        30.0, ge=0, description="seconds between progress lines when the output is not a terminal (0 = none)"
+    )
 
     @model_validator(mode="after")
     def _unique_judges(self):

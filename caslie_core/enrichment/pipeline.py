@@ -1,22 +1,30 @@
-"""The enrichment pipeline as a whole: stage order, provenance, summary counts and the one-process loop.
+"""The enrichment pipeline as a whole: provenance, counts, progress, the error-rate limit, the one-process loop.
 
-`run_local` is the reference: the same stages the Ray job runs, in one process, batch by batch.
+Counts (`tally`) are made where rows are written, one small dict per part, and summed by whoever
+follows the job: the driver never reads the output back. `run_local` is the reference: the same
+stages the Ray job runs, in one process, batch by batch.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import CaslieError
 from ..images import FetchPolicy
-from ..io import store
+from ..io import ledger, store
+from ..io.ledger import add_counts
 from ..io.store import partition_value
 from ..prompts import PROMPT_VERSION
+from ..records import json_or_text
 from ..tasks import get_task
 from .cache import CaptionCache, LocalCaptionCache
-from .stages import CaptionStage, JudgeStage, decode_rows, fetch_rows, finalize_rows, parse_rows
+from .stages import CaptionStage, JudgeStage, finalize, prepare
+
+# the output columns `tally` reads (to recount a part written without stored counts)
+TALLY_COLUMNS = ("task", "status", "error", "image_results")
 
 
 class ErrorRateLimit:
@@ -26,9 +34,9 @@ class ErrorRateLimit:
     def __init__(self, limits, *, where: str) -> None:
         self.limits, self.where, self.seen, self.failed = limits, where, 0, 0
 
-    def see(self, statuses: list[str]) -> None:
-        self.seen += len(statuses)
-        self.failed += statuses.count("failed")
+    def see(self, records: int, failed: int) -> None:
+        self.seen += records
+        self.failed += failed
         lim, seen, failed = self.limits, self.seen, self.failed
         if seen >= lim.min_records and failed / seen > lim.max_failed_fraction:
             raise CaslieError(
@@ -51,38 +59,114 @@ def provenance(cfg, config_hash: str, run_id: str) -> dict:
     }
 
 
-def summarize(rows: Iterable[dict]) -> dict:
-    """Counts over output rows: statuses, per-stage image errors, captions kept per task."""
-    from collections import Counter
+def _task_abbr(task: str | None) -> str:
+    return get_task(task).abbr if partition_value(task or "") != "_invalid" else "_invalid"
 
-    status, stages, kept, images, per_task = Counter(), Counter(), Counter(), Counter(), Counter()
-    n = 0
+
+def tally(rows) -> dict:
+    """Counts over output rows: statuses, records per task, errors per stage (a failed record's, each failed
+    image's), images and kept captions per task. Sums of tallies are tallies (`add_counts`)."""
+    t: dict[str, Any] = {"records": 0, "ok": 0, "partial": 0, "failed": 0, "images": 0, "kept": 0}
+    per_task: dict[str, int] = {}
+    stages: dict[str, int] = {}
+    images: dict[str, int] = {}
+    kept: dict[str, int] = {}
     for row in rows:
-        n += 1
-        status[row["status"]] += 1
-        valid_task = partition_value(row["task"] or "") != "_invalid"
-        task = get_task(row["task"]).abbr if valid_task else "_invalid"
-        per_task[task] += 1
+        t["records"] += 1
+        t[row["status"]] = t.get(row["status"], 0) + 1
+        task = _task_abbr(row["task"])
+        per_task[task] = per_task.get(task, 0) + 1
         if row["status"] == "failed":
-            err = json.loads(row["error"]) if row.get("error") else {}
-            stages[err.get("stage", "unknown")] += 1
+            stage = (json_or_text(row.get("error")) or {}).get("stage", "unknown")
+            stages[stage] = stages.get(stage, 0) + 1
             continue
-        for res in json.loads(row["image_results"]):
-            images[task] += 1
-            kept[task] += bool(res["kept"])
+        for res in json_or_text(row.get("image_results")) or []:
+            images[task] = images.get(task, 0) + 1
+            kept[task] = kept.get(task, 0) + bool(res["kept"])
             if res["error"]:
-                stages[res["error"]["stage"]] += 1
+                stages[res["error"]["stage"]] = stages.get(res["error"]["stage"], 0) + 1
+    t["images"], t["kept"] = sum(images.values()), sum(kept.values())
+    t.update(records_per_task=per_task, errors_per_stage=stages, images_per_task=images, captions_kept_per_task=kept)
+    return t
+
+
+def tally_table(table) -> dict:
+    return tally(table.select([c for c in TALLY_COLUMNS if c in table.column_names]).to_pylist())
+
+
+def summarize(rows) -> dict:
+    """`tally` in the summary's shape (with the kept share per task)."""
+    return summary_counts(tally(rows))
+
+
+def summary_counts(t: dict) -> dict:
+    images, kept = t.get("images_per_task", {}), t.get("captions_kept_per_task", {})
     return {
-        "records": n,
-        "ok": status["ok"],
-        "partial": status["partial"],
-        "failed": status["failed"],
-        "records_per_task": dict(per_task),
-        "errors_per_stage": dict(stages),
-        "images_per_task": dict(images),
-        "captions_kept_per_task": dict(kept),
-        "kept_share_per_task": {t: round(kept[t] / images[t], 4) for t in images if images[t]},
+        "records": t.get("records", 0),
+        "ok": t.get("ok", 0),
+        "partial": t.get("partial", 0),
+        "failed": t.get("failed", 0),
+        "records_per_task": t.get("records_per_task", {}),
+        "errors_per_stage": t.get("errors_per_stage", {}),
+        "images_per_task": images,
+        "captions_kept_per_task": kept,
+        "kept_share_per_task": {k: round(kept.get(k, 0) / n, 4) for k, n in images.items() if n},
     }
+
+
+def write(table, *, output: str, provenance: dict, partition: bool) -> dict:
+    """Finalize an Arrow batch of items and write it as parts; return its counts (parts keep theirs too)."""
+    counts: dict = {}
+    for part in store.write_parts(finalize(table, provenance=provenance), output, partition=partition, tally=tally):
+        counts = add_counts(counts, part)
+    return counts
+
+
+def scan_output(output: str):
+    """(the finished ids of an output as sorted digests, {"counts", "records"} of what it holds)."""
+    digests, counts, n = ledger.scan(output, recount=tally_table, columns=TALLY_COLUMNS)
+    return digests, {"counts": counts, "records": n}
+
+
+def dedupe_output(output: str) -> tuple[int, dict]:
+    """(rows removed as duplicates, their counts)."""
+    return ledger.drop_duplicates(output, recount=tally_table)
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """One line every `interval` seconds: records done (of the total when known), statuses, images/s,
+    captions kept, ETA. For logs that are not a terminal (`ray job logs -f`, CI, KubeRay)."""
+
+    def __init__(self, interval: float, *, total: int | None, say: Callable[[str], None], clock=time.monotonic):
+        self.interval, self.total, self.say, self.clock = interval, total, say, clock
+        self.start = self.last = clock()
+        self.counts: dict = {}
+
+    def add(self, counts: dict) -> None:
+        self.counts = add_counts(self.counts, counts)
+        if self.interval and self.clock() - self.last >= self.interval:
+            self.say(self.line())
+
+    def line(self) -> str:
+        self.last = now = self.clock()
+        c, elapsed = self.counts, max(1e-9, now - self.start)
+        done = c.get("records", 0)
+        head = f"{done:,} records"
+        eta = ""
+        if self.total:
+            head = f"{done:,} / {self.total:,} records ({done / self.total:.0%})"
+            if done:
+                eta = f"; ETA {_duration((self.total - done) * elapsed / done)}"
+        return (
+            f"[enrich] {head}: {c.get('ok', 0):,} ok, {c.get('partial', 0):,} partial, {c.get('failed', 0):,} "
+            f"failed; {c.get('images', 0) / elapsed:.1f} images/s; {c.get('kept', 0):,} captions kept; "
+            f"{_duration(elapsed)} elapsed{eta}"
+        )
 
 
 def run_local(
@@ -96,6 +180,7 @@ def run_local(
     provenance: dict,
     cache: CaptionCache | None = None,
     batch: int = 16,
+    threads: int = 16,
     on_batch: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """The whole pipeline in one process (no Ray): the baseline for benchmarks and a reference."""
@@ -103,12 +188,13 @@ def run_local(
     stage = CaptionStage(captioner, size, cache or LocalCaptionCache())
     judge_stages = [JudgeStage(j, name) for name, j in judges.items()]
     for start in range(0, len(raw_rows), batch):
-        rows = parse_rows(raw_rows[start : start + batch])
-        rows = decode_rows(fetch_rows(rows, policy), max_pixels=max_pixels, size=size)
-        rows = stage(rows)
+        table = prepare(
+            raw_rows[start : start + batch], policy=policy, threads=threads, max_pixels=max_pixels, size=size
+        )
+        table = stage(table)
         for js in judge_stages:
-            rows = js(rows)
-        done = finalize_rows(rows, judge_names=list(judges), provenance=provenance)
+            table = js(table)
+        done = finalize(table, provenance=provenance)
         if on_batch:
             on_batch(done)
         out.extend(done)
@@ -116,24 +202,34 @@ def run_local(
 
 
 def enrich_summary(
-    cfg, *, wall: float, processed_now: int, resumed: int, cache_stats: dict, chash: str, run_id: str
+    cfg,
+    counts: dict,
+    *,
+    wall: float,
+    dataset_seconds: float,
+    processed_now: int,
+    images_now: int,
+    resumed: int,
+    duplicates_removed: int,
+    cache_stats: dict,
+    chash: str,
+    run_id: str,
 ) -> dict:
-    """The `summary.json` of an enrichment run (counts over the whole output, resumed runs included)."""
-    rows = store.read_output(cfg.output.path, ["id", "task", "status", "error", "image_results"])
-    counts = summarize(rows)
-    ids = [r["id"] for r in rows]
-    images_now = counts["images_per_task"]
-    total_images = sum(images_now.values())
+    """The `summary.json` of an enrichment run: `counts` over the whole output (resumed runs included)."""
     return {
         "job": "enrich",
-        **counts,
-        "records_out": len(rows),
-        "duplicate_ids": len(ids) - len(set(ids)),
+        **summary_counts(counts),
+        "records_out": counts.get("records", 0),
         "processed_this_run": processed_now,
         "skipped_already_done": resumed,
-        "images": total_images,
-        "images_per_second": round(total_images * (processed_now / max(1, len(rows))) / wall, 3) if wall else None,
+        "duplicates_removed": duplicates_removed,
+        "images": counts.get("images", 0),
+        "images_this_run": images_now,
+        "images_per_second": round(images_now / dataset_seconds, 3) if dataset_seconds else None,
+        "records_per_second": round(processed_now / dataset_seconds, 3) if dataset_seconds else None,
         "wall_seconds": round(wall, 2),
+        "dataset_seconds": round(dataset_seconds, 2),
+        "tail_seconds": round(wall - dataset_seconds, 2),
         "caption_cache": cache_stats,
         "output": cfg.output.path,
         "records_path": store.parts_root(cfg.output.path),

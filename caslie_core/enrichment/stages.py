@@ -1,165 +1,207 @@
-"""The enrichment stages as plain Python over lists of row dicts (no Ray here).
+"""The enrichment stages over Arrow batches of items (`caslie_core.items`; no Ray here).
 
-Rows are one per record and carry its images as lists, so no regrouping (shuffle) is ever needed:
-the pipeline streams end to end. Each stage declares the columns it reads and adds. Per-image
-failures are data: they are recorded on the row with the stage and the cause, never raised.
+One row per record, its images a list of structs, so no regrouping (shuffle) is ever needed: the
+pipeline streams end to end. Each stage has a `Contract` (the columns it reads, adds and drops),
+checked on every batch. Failures are data: an image that cannot be fetched, decoded, captioned or
+judged carries `{stage, message}`; an exception while handling one row fails that row (its `error`
+names the stage) and the batch goes on; only a model that fails every item of `FailureStreak.limit`
+batches in a row stops the job (`EngineError`: the model or its device is broken, not the data).
 
-    parse_rows    reads RAW (text | raw dict)   adds PARSED
-    fetch_rows    reads PARSED                  adds image_bytes, image_errors, image_digests
-    decode_rows   reads image_bytes             adds pixels, drops image_bytes
-    CaptionStage  reads record, pixels          adds captions, caption_cached; drops pixels
-    JudgeStage    reads record, captions        adds votes_<name>
-    finalize_rows reads all of the above        returns OUTPUT rows (one per input record)
+    prepare       reads raw rows (text | record columns)  adds the item columns and pixels
+    CaptionStage  reads status, images, pixels            fills captions; drops pixels
+    JudgeStage    reads status, images                    adds its votes
+    finalize      reads the item columns                  returns output rows (`io.store.output_schema`)
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ImageError, RecordError
+from ..errors import EngineError, ImageError, RecordError  # noqa: F401 - EngineError: what stages raise
 from ..images import FetchPolicy, decode_image, digest, fetch_image
 from ..io.store import OUTPUT_COLUMNS
-from ..models.captioner import CaptionModel
-from ..models.judge import VoteModel, keep_caption
-from ..prompts import caption_request, judge_question
-from ..records import Record, Reject, parse_record, raw_id
+from ..items import (  # noqa: F401 - STATUSES, ERROR_STAGES: the row contract, named here too
+    ERROR_STAGES,
+    ITEM_COLUMNS,
+    PIXELS,
+    STATUSES,
+    Contract,
+    ImageSlot,
+    Item,
+    images_from_column,
+    images_to_column,
+    input_to_arrow,
+    items_from_table,
+    items_to_table,
+)
+from ..models.batching import ModelCalls, error_text
+from ..models.captioner import CaptionModel, CaptionResult
+from ..models.judge import Vote, VoteModel
+from ..prompts import caption_request, fill_caption, judge_template
+from ..records import Reject, parse_record, raw_id
 from .assemble import assemble
 from .cache import CaptionCache, caption_key
 
-PARSED = ("id", "task", "split", "status", "error", "record", "raw", "n_images")
-FETCH_ADDS = ("image_bytes", "image_errors", "image_digests")
-DECODE_ADDS = ("pixels",)
-CAPTION_ADDS = ("captions", "caption_cached")
-STATUSES = ("ok", "partial", "failed")
-ERROR_STAGES = ("validate", "fetch", "decode", "caption", "judge", "internal")
+PREPARE = Contract("prepare", reads=(), adds=(*ITEM_COLUMNS, PIXELS))
+CAPTION = Contract("caption", reads=("status", "images", PIXELS), drops=(PIXELS,))
+FINALIZE = Contract("finalize", reads=ITEM_COLUMNS)
 
 
-def _load(row: dict) -> Record:
-    d = json.loads(row["record"])
-    return Record(**d)
+def judge_contract(name: str) -> Contract:
+    return Contract(f"judge {name}", reads=("status", "images"))
 
 
-def parse_rows(rows: Iterable[dict], *, source: str | None = None) -> list[dict]:
-    """Validate raw rows. A row is `{"text": <JSON line>}` or a raw record dict (Parquet)."""
-    out = []
+# prepare: parse, skip finished records, fetch, decode
+
+
+def parse_items(rows: Iterable[dict], *, source: str | None = None, done: Callable[[str], bool] | None = None):
+    """Raw rows (`{"text": <JSON line>}` or a record dict) -> items; rows whose id `done` says is finished
+    are skipped (checked before validation when the row names its id). A row that cannot be read or
+    validated, whatever the reason (bad JSON, a wrong field, nesting too deep to serialise), is a failed item."""
+    out: list[Item] = []
     for row in rows:
-        raw: Any = row
-        if set(row) <= {"text", "path"} and "text" in row:
-            try:
-                raw = json.loads(row["text"])
-            except json.JSONDecodeError as e:
-                rid = raw_id(row["text"])
-                out.append(
-                    _failed_parse(
-                        rid,
-                        None,
-                        None,
-                        f"malformed JSON line ({e.msg} at char {e.pos})",
-                        row["text"],
-                        source=row.get("path") or source,
-                    )
-                )
-                continue
+        src = row.get("path") or source
         try:
-            rec = parse_record(raw, source=row.get("path") or source)
-        except RecordError as e:
-            rej = Reject.from_error(e, raw)
-            field = f" field '{rej.field}'" if rej.field else ""
-            out.append(_failed_parse(rej.id, rej.task, rej.split, f"{rej.reason}{field}", raw, source=rej.source))
-            continue
-        out.append(
-            {
-                "id": rec.id,
-                "task": rec.task,
-                "split": rec.split or "",
-                "status": "pending",
-                "error": "",
-                "record": json.dumps(rec.as_dict(), ensure_ascii=False, default=str),
-                "raw": "",
-                "n_images": len(rec.images),
-            }
-        )
+            item = _parse_one(row, src, done)
+        except Exception as e:
+            item = Item(_fallback_id(row), raw=_text(row.get("text", row)))
+            item.fail("validate", error_text(e), src)
+        if item is not None and not (done and done(item.id)):
+            out.append(item)
     return out
 
 
-def _failed_parse(rid, task, split, reason, raw, *, source=None) -> dict:
-    text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
-    return {
-        "id": rid,
-        "task": str(task or ""),
-        "split": str(split or ""),
-        "status": "failed",
-        "error": json.dumps({"stage": "validate", "message": reason, "source": source}),
-        "record": "",
-        "raw": text,
-        "n_images": 0,
-    }
-
-
-def fetch_rows(rows: list[dict], policy: FetchPolicy, *, threads: int = 16) -> list[dict]:
-    """Fetch every image of every pending row with at most `threads` requests in flight."""
-    jobs: list[tuple[int, int, str]] = []
-    for r, row in enumerate(rows):
-        row["image_bytes"], row["image_errors"], row["image_digests"] = [], "[]", []
-        if row["status"] == "pending":
-            urls = _load(row).images
-            row["image_bytes"] = [b""] * len(urls)
-            row["image_digests"] = [""] * len(urls)
-            row["_errors"] = [None] * len(urls)
-            jobs.extend((r, i, u) for i, u in enumerate(urls))
-
-    def one(job):
-        r, i, url = job
+def _parse_one(row: dict, src: str | None, done) -> Item | None:
+    raw: Any = row
+    if set(row) <= {"text", "path"} and "text" in row:
         try:
-            return r, i, fetch_image(url, policy), None
+            raw = json.loads(row["text"])
+        except json.JSONDecodeError as e:
+            item = Item(raw_id(row["text"]), raw=row["text"])
+            item.fail("validate", f"malformed JSON line ({e.msg} at char {e.pos})", src)
+            return item
+    given = raw.get("id") if isinstance(raw, dict) else None
+    if done and given not in (None, "") and done(str(given)):
+        return None
+    try:
+        item = _item(parse_record(raw, source=src))
+        input_to_arrow(item.input)  # what cannot be carried (too deep to serialise) fails here, on this row
+    except RecordError as e:
+        rej = Reject.from_error(e, raw)
+        field_ = f" field '{rej.field}'" if rej.field else ""
+        item = Item(rej.id, task=rej.task, split=rej.split, raw=_text(raw))
+        item.fail("validate", f"{rej.reason}{field_}", rej.source)
+    return item
+
+
+def _fallback_id(row: dict) -> str:
+    try:
+        return raw_id(row.get("text", row))
+    except Exception:  # unhashable content: a stable id from what can be read
+        return "raw-" + digest(f"{sorted(map(str, row))}|{row.get('id')}".encode())[:16]
+
+
+def _text(raw: Any) -> str:
+    try:
+        return raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
+    except Exception as e:
+        return f"<not printable: {error_text(e)}>"
+
+
+def _item(rec) -> Item:
+    item = Item(
+        rec.id,
+        task=rec.task,
+        split=rec.split,
+        instruction=rec.instruction,
+        input=rec.input,
+        options=list(rec.options),
+        output=rec.output,
+        extra=json.dumps(rec.extra, ensure_ascii=False, default=str) if rec.extra else None,
+    )
+    try:  # each image's caption request and judge question, built once
+        item.images = [
+            ImageSlot(i, url, caption_request(rec, i), judge_template(rec, i)) for i, url in enumerate(rec.images)
+        ]
+    except Exception as e:
+        item.images = [ImageSlot(i, url) for i, url in enumerate(rec.images)]
+        item.fail("validate", f"cannot build the caption request: {error_text(e)}")
+    return item
+
+
+def fetch_decode(items: list[Item], policy: FetchPolicy, *, threads: int, max_pixels: int, size: int) -> None:
+    """Fetch and decode every image of every pending item (at most `threads` at once); a failure lands on
+    its image. An empty or undecodable body is a decode error."""
+    slots = [s for it in items if it.pending for s in it.images]
+
+    def one(slot: ImageSlot) -> None:
+        try:
+            data = fetch_image(slot.url, policy)
         except ImageError as e:
-            return r, i, b"", {"stage": e.stage, "message": e.reason}
-        except Exception as e:  # never let one image take the batch down
-            return r, i, b"", {"stage": "fetch", "message": f"{type(e).__name__}: {e}"}
+            return slot.fail(e.stage, e.reason)
+        except Exception as e:
+            return slot.fail("fetch", error_text(e))
+        slot.digest = digest(data)
+        try:
+            slot.pixels = decode_image(data, max_pixels=max_pixels, size=size).tobytes()
+        except ImageError as e:
+            slot.fail(e.stage, e.reason)
+        except Exception as e:
+            slot.fail("decode", error_text(e))
 
-    if jobs:
-        with ThreadPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
-            for r, i, data, err in pool.map(one, jobs):
-                rows[r]["image_bytes"][i] = data
-                rows[r]["image_digests"][i] = digest(data) if data else ""
-                rows[r]["_errors"][i] = err
-    for row in rows:
-        if "_errors" in row:
-            row["image_errors"] = json.dumps(row.pop("_errors"))
-    return rows
+    if len(slots) == 1:
+        one(slots[0])
+    elif slots:
+        with ThreadPoolExecutor(max_workers=min(threads, len(slots))) as pool:
+            list(pool.map(one, slots))
 
 
-def decode_rows(rows: list[dict], *, max_pixels: int, size: int) -> list[dict]:
-    """Decode fetched bytes to `size x size` RGB pixels (raw bytes); drop the encoded bytes."""
-    for row in rows:
-        errors = json.loads(row["image_errors"])
-        pixels = []
-        for i, data in enumerate(row.get("image_bytes") or []):
-            if errors[i] is not None or not data:
-                pixels.append(b"")
-                continue
-            try:
-                pixels.append(decode_image(data, max_pixels=max_pixels, size=size).tobytes())
-            except ImageError as e:
-                errors[i] = {"stage": e.stage, "message": e.reason}
-                pixels.append(b"")
-            except Exception as e:
-                errors[i] = {"stage": "decode", "message": f"{type(e).__name__}: {e}"}
-                pixels.append(b"")
-        row["pixels"] = pixels
-        row["image_errors"] = json.dumps(errors)
-        row.pop("image_bytes", None)
-    return rows
+def prepare(
+    rows: list[dict],
+    *,
+    policy: FetchPolicy,
+    threads: int,
+    max_pixels: int,
+    size: int,
+    done: Callable[[str], bool] | None = None,
+):
+    """Raw rows -> an Arrow batch of items with decoded pixels (the CPU stages, fused in one task)."""
+    items = parse_items(rows, done=done)
+    fetch_decode(items, policy, threads=threads, max_pixels=max_pixels, size=size)
+    return items_to_table(items, pixels=True)
+
+
+# model stages
+
+
+def _fail_rows(table, failures: dict[int, dict]):
+    """Mark rows failed (`failures`: position -> error) in an Arrow batch."""
+    import pyarrow as pa
+
+    from ..items import record_error_type
+
+    if not failures:
+        return table
+    status = table.column("status").to_pylist()
+    errors = table.column("error").to_pylist()
+    for r, err in failures.items():
+        status[r], errors[r] = "failed", {**err, "source": None}
+    table = table.set_column(table.column_names.index("status"), "status", pa.array(status, pa.string()))
+    return table.set_column(table.column_names.index("error"), "error", pa.array(errors, record_error_type()))
+
+
+def _with_images(table, images: list[list[ImageSlot]]):
+    return table.set_column(table.column_names.index("images"), "images", images_to_column(images))
 
 
 @dataclass
 class CaptionStage:
-    """Captions every decoded image of each row; identical pairs are captioned once (via `cache`)."""
+    """Captions every decoded image of each pending row; identical (image, request) pairs once (`cache`)."""
 
     captioner: CaptionModel  # models.captioner.Captioner, or anything with .caption(images, prompts)
     size: int
@@ -167,189 +209,182 @@ class CaptionStage:
     owner: str = "local"
     wait_s: float = 600.0
     poll_s: float = 0.05
+    calls: ModelCalls = field(default_factory=lambda: ModelCalls("the captioner"))
 
-    def __call__(self, rows: list[dict]) -> list[dict]:
+    def __call__(self, table):
         import numpy as np
 
+        CAPTION.check(table)
+        status = table.column("status").to_pylist()
+        images = images_from_column(table.column("images"))
+        pixels = table.column(PIXELS).to_pylist()
         work: dict[str, tuple[Any, str]] = {}  # key -> (pixels, prompt)
-        slots: list[tuple[int, int, str]] = []
-        for r, row in enumerate(rows):
-            n = int(row.get("n_images") or 0)
-            row["captions"] = [None] * n
-            row["caption_cached"] = [False] * n
-            if row["status"] != "pending":
+        slots: list[tuple[ImageSlot, str]] = []
+        failures: dict[int, dict] = {}
+        for r, row in enumerate(images):
+            if status[r] != "pending":
                 continue
-            rec = _load(row)
-            errors = json.loads(row["image_errors"])
-            for i in range(n):
-                if errors[i] is not None:
-                    continue
-                prompt = caption_request(rec, i)
-                key = caption_key(row["image_digests"][i], prompt)
-                if key not in work:
-                    arr = np.frombuffer(row["pixels"][i], dtype=np.uint8).reshape(self.size, self.size, 3)
-                    work[key] = (arr, prompt)
-                slots.append((r, i, key))
-            row["_errors"] = errors
-        results: dict[str, tuple[str | None, str | None]] = {}
-        cached: set[str] = set()
+            try:
+                mine = []
+                for s in row:
+                    if s.error is not None:
+                        continue
+                    key = caption_key(s.digest or "", s.prompt)
+                    if key not in work:
+                        arr = np.frombuffer(pixels[r][s.index], dtype=np.uint8).reshape(self.size, self.size, 3)
+                        work[key] = (arr, s.prompt)
+                    mine.append((s, key))
+                slots.extend(mine)
+            except Exception as e:
+                failures[r] = {"stage": "caption", "message": error_text(e)}
+        results = self._caption(work)
+        for s, key in slots:
+            cap, err, cached = results[key]
+            s.caption, s.cached = cap, cached
+            if err is not None:
+                s.fail("caption", err)
+        return _fail_rows(_with_images(table.drop_columns([PIXELS]), images), failures)
+
+    def _caption(self, work: dict[str, tuple[Any, str]]) -> dict[str, tuple[str | None, str | None, bool]]:
+        results: dict[str, tuple[str | None, str | None, bool]] = {}
         pending = list(work)
         deadline = time.monotonic() + self.wait_s
         while pending:
-            if self.cache is None:
-                status = {k: ("mine", None) for k in pending}
-            elif time.monotonic() > deadline:  # the claimant went silent: do it ourselves
+            if self.cache is None or time.monotonic() > deadline:  # no cache, or the claimant went silent
                 status = {k: ("mine", None) for k in pending}
             else:
                 status = self.cache.claim(pending, self.owner)
             for k in pending:
                 if status[k][0] == "hit":
-                    results[k] = (status[k][1], None)
-                    cached.add(k)
+                    results[k] = (status[k][1], None, True)
             mine = [k for k in pending if status[k][0] == "mine"]
-            if mine:
-                outs = self.captioner.caption([work[k][0] for k in mine], [work[k][1] for k in mine])
-                if len(outs) != len(mine):  # a captioner that drops items would leave them pending forever
-                    raise RuntimeError(f"captioner returned {len(outs)} results for {len(mine)} images")
-                for k, res in zip(mine, outs):
-                    results[k] = (res.caption, res.error)
-                if self.cache is not None:
-                    self.cache.put({k: results[k][0] for k in mine if results[k][1] is None}, self.owner)
-                    # failures are not cached: release them so that another actor may try again
-                    failed = [k for k in mine if results[k][1] is not None]
-                    if failed:
-                        self.cache.release(failed, self.owner)
+            outs = self.calls(
+                mine,
+                lambda keys: self.captioner.caption([work[k][0] for k in keys], [work[k][1] for k in keys]),
+                lambda e: CaptionResult(None, error=error_text(e)),
+                lambda outs: [o.error for o in outs],
+            )
+            for k, res in zip(mine, outs):
+                results[k] = (res.caption, res.error, False)
+            if self.cache is not None and mine:
+                self.cache.put({k: results[k][0] for k in mine if results[k][1] is None}, self.owner)
+                failed = [k for k in mine if results[k][1] is not None]  # not cached: another actor may retry
+                if failed:
+                    self.cache.release(failed, self.owner)
             pending = [k for k in pending if k not in results]
             if pending:
                 time.sleep(self.poll_s)
-        for r, i, key in slots:
-            cap, err = results[key]
-            rows[r]["captions"][i] = cap
-            rows[r]["caption_cached"][i] = key in cached
-            if err is not None:
-                rows[r]["_errors"][i] = {"stage": "caption", "message": err}
-        for row in rows:
-            if "_errors" in row:
-                row["image_errors"] = json.dumps(row.pop("_errors"))
-            row.pop("pixels", None)
-            row["captions"] = json.dumps(row["captions"])
-        return rows
+        return results
 
 
 @dataclass
 class JudgeStage:
-    """One judge's vote on every caption of each row (`votes_<name>`: list of yes/no/None)."""
+    """One judge's vote on every caption of each pending row. A judge that fails on an image is that
+    image's error (stage `judge`): an unjudged caption is not kept, and never passes for an abstention."""
 
     judge: VoteModel  # models.judge.Judge, or anything with .vote(questions)
     name: str
+    calls: ModelCalls | None = None
 
-    def __call__(self, rows: list[dict]) -> list[dict]:
-        questions, slots = [], []
-        col = f"votes_{self.name}"
-        for r, row in enumerate(rows):
-            caps = json.loads(row["captions"]) if row.get("captions") else []
-            row[col] = [None] * len(caps)
-            if row["status"] != "pending":
+    def __post_init__(self) -> None:
+        self.contract = judge_contract(self.name)
+        if self.calls is None:
+            self.calls = ModelCalls(f"judge {self.name!r}")
+
+    def __call__(self, table):
+        self.contract.check(table)
+        status = table.column("status").to_pylist()
+        images = images_from_column(table.column("images"))
+        questions: list[str] = []
+        slots: list[ImageSlot] = []
+        failures: dict[int, dict] = {}
+        for r, row in enumerate(images):
+            if status[r] != "pending":
                 continue
-            rec = _load(row)
-            for i, cap in enumerate(caps):
-                if cap:
-                    questions.append(judge_question(rec, i, cap))
-                    slots.append((r, i))
-        if questions:
-            for (r, i), vote in zip(slots, self.judge.vote(questions)):
-                rows[r][col][i] = vote.vote
-        for row in rows:
-            row[col] = json.dumps(row[col])
-        return rows
-
-
-def finalize_rows(rows: list[dict], *, judge_names: list[str], provenance: dict) -> list[dict]:
-    """One output row per input row: status, per-image results, enriched input, provenance."""
-    out = []
-    for row in rows:
-        base = {c: None for c in OUTPUT_COLUMNS}
-        base.update(
-            {
-                k: provenance.get(k)
-                for k in ("captioner_model", "captioner_revision", "judges", "prompt_version", "config_hash", "run_id")
-            }
+            try:
+                asked = [(s, fill_caption(s.question, s.caption)) for s in row if s.caption is not None and not s.error]
+                for s in row:
+                    s.votes[self.name] = None
+                questions.extend(q for _, q in asked)
+                slots.extend(s for s, _ in asked)
+            except Exception as e:
+                failures[r] = {"stage": "judge", "message": error_text(e)}
+        votes = self.calls(
+            questions, self.judge.vote, lambda e: Vote(None, None, error_text(e)), lambda vs: [v.error for v in vs]
         )
-        base.update({"id": row["id"], "task": row["task"] or None, "split": row["split"] or None})
-        if row["status"] == "failed":
-            base.update(
-                {
-                    "status": "failed",
-                    "error": row["error"],
-                    "raw": row["raw"],
-                    "n_images": 0,
-                    "n_failed_images": 0,
-                    "n_kept": 0,
-                    "image_results": "[]",
-                }
-            )
-            out.append(base)
-            continue
+        for s, v in zip(slots, votes):
+            s.votes[self.name] = v.vote
+            if v.error:
+                s.vote_errors[self.name] = v.error
+                s.fail("judge", f"{self.name}: {v.error}")
+        return _fail_rows(_with_images(table, images), failures)
+
+
+# finalize: output rows
+
+
+def finalize(table, *, provenance: dict) -> list[dict]:
+    """One output row per item: status, per-image results, the enriched input, provenance."""
+    FINALIZE.check(table)
+    keys = ("captioner_model", "captioner_revision", "judges", "prompt_version", "config_hash", "run_id")
+    prov = {k: provenance.get(k) for k in keys}
+    out = []
+    for item in items_from_table(table):
+        base = dict.fromkeys(OUTPUT_COLUMNS) | {"id": item.id, "task": item.task, "split": item.split, **prov}
         try:
-            out.append(_finalize_one(row, base, judge_names))
+            out.append(base | _finalize_one(item))
         except Exception as e:  # a bug must not lose the record
-            base.update(
-                {
-                    "status": "failed",
-                    "n_images": int(row.get("n_images") or 0),
-                    "n_failed_images": 0,
-                    "n_kept": 0,
-                    "image_results": "[]",
-                    "error": json.dumps({"stage": "internal", "message": f"{type(e).__name__}: {e}"}),
-                }
-            )
-            out.append(base)
+            item.fail("finalize", error_text(e))
+            out.append(base | _failed(item))
     return out
 
 
-def _finalize_one(row: dict, base: dict, judge_names: list[str]) -> dict:
-    rec = _load(row)
-    n = len(rec.images)
-    errors = json.loads(row.get("image_errors") or "[]") or [None] * n
-    captions = json.loads(row.get("captions") or "null") or [None] * n
-    cached = list(row.get("caption_cached") or [False] * n)
-    votes = {name: json.loads(row.get(f"votes_{name}") or "null") or [None] * n for name in judge_names}
-    kept, results = [], []
-    for i in range(n):
-        image_votes = {name: votes[name][i] for name in judge_names}
-        keep = keep_caption(captions[i], errors[i], list(image_votes.values()))
-        kept.append(keep)
-        results.append(
-            {
-                "index": i,
-                "url": rec.images[i],
-                "caption": captions[i],
-                "votes": image_votes,
-                "kept": keep,
-                "cached": bool(cached[i]) if i < len(cached) else False,
-                "error": errors[i],
-            }
-        )
-    enriched = assemble(rec, captions, kept)
-    n_failed = sum(e is not None for e in errors)
-    base.update(
-        {
-            "status": "partial" if n_failed else "ok",
-            "error": json.dumps({"stage": "images", "message": f"{n_failed} of {n} image(s) failed"})
-            if n_failed
-            else None,
-            "instruction": rec.instruction,
-            "input": json.dumps(enriched.input, ensure_ascii=False),
-            "options": json.dumps(enriched.options, ensure_ascii=False),
-            "output": rec.output,
-            "images": json.dumps(rec.images, ensure_ascii=False),
-            "original_input": json.dumps(rec.input, ensure_ascii=False),
-            "original_options": json.dumps(rec.options, ensure_ascii=False),
-            "n_images": n,
-            "n_failed_images": n_failed,
-            "n_kept": sum(kept),
-            "image_results": json.dumps(results, ensure_ascii=False),
-            "extra": json.dumps(rec.extra, ensure_ascii=False, default=str) if rec.extra else None,
-        }
+def _failed(item: Item) -> dict:
+    return {
+        "status": "failed",
+        "error": item.error,
+        "raw": item.raw,
+        "n_images": len(item.images),
+        "n_failed_images": 0,
+        "n_kept": 0,
+        "image_results": [],
+    }
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _finalize_one(item: Item) -> dict:
+    if item.status == "failed":
+        return _failed(item)
+    from ..records import Record
+
+    rec = Record(
+        item.id, item.task or "", item.instruction or "", item.input, item.options, [s.url for s in item.images]
     )
-    return base
+    kept = [s.kept for s in item.images]
+    enriched = assemble(rec, [s.caption for s in item.images], kept)
+    failed = [s for s in item.images if s.error is not None]
+    error = None
+    if failed:
+        first = failed[0].error
+        more = f"{len(failed)} of {len(item.images)} image(s) failed; first: " if len(item.images) > 1 else ""
+        error = {"stage": first["stage"], "message": more + first["message"], "source": None}
+    return {
+        "status": "partial" if failed else "ok",
+        "error": error,
+        "instruction": item.instruction,
+        "input": _dumps(enriched.input),
+        "options": _dumps(enriched.options),
+        "output": item.output,
+        "images": _dumps(rec.images),
+        "original_input": _dumps(item.input),
+        "original_options": _dumps(item.options),
+        "n_images": len(item.images),
+        "n_failed_images": len(failed),
+        "n_kept": sum(kept),
+        "image_results": [s.result() for s in item.images],
+        "extra": item.extra,
+        "raw": None,
+    }

@@ -1,4 +1,6 @@
-"""The enrichment output store: schema, atomic Parquet parts, listing, reading back, de-duplication.
+"""The enrichment output store: schema, atomic Parquet parts (with their counts), listing, reading back.
+
+Resume and de-duplication over a whole output live in `io.ledger`.
 
 Layout: `OUTPUT/records/[task=<name>/]part-<sha1 of its ids>.parquet`, one row per input record.
 A part is written under a temporary dot-name and renamed, so a reader never sees half a part, and its
@@ -46,10 +48,20 @@ EVAL_COLUMNS = TEXT_COLUMNS + ("images", "image_results")
 
 
 def output_schema():
+    """Strings where the MMECInstruct schema has them (`input`, `options`, `images` as JSON text); the job's
+    own columns native: `error` a struct {stage, message, source}, `image_results` a list of structs."""
     import pyarrow as pa
 
-    ints = {"n_images", "n_failed_images", "n_kept"}
-    return pa.schema([(c, pa.int32() if c in ints else pa.string()) for c in OUTPUT_COLUMNS])
+    from ..items import record_error_type, result_type
+
+    types = {
+        "n_images": pa.int32(),
+        "n_failed_images": pa.int32(),
+        "n_kept": pa.int32(),
+        "error": record_error_type(),
+        "image_results": pa.list_(result_type()),
+    }
+    return pa.schema([(c, types.get(c, pa.string())) for c in OUTPUT_COLUMNS])
 
 
 def partition_value(task: str) -> str:
@@ -63,10 +75,16 @@ def parts_root(output: str) -> str:
     return output.rstrip("/") + "/records"
 
 
-def write_parts(rows: list[dict], output: str, *, partition: bool) -> list[dict]:
+TALLY_KEY = b"caslie.tally"  # a part's counts (JSON), in its Parquet key-value metadata
+
+
+def write_parts(rows: list[dict], output: str, *, partition: bool, tally=None) -> list[dict]:
     """Write finalized output rows as Parquet parts, atomically (temporary name, then rename).
 
-    Returns one `{id, status, task, path}` per row (what the job counts and tests check)."""
+    A part's name is a hash of the ids it holds, so a retried batch overwrites its own part. `tally(rows)`,
+    when given, is stored in the part's metadata (`TALLY_KEY`) and returned, one per part written."""
+    import json
+
     import fsspec
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -75,7 +93,7 @@ def write_parts(rows: list[dict], output: str, *, partition: bool) -> list[dict]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(partition_value(r["task"] or "") if partition else "", []).append(r)
-    written = []
+    counts = []
     schema = output_schema()
     for value, group in groups.items():
         folder = f"{root}/task={value}" if partition else root
@@ -83,12 +101,14 @@ def write_parts(rows: list[dict], output: str, *, partition: bool) -> list[dict]
         name = "part-" + hashlib.sha1("\n".join(sorted(r["id"] for r in group)).encode()).hexdigest()[:20]
         final = f"{folder}/{name}.parquet"
         tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}.parquet"
-        table = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in group], schema=schema)
+        table = pa.Table.from_pylist(group, schema=schema)
+        if tally is not None:
+            counts.append(tally(group))
+            table = table.replace_schema_metadata({TALLY_KEY: json.dumps(counts[-1]).encode()})
         with fs.open(tmp, "wb") as fh:
             pq.write_table(table, fh)
         fs.mv(tmp, final)
-        written.extend({"id": r["id"], "status": r["status"], "task": value, "path": final} for r in group)
-    return written
+    return counts
 
 
 def list_parts(output: str) -> list[str]:
@@ -102,7 +122,7 @@ def list_parts(output: str) -> list[str]:
 
 
 def read_output(output: str, columns: list[str] | None = None) -> list[dict]:
-    """All written output rows (small columns for summaries and tests)."""
+    """All written output rows (for tests and small outputs; jobs never read the whole output back)."""
     import fsspec
     import pyarrow.parquet as pq
 
@@ -111,47 +131,6 @@ def read_output(output: str, columns: list[str] | None = None) -> list[dict]:
         with fsspec.open(path, "rb") as fh:
             rows.extend(pq.read_table(fh, columns=columns).to_pylist())
     return rows
-
-
-def drop_duplicates(output: str) -> int:
-    """Keep one row per id across parts; return how many rows were removed.
-
-    A killed driver's write tasks can still finish after it died (Ray stops a dead job's workers
-    within seconds, not at once), so a rerun that started meanwhile may write some records again.
-    Parts are visited in name order; a later part loses the ids seen before (rewritten atomically,
-    deleted when empty)."""
-    import fsspec
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    seen: set[str] = set()
-    removed = 0
-    for path in sorted(list_parts(output)):
-        fs, p = fsspec.core.url_to_fs(path)
-        with fs.open(p, "rb") as fh:
-            ids = pq.read_table(fh, columns=["id"]).column("id").to_pylist()
-        dup = [i for i in ids if i in seen]
-        seen.update(ids)
-        if not dup:
-            continue
-        removed += len(dup)
-        with fs.open(p, "rb") as fh:
-            table = pq.read_table(fh)
-        keep = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(sorted(set(dup))))))
-        if keep.num_rows == 0:
-            fs.rm(p)
-            continue
-        folder, name = p.rsplit("/", 1)
-        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
-        with fs.open(tmp, "wb") as fh:
-            pq.write_table(keep, fh)
-        fs.mv(tmp, p)
-    return removed
-
-
-def done_ids(output: str) -> frozenset:
-    return frozenset(r["id"] for r in read_output(output, ["id"]))
 
 
 def is_enriched_parquet(path: str) -> bool:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from ..errors import EngineError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -68,3 +71,28 @@ class FailureStreak:
 
     def reason(self) -> str:
         return f"{self.count} batches in a row failed on every item"
+
+
+@dataclass
+class ModelCalls:
+    """Calls a model on a list of items: a batch that raises is retried item by item (an item that still
+    raises gets its own error); past `streak.limit` batches in a row where every item failed, the model is
+    broken: raise `EngineError` naming it."""
+
+    what: str
+    streak: FailureStreak = field(default_factory=FailureStreak)
+
+    def __call__(self, items: list, run: Callable[[list], list], failed: Callable[[BaseException], Any], errors):
+        if not items:
+            return []
+        outs = run_batched(items, len(items), run, failed)
+        errs = errors(outs)
+        self.streak.track(errs)
+        if self.streak.failing:
+            last = next(e for e in reversed(errs) if e)
+            raise EngineError(
+                f"{self.what} failed on every item of {self.streak.count} batches in a row (last error: {last}); "
+                f"that is the model or its device, not the data: check its config (model, revision, dtype) "
+                f"and the actor's log"
+            )
+        return outs

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from ..enrichment.assemble import SINGLE_KEY, assemble
 from ..errors import ImageError, RecordError
 from ..images import FetchPolicy, decode_image, fetch_image
-from ..models.judge import keep_caption
+from ..items import ImageSlot, shown_url  # noqa: F401 - shown_url is part of this module's surface
 from ..prompts import (
     caption_request,
     chat_caption_request,
@@ -67,43 +65,9 @@ def load_image(url: str, policy: FetchPolicy, *, size: int, max_pixels: int):
     return decode_image(data, max_pixels=max_pixels, size=size)
 
 
-def shown_url(url: str) -> str:
-    """URLs as echoed in responses: data: URIs are not sent back whole."""
-    if url[:5].lower() == "data:":
-        return f"{url.partition(',')[0]},... ({len(url)} chars)"
-    return url
-
-
 def image_failure_status(err: ImageError) -> int:
     """422 for what the client can fix (refused, not an image, too big); 502 when the image host failed."""
     return 502 if getattr(err, "transient", False) else 422
-
-
-@dataclass
-class ImageSlot:
-    """One image of a request as it moves through the stages."""
-
-    index: int
-    url: str
-    prompt: str = ""
-    pixels: Any = None
-    caption: str | None = None
-    votes: dict[str, str | None] = field(default_factory=dict)
-    error: dict | None = None
-
-    @property
-    def kept(self) -> bool:
-        return keep_caption(self.caption, self.error, list(self.votes.values()))
-
-    def report(self) -> dict:
-        return {
-            "index": self.index,
-            "url": shown_url(self.url),
-            "caption": self.caption,
-            "votes": self.votes,
-            "kept": self.kept,
-            "error": self.error,
-        }
 
 
 def record_slots(record: Record) -> list[ImageSlot]:

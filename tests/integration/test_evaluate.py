@@ -46,9 +46,9 @@ def _write_enriched(catalog: Path, out: Path) -> int:
                 "n_images": n,
                 "n_failed_images": 0,
                 "n_kept": sum(kept),
-                "image_results": json.dumps(
-                    [{"index": i, "caption": c, "kept": k} for i, (c, k) in enumerate(zip(captions, kept))]
-                ),
+                "image_results": [
+                    {"index": i, "caption": c, "kept": k} for i, (c, k) in enumerate(zip(captions, kept))
+                ],
             }
         )
         rows.append(row)
@@ -61,7 +61,7 @@ def _write_enriched(catalog: Path, out: Path) -> int:
             "n_images": 0,
             "n_failed_images": 0,
             "n_kept": 0,
-            "error": json.dumps({"stage": "validate", "message": "no task"}),
+            "error": {"stage": "validate", "message": "no task"},
         }
     )
     rows.append(failed)

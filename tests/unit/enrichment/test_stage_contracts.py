@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fakes import CAPTION_ERROR, FakeCaptioner, FakeJudge, fake_caption, sha1
+from fakes import CAPTION_ERROR, JUDGE_ERROR, FakeCaptioner, FakeJudge, fake_caption, sha1
 
 from caslie_core.enrichment import pipeline, stages
 from caslie_core.enrichment.cache import LocalCaptionCache
@@ -48,12 +48,8 @@ def catalog(tmp_path_factory):
 @pytest.fixture(scope="module")
 def decoded(catalog):
     """The catalog parsed, fetched and decoded once (stage tests run on shallow copies)."""
-    rows = stages.parse_rows([{"text": line} for line in catalog["lines"]])
-    return stages.decode_rows(stages.fetch_rows(rows, POLICY), max_pixels=MAX_PIXELS, size=SIZE)
-
-
-def fresh(rows):
-    return [dict(r) for r in rows]
+    rows = [{"text": line} for line in catalog["lines"]]
+    return stages.prepare(rows, policy=POLICY, threads=4, max_pixels=MAX_PIXELS, size=SIZE)
 
 
 def run(rows, captioner, judges=None, *, cache=None, batch=4, on_batch=None):
@@ -76,7 +72,11 @@ def raw_rows(catalog, *extra):
 
 
 def results(row) -> list[dict]:
-    return json.loads(row["image_results"])
+    return row["image_results"]
+
+
+def votes(result: dict) -> dict:
+    return {v["judge"]: v["vote"] for v in result["votes"]}
 
 
 def pixels_of(path: str) -> bytes | None:
@@ -105,7 +105,7 @@ def test_every_input_row_comes_out_once_with_a_status(catalog):
     failed = {o["id"]: o for o in out if o["status"] == "failed"}
     assert len(failed) == 2 and "badtask" in failed
     for o in failed.values():
-        assert json.loads(o["error"])["stage"] == "validate" and o["raw"] and o["image_results"] == "[]"
+        assert o["error"]["stage"] == "validate" and o["raw"] and o["image_results"] == []
     for o in out:
         if o["status"] != "failed":
             res = results(o)
@@ -133,9 +133,11 @@ def test_broken_images_make_the_row_partial_with_the_failing_stage(catalog):
     for rid, b in broken.items():
         o = by_id[rid]
         assert o["status"] == "partial" and o["n_failed_images"] == 1
-        assert json.loads(o["error"]) == {"stage": "images", "message": f"1 of {o['n_images']} image(s) failed"}
         bad = [r for r in results(o) if r["url"] == b["image"]]
         assert len(bad) == 1 and bad[0]["caption"] is None and not bad[0]["kept"]
+        # the record's error names the failing image's stage (and how many of its images failed)
+        assert o["error"]["stage"] == bad[0]["error"]["stage"] and bad[0]["error"]["message"] in o["error"]["message"]
+        assert o["n_images"] == 1 or o["error"]["message"].startswith(f"1 of {o['n_images']} image(s) failed")
         assert bad[0]["error"]["stage"] == ("fetch" if b["kind"] == "missing" else "decode")
         assert bad[0]["error"]["stage"] in stages.ERROR_STAGES and bad[0]["error"]["message"]
     # the broken images never reached the captioner; every other image did
@@ -172,16 +174,64 @@ def test_a_caption_failure_marks_that_image_and_is_not_cached(catalog):
 
 
 def test_item_positions_and_crashes_of_the_fake_captioner(decoded):
-    """The fake itself: positions count over calls; raise_always crashes the batch (the stage lets it through)."""
+    """The fake itself: positions count over calls; a crashing batch is retried item by item, each item then
+    fails alone; only a captioner that fails everything, batch after batch, stops the stage (EngineError)."""
     caps = FakeCaptioner(fail_on={1})
     got = caps.caption([b"a", b"b"], ["p", "p"]) + caps.caption([b"a"], ["p"])
     assert [r.error is not None for r in got] == [False, True, False] and (caps.calls, caps.items) == (2, 3)
     assert got[0].caption == got[2].caption == fake_caption(b"a", "p")
     cache = LocalCaptionCache()
     crashing = FakeCaptioner(raise_always=True)
-    with pytest.raises(RuntimeError, match="crashed"):
-        stages.CaptionStage(crashing, SIZE, cache)(fresh(decoded))
-    assert crashing.calls == 1 and cache.done == {}
+    stage = stages.CaptionStage(crashing, SIZE, cache)
+    out = stages.finalize(stage(decoded), provenance={})
+    pairs = {(s["digest"], s["prompt"]) for row in decoded.column("images").to_pylist() for s in row if not s["error"]}
+    assert crashing.calls == 1 + len(pairs)  # the batch, then each distinct (image, request) pair alone
+    for o in out:
+        for r in results(o):
+            assert r["error"] is None or r["error"]["stage"] in ("fetch", "decode", "caption")
+            if r["error"] and r["error"]["stage"] == "caption":
+                assert "the whole batch crashed" in r["error"]["message"] and r["caption"] is None
+    assert cache.done == {}
+    stage(decoded)
+    with pytest.raises(stages.EngineError, match="the captioner failed on every item of 3 batches in a row"):
+        stage(decoded)
+
+
+def test_a_captioner_that_raises_on_one_item_fails_that_image_only(catalog, decoded):
+    rid, rec = next((rid, r) for rid, r in catalog["records"].items() if len(r.images) == 2)
+    doomed = caption_request(rec, 1)
+    captioner = FakeCaptioner(raise_on=lambda image, prompt: prompt == doomed)
+    out = {o["id"]: o for o in stages.finalize(stages.CaptionStage(captioner, SIZE)(decoded), provenance={})}
+    res = results(out[rid])
+    assert res[1]["error"] == {"stage": "caption", "message": "RuntimeError: fake captioner: raised on one item"}
+    assert res[0]["error"] is None and res[0]["caption"]
+    assert out[rid]["status"] == "partial" and out[rid]["error"]["stage"] == "caption"
+    broken = {b["id"] for b in catalog["broken_images"]}
+    assert all(o["status"] == "ok" for k, o in out.items() if k not in broken | {rid})
+
+
+def test_a_stage_that_raises_on_one_row_fails_that_row_and_the_batch_goes_on(decoded):
+    """A row the stage cannot handle (here: pixels of the wrong size) fails with the stage's name."""
+    import pyarrow as pa
+
+    from caslie_core.items import PIXELS
+
+    px = decoded.column(PIXELS).to_pylist()
+    victim = next(r for r, row in enumerate(px) if row and row[0])
+    px[victim] = [b"\x00" * 7] * len(px[victim])
+    table = decoded.set_column(decoded.column_names.index(PIXELS), PIXELS, pa.array(px, pa.list_(pa.binary())))
+    out = stages.finalize(stages.CaptionStage(FakeCaptioner(), SIZE)(table), provenance={})
+    assert out[victim]["status"] == "failed" and out[victim]["error"]["stage"] == "caption"
+    assert "reshape" in out[victim]["error"]["message"]
+    assert [o["id"] for o in out] == decoded.column("id").to_pylist()
+    assert sum(o["status"] == "failed" for o in out) == 1
+
+
+def test_a_stage_wired_before_its_input_names_the_missing_columns(decoded):
+    from caslie_core.items import ContractError
+
+    with pytest.raises(ContractError, match=r"reads columns \['pixels'\].*present: \['id'"):
+        stages.CaptionStage(FakeCaptioner(), SIZE)(decoded.drop_columns(["pixels"]))
 
 
 def test_identical_pairs_are_captioned_once(catalog):
@@ -224,26 +274,33 @@ def test_kept_follows_the_vote_rule_of_the_judges(catalog, decoded):
         "b": FakeJudge(_parity("b")),
         "c": FakeJudge(_parity("c"), fail_on=_parity("fail")),
     }
-    rows = stages.CaptionStage(FakeCaptioner(), SIZE)(fresh(decoded))
+    table = stages.CaptionStage(FakeCaptioner(), SIZE)(decoded)
     for name, judge in judges.items():
-        rows = stages.JudgeStage(judge, name)(rows)
-    out = stages.finalize_rows(rows, judge_names=list(judges), provenance=PROVENANCE)
-    kept_seen, none_seen = set(), 0
+        table = stages.JudgeStage(judge, name)(table)
+    out = stages.finalize(table, provenance=PROVENANCE)
+    kept_seen, failed_seen = set(), 0
     for o in out:
         rec = catalog["records"][o["id"]]
         for r in results(o):
+            assert [v["judge"] for v in r["votes"]] == list(judges)  # the panel's order
+            failed = False
             for name, judge in judges.items():
                 if r["caption"] is None:
-                    assert r["votes"][name] is None
+                    assert votes(r)[name] is None
                     continue
                 q = judge_question(rec, r["index"], r["caption"])
-                failed = judge.fail_on is not None and judge.fail_on(q)
-                assert r["votes"][name] == (None if failed else judge.rule(q))
-                none_seen += r["votes"][name] is None
-            assert r["kept"] == keep_caption(r["caption"], r["error"], list(r["votes"].values()))
+                failed_here = judge.fail_on is not None and judge.fail_on(q)
+                assert votes(r)[name] == (None if failed_here else judge.rule(q))
+                vote = next(v for v in r["votes"] if v["judge"] == name)
+                assert vote["error"] == (JUDGE_ERROR if failed_here else None)
+                failed |= failed_here
+            if failed:  # a judge's failure is the image's error (stage judge), never an abstention
+                assert r["error"] == {"stage": "judge", "message": f"c: {JUDGE_ERROR}"} and not r["kept"]
+                failed_seen += 1
+            assert r["kept"] == keep_caption(r["caption"], r["error"], list(votes(r).values()))
             kept_seen.add(r["kept"])
         assert o["n_kept"] == sum(r["kept"] for r in results(o))
-    assert kept_seen == {True, False} and none_seen  # the rule was exercised both ways, with failed votes
+    assert kept_seen == {True, False} and failed_seen  # the rule was exercised both ways, with failed votes
     assert sum(j.items for j in judges.values()) == 3 * sum(
         r["caption"] is not None for o in out for r in results(o)
     )  # broken images are never judged
@@ -259,7 +316,7 @@ YES, NO = (lambda q: True), (lambda q: False)
         ({"a": YES, "b": NO}, False),  # a tie keeps nothing
         ({"a": YES, "b": NO, "c": YES}, True),
         ({"a": NO, "b": NO, "c": YES}, False),
-        ({"a": YES, "b": "fail"}, True),  # a failed vote is no vote
+        ({"a": YES, "b": "fail"}, False),  # a failed vote is an error on the image, not an abstention
         ({"a": "fail"}, False),  # no valid vote, no caption
         ({}, False),  # no judge, no caption
     ],
@@ -267,12 +324,12 @@ YES, NO = (lambda q: True), (lambda q: False)
 )
 def test_plurality_of_valid_votes_keeps_a_caption(decoded, rules, kept):
     judges = {n: FakeJudge(fail_on=YES) if r == "fail" else FakeJudge(r) for n, r in rules.items()}
-    rows = stages.CaptionStage(FakeCaptioner(), SIZE)(fresh(decoded))
+    table = stages.CaptionStage(FakeCaptioner(), SIZE)(decoded)
     for name, judge in judges.items():
-        rows = stages.JudgeStage(judge, name)(rows)
-    out = stages.finalize_rows(rows, judge_names=list(judges), provenance={})
+        table = stages.JudgeStage(judge, name)(table)
+    out = stages.finalize(table, provenance={})
     for o in out:
         for r in results(o):
-            assert set(r["votes"]) == set(judges)
+            assert set(votes(r)) == set(judges)
             assert r["kept"] == (kept and r["caption"] is not None)
         assert o["n_kept"] == (sum(r["caption"] is not None for r in results(o)) if kept else 0)

@@ -7,6 +7,7 @@ import pytest
 
 from caslie_core.enrichment import pipeline, stages
 from caslie_core.images import FetchPolicy
+from caslie_core.items import images_from_column
 from caslie_core.synthetic import write_catalog
 
 
@@ -54,28 +55,30 @@ def test_pipeline_accounts_for_every_record_and_dedups(models, tmp_path):
     assert len(out) == len(rows)
     by_id = {o["id"]: o for o in out}
     assert by_id["badtask"]["status"] == "failed"
-    assert json.loads(by_id["badtask"]["error"])["stage"] == "validate"
+    assert by_id["badtask"]["error"]["stage"] == "validate"
     bad_json = [o for o in out if o["id"].startswith("raw-")]
-    assert len(bad_json) == 1 and "malformed JSON" in bad_json[0]["error"] and bad_json[0]["raw"] == "{not json"
+    assert len(bad_json) == 1 and "malformed JSON" in bad_json[0]["error"]["message"]
+    assert bad_json[0]["raw"] == "{not json"
     broken = {b["id"]: b["kind"] for b in m["broken_images"]}
     for rid, kind in broken.items():
         o = by_id[rid]
         assert o["status"] == "partial" and o["n_failed_images"] >= 1
-        res = json.loads(o["image_results"])[0]
+        res = o["image_results"][0]
         assert res["caption"] is None and not res["kept"]
         assert res["error"]["stage"] == ("fetch" if kind == "missing" else "decode")
     ok = [o for o in out if o["status"] == "ok"]
     assert ok and all(o["n_failed_images"] == 0 for o in ok)
     for o in ok:
-        results = json.loads(o["image_results"])
-        assert len(results) == o["n_images"] and set(results[0]["votes"]) == {"lg", "gen"}
-        assert results[0]["votes"]["lg"] in ("yes", "no")  # logits mode always answers
-        assert results[0]["votes"]["gen"] in ("yes", "no", None)
+        results = o["image_results"]
+        votes = {v["judge"]: v["vote"] for v in results[0]["votes"]}
+        assert len(results) == o["n_images"] and list(votes) == ["lg", "gen"]
+        assert votes["lg"] in ("yes", "no")  # logits mode always answers
+        assert votes["gen"] in ("yes", "no", None)
         assert o["n_kept"] == sum(r["kept"] for r in results)
     # the duplicates were captioned once: their captions were served from the cache
     total_images = sum(o["n_images"] - o["n_failed_images"] for o in out if o["status"] != "failed")
     assert counting.calls == total_images - 2
-    assert all(json.loads(by_id[f"dup{k}"]["image_results"])[0]["cached"] for k in range(2))
+    assert all(by_id[f"dup{k}"]["image_results"][0]["cached"] for k in range(2))
     summary = pipeline.summarize(out)
     assert summary["records"] == len(rows) and summary["failed"] == 2
     assert summary["ok"] + summary["partial"] + summary["failed"] == len(rows)
@@ -94,7 +97,7 @@ def test_enriched_input_uses_kept_captions_only(models, tmp_path):
         provenance={},
     )
     for o in out:
-        res = json.loads(o["image_results"])
+        res = o["image_results"]
         inp = json.loads(o["input"])
         if o["task"] == "category_classification":
             val = inp["product information extracted from image"]
@@ -105,18 +108,13 @@ def test_enriched_input_uses_kept_captions_only(models, tmp_path):
 
 
 def test_internal_error_becomes_failed_row_not_exception():
-    row = {
-        "id": "x",
-        "task": "category_classification",
-        "split": "",
-        "status": "pending",
-        "error": "",
-        "record": "{not a record",
-        "raw": "",
-        "n_images": 1,
-    }
-    out = stages.finalize_rows([row], judge_names=["a"], provenance={})
-    assert out[0]["status"] == "failed" and json.loads(out[0]["error"])["stage"] == "internal"
+    from caslie_core.items import ImageSlot, Item, items_to_table
+
+    broken = Item("x", task="sequential_recommendation", instruction="i", input=None, images=[ImageSlot(0, "u")])
+    fine = Item("y", task="category_classification", instruction="i", input={"title": "t"}, images=[ImageSlot(0, "u")])
+    out = stages.finalize(items_to_table([broken, fine]), provenance={})
+    assert out[0]["status"] == "failed" and out[0]["error"]["stage"] == "finalize"
+    assert out[0]["error"]["message"] and out[1]["status"] == "ok"
 
 
 def test_caption_failure_is_recorded_per_image(tmp_path):
@@ -128,13 +126,12 @@ def test_caption_failure_is_recorded_per_image(tmp_path):
 
     m = write_catalog(tmp_path, 2, seed=1, tasks=["CC"])
     shutil.rmtree(tmp_path / "unused", ignore_errors=True)
-    rows = stages.parse_rows([{"text": line} for line in open(m["jsonl"])])
-    rows = stages.decode_rows(stages.fetch_rows(rows, FetchPolicy(allow_local_files=True)), max_pixels=10**7, size=32)
-    rows = stages.CaptionStage(Broken(), 32)(rows)
-    out = stages.finalize_rows(rows, judge_names=[], provenance={})
+    rows = [{"text": line} for line in open(m["jsonl"])]
+    table = stages.prepare(rows, policy=FetchPolicy(allow_local_files=True), threads=2, max_pixels=10**7, size=32)
+    out = stages.finalize(stages.CaptionStage(Broken(), 32)(table), provenance={})
     for o in out:
         assert o["status"] == "partial"
-        assert json.loads(o["image_results"])[0]["error"] == {
+        assert o["image_results"][0]["error"] == {
             "stage": "caption",
             "message": "RuntimeError: CUDA out of memory",
         }
@@ -160,11 +157,11 @@ def test_claims_make_a_second_actor_wait_for_the_first(tiny_models, tmp_path):
             return [CaptionResult(None, "boom") if self.fail else CaptionResult(f"cap {p[-8:]}") for p in prompts]
 
     m = write_catalog(tmp_path, 3, seed=2, tasks=["CC"])
-    base = stages.parse_rows([{"text": line} for line in open(m["jsonl"])])
-    base = stages.decode_rows(stages.fetch_rows(base, FetchPolicy(allow_local_files=True)), max_pixels=10**7, size=32)
+    rows = [{"text": line} for line in open(m["jsonl"])]
+    base = stages.prepare(rows, policy=FetchPolicy(allow_local_files=True), threads=2, max_pixels=10**7, size=32)
 
     def fresh():
-        return [dict(r) for r in base]
+        return base
 
     for fail_first in (False, True):
         cache = ClaimTable(ttl=60, max_entries=1000)
@@ -182,5 +179,5 @@ def test_claims_make_a_second_actor_wait_for_the_first(tiny_models, tmp_path):
         if fail_first:
             assert b.calls == 3  # released after A failed, then B did the work
         else:
-            assert b.calls == 0 and all(json.loads(r["captions"])[0] for r in out["b"])
-            assert all(r["caption_cached"][0] for r in out["b"])
+            images = images_from_column(out["b"].column("images"))
+            assert b.calls == 0 and all(row[0].caption and row[0].cached for row in images)

@@ -39,7 +39,7 @@ def _enriched_row(i: int, status: str, split: str) -> dict:
             }
         )
     else:
-        row["error"] = json.dumps({"stage": "validate", "message": "bad"})
+        row["error"] = {"stage": "validate", "message": "bad"}
     return row
 
 

@@ -1,0 +1,156 @@
+"""What an output folder already holds: its finished ids (to resume), its counts, its duplicates.
+
+Built for catalogs of millions of records: nothing here is meant to run on the job's driver. `scan`
+reads only the `id` column and the footer of each part (in threads: parts may be on S3), and returns the
+finished ids as a sorted array of 16-byte digests (16 bytes per record, shared zero-copy by every task
+through Ray's object store) plus the counts stored in each part's metadata. `drop_duplicates` keeps one
+row per id with the id columns in Arrow (about the ids' length + 4 bytes per record, in one task).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from .store import TALLY_KEY, list_parts
+
+THREADS = 16
+
+
+def add_counts(a: dict, b: dict, sign: int = 1) -> dict:
+    """`a + sign * b` for nested dicts of counts (missing keys count as 0)."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict):
+            out[k] = add_counts(out.get(k) or {}, v, sign)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = out.get(k, 0) + sign * v
+    return out
+
+
+def id_digest(rid: str) -> bytes:
+    """16 bytes per id: 15 of blake2b and a last byte that is never NUL (numpy's `S16` strips trailing NULs,
+    which would make a digest ending in one compare unequal to itself: 1 id in 256 never resumed)."""
+    return hashlib.blake2b(rid.encode("utf-8"), digest_size=15).digest() + b"\x01"
+
+
+def id_digests(ids: Iterable[str]):
+    """Sorted unique digests of `ids` (a numpy `S16` array)."""
+    import numpy as np
+
+    return np.unique(np.fromiter((id_digest(i) for i in ids), dtype="S16"))
+
+
+class DoneIds:
+    """Membership in a sorted digest array: `done(id) -> bool`."""
+
+    def __init__(self, digests) -> None:
+        self.digests = digests
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __call__(self, rid: str) -> bool:
+        import numpy as np
+
+        d = np.bytes_(id_digest(rid))
+        i = int(np.searchsorted(self.digests, d))
+        return i < len(self.digests) and self.digests[i] == d
+
+
+def _open_part(path: str, columns: list[str]):
+    """(the part's ids or columns as a table, its stored counts or None)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        meta = pf.schema_arrow.metadata or {}
+        return pf.read(columns=columns), (json.loads(meta[TALLY_KEY]) if TALLY_KEY in meta else None)
+
+
+def scan(output: str, *, recount: Callable | None = None, columns: tuple[str, ...] = ()) -> tuple:
+    """(sorted digests of every finished id, the summed counts of every part, the number of rows).
+
+    A part without stored counts (written by an older version) is counted with `recount(table)` over
+    `columns` read besides the ids, when given."""
+    import numpy as np
+
+    paths = list_parts(output)
+    if not paths:
+        return np.array([], dtype="S16"), {}, 0
+    cols = ["id", *columns] if recount else ["id"]
+
+    def one(path):
+        table, counts = _open_part(path, cols)
+        if counts is None and recount is not None:
+            counts = recount(table)
+        return table.column("id").to_pylist(), counts or {}
+
+    total: dict = {}
+    ids: list[str] = []
+    with ThreadPoolExecutor(THREADS) as pool:
+        for part_ids, counts in pool.map(one, paths):
+            ids.extend(part_ids)
+            total = add_counts(total, counts)
+    return id_digests(ids), total, len(ids)
+
+
+def drop_duplicates(output: str, *, recount: Callable | None = None) -> tuple[int, dict]:
+    """Keep one row per id across parts; return (rows removed, their counts to subtract).
+
+    A killed driver's write tasks can still finish after it died (Ray stops a dead job's workers within
+    seconds, not at once), so a rerun started meanwhile may write some records twice; a catalog may also
+    repeat an id. Parts are visited in name order; the first row of an id is kept, later ones are removed
+    (their part rewritten atomically with its counts recomputed by `recount`, deleted when empty)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    paths = sorted(list_parts(output))
+    if not paths:
+        return 0, {}
+    with ThreadPoolExecutor(THREADS) as pool:
+        id_cols = list(pool.map(lambda p: _open_part(p, ["id"])[0].column("id"), paths))
+    all_ids = pa.chunked_array([c for col in id_cols for c in col.chunks], type=pa.string())
+    counts = pc.value_counts(all_ids)
+    dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(dup) == 0:
+        return 0, {}
+    dup_set = pa.array(dup)
+    seen: set[str] = set()
+    removed, removed_counts = 0, {}
+    for path, col in zip(paths, id_cols):
+        if not pc.any(pc.is_in(col, value_set=dup_set)).as_py():
+            continue
+        fs, p = fsspec.core.url_to_fs(path)
+        with fs.open(p, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            table, meta = pf.read(), dict(pf.schema_arrow.metadata or {})
+        keep = []
+        for rid, is_dup in zip(
+            table.column("id").to_pylist(), pc.is_in(table.column("id"), value_set=dup_set).to_pylist()
+        ):
+            keep.append(not is_dup or rid not in seen)
+            if is_dup:
+                seen.add(rid)
+        kept = table.filter(pa.array(keep))
+        gone = table.filter(pc.invert(pa.array(keep)))
+        removed += gone.num_rows
+        if recount is not None:
+            removed_counts = add_counts(removed_counts, recount(gone))
+            if kept.num_rows:
+                meta[TALLY_KEY] = json.dumps(recount(kept)).encode()
+        if kept.num_rows == 0:
+            fs.rm(p)
+            continue
+        folder, name = p.rsplit("/", 1)
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+        with fs.open(tmp, "wb") as fh:
+            pq.write_table(kept.replace_schema_metadata(meta), fh)
+        fs.mv(tmp, p)
+    return removed, removed_counts
