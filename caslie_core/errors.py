@@ -84,7 +84,8 @@ class EngineError(CaslieError):
 
 def find_error(error: BaseException, cls: type[BaseException]) -> BaseException | None:
     """The first `cls` in `error`'s chain of causes (`__cause__`, `__context__`, and the `cause` Ray's task
-    errors carry): what a remote stage raised, inside what the engine raised for it."""
+    errors carry), else one rebuilt from the error's text: what a remote stage raised, inside what the
+    engine raised for it."""
     seen, todo = set(), [error]
     while todo:
         e = todo.pop()
@@ -94,4 +95,8 @@ def find_error(error: BaseException, cls: type[BaseException]) -> BaseException 
         if isinstance(e, cls):
             return e
         todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-    return None
+    # Ray ships a remote error's chain as text (a pickled exception loses its __cause__): rebuild it from there.
+    import re
+
+    found = re.findall(rf"{re.escape(cls.__module__)}\.{cls.__name__}: (.+)", str(error))
+    return cls(found[-1].strip()) if found else None

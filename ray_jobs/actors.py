@@ -62,3 +62,18 @@ class BestEffortActor:
             if self.unavailable == 1:
                 log.warning(f"[ray] actor {self.name} unavailable ({type(e).__name__}); going on without it")
             return fallback
+
+
+class CaptionCacheClient(BestEffortActor):
+    """Client of the run-wide caption cache actor (the `CaptionCache` protocol), best effort: when the actor
+    cannot be reached, claims come back "mine" (caption it here) and puts/releases are dropped, so a lost
+    cache costs duplicate captions, never records."""
+
+    def claim(self, keys, owner):
+        return self.call("claim", keys, owner, fallback={k: ("mine", None) for k in keys})
+
+    def put(self, items, owner):
+        self.call("put", items, owner, fallback=None)
+
+    def release(self, keys, owner):
+        self.call("release", keys, owner, fallback=None)

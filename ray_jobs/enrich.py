@@ -27,7 +27,7 @@ from caslie_core.images import FetchPolicy
 from caslie_core.io import ledger, store
 from caslie_core.io.sources import raw_texts, reading_plan
 
-from .actors import BestEffortActor, actor_id, best_effort_get, driver_actor
+from .actors import CaptionCacheClient, actor_id, best_effort_get, driver_actor
 from .common import configure_data_context, init_ray, job_entry, job_main, log
 
 
@@ -68,28 +68,13 @@ def prepare_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels
     )
 
 
-class _RayCache(BestEffortActor):
-    """Client of the run-wide caption cache actor (the `CaptionCache` protocol), best effort: when the actor
-    cannot be reached, claims come back "mine" (caption it here) and puts/releases are dropped, so a lost
-    cache costs duplicate captions, never records."""
-
-    def claim(self, keys, owner):
-        return self.call("claim", keys, owner, fallback={k: ("mine", None) for k in keys})
-
-    def put(self, items, owner):
-        self.call("put", items, owner, fallback=None)
-
-    def release(self, keys, owner):
-        self.call("release", keys, owner, fallback=None)
-
-
 class CaptionActor:
-    def __init__(self, captioner: dict, size: int, cache: tuple[str, str] | None, wait_s: float) -> None:
+    def __init__(self, captioner: dict, size: int, cache: tuple[str, str] | None, wait_s: float, factory=None) -> None:
         from caslie_core.config import CaptionerConfig
         from caslie_core.models.captioner import Captioner
 
-        model = Captioner.from_config(CaptionerConfig.model_validate(captioner))
-        cache_client = _RayCache(*cache) if cache else None
+        model = factory() if factory else Captioner.from_config(CaptionerConfig.model_validate(captioner))
+        cache_client = CaptionCacheClient(*cache) if cache else None
         self.stage = stages.CaptionStage(model, size, cache_client, owner=actor_id(), wait_s=wait_s)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -97,12 +82,12 @@ class CaptionActor:
 
 
 class JudgeActor:
-    def __init__(self, judge: dict) -> None:
+    def __init__(self, judge: dict, factory=None) -> None:
         from caslie_core.config import JudgeConfig
         from caslie_core.models.judge import Judge
 
         j = JudgeConfig.model_validate(judge)
-        self.stage = stages.JudgeStage(Judge.from_config(j), j.name)
+        self.stage = stages.JudgeStage(factory() if factory else Judge.from_config(j), j.name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.stage(batch)
@@ -117,9 +102,12 @@ def write_batch(batch: pa.Table, output: str, provenance: dict, partition: bool)
     return pa.Table.from_pylist([{"counts": json.dumps(counts)}], schema=COUNTS)
 
 
-def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache: tuple[str, str] | None, chash: str, run_id: str):
+def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id: str, factories: dict | None = None):
+    """The job's dataset. `factories` ({"captioner" or a judge's name: a callable that returns the model}) lets
+    tests and embedders hand the pools their own models (anything with the `CaptionModel`/`VoteModel` calls)."""
     import ray.data
 
+    factories = factories or {}
     size = cfg.decode.image_size
     ds = read_raw(cfg).map_batches(
         prepare_batch,
@@ -142,7 +130,11 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache: tuple[str, str] | 
         num_gpus=cp.num_gpus,
         num_cpus=cp.num_cpus,
         fn_constructor_kwargs=dict(
-            captioner=cfg.captioner.model_dump(), size=size, cache=cache, wait_s=cfg.dedup.claim_ttl_s
+            captioner=cfg.captioner.model_dump(),
+            size=size,
+            cache=cache,
+            wait_s=cfg.dedup.claim_ttl_s,
+            factory=factories.get("captioner"),
         ),
     )
     for j in cfg.judges:
@@ -153,7 +145,7 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache: tuple[str, str] | 
             compute=ray.data.ActorPoolStrategy(min_size=j.pool.min_size, max_size=j.pool.max_size),
             num_gpus=j.pool.num_gpus,
             num_cpus=j.pool.num_cpus,
-            fn_constructor_kwargs={"judge": j.model_dump()},
+            fn_constructor_kwargs={"judge": j.model_dump(), "factory": factories.get(j.name)},
         )
     return ds.map_batches(
         write_batch,
@@ -167,7 +159,7 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache: tuple[str, str] | 
     )
 
 
-def run(cfg: EnrichConfig) -> dict:
+def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
     """Run the job; return the summary (also written to `output.path/summary.json`)."""
     import fsspec
     import ray
@@ -189,7 +181,8 @@ def run(cfg: EnrichConfig) -> dict:
         cache = (f"caslie-caption-cache-{run_id}", "caslie") if cfg.dedup.enabled else None
         # On the driver's node (it lives as long as the job does); restarted empty if that fails anyway.
         cache_actor = driver_actor(ClaimTable, *cache, cfg.dedup.claim_ttl_s, cfg.dedup.max_entries) if cache else None
-        ds = build_dataset(cfg, done_ref=done_ref if resumed else None, cache=cache, chash=chash, run_id=run_id)
+        done = done_ref if resumed else None
+        ds = build_dataset(cfg, done_ref=done, cache=cache, chash=chash, run_id=run_id, factories=factories)
         limit = pipeline.ErrorRateLimit(cfg.limits, where=store.parts_root(cfg.output.path))
         interval = 0 if sys.stdout.isatty() else cfg.progress_interval_s  # a terminal has Ray Data's bars
         progress = pipeline.Progress(interval, total=cfg.input.limit, say=log.info)

@@ -28,7 +28,10 @@ for key, value in {
     "AWS_DEFAULT_REGION": "us-east-1",
 }.items():
     os.environ.setdefault(key, value)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
+# ROOT for the project; tests/ so that Ray workers can import the fakes handed to a job (`fakes`).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")] if p
+)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -241,3 +241,60 @@ def test_drop_duplicates_keeps_one_row_per_id(tmp_path):
     ids = sorted(r["id"] for r in store.read_output(str(tmp_path / "out")))
     assert ids == ["a", "b", "c"] and len(store.list_parts(str(tmp_path / "out"))) == 2
     assert ledger.drop_duplicates(str(tmp_path / "out")) == (0, {})
+
+
+def _raises_on(prompt_part: str):
+    """A fake captioner (importable by the workers: `fakes`) that raises when a batch holds a chosen request."""
+    import functools
+
+    from fakes import FakeCaptioner
+
+    return functools.partial(FakeCaptioner, raise_on=lambda image, prompt: prompt_part in prompt)
+
+
+def test_a_model_that_raises_on_one_item_fails_that_image_and_nothing_else(ray_session, tmp_path):
+    import functools
+
+    from fakes import FakeJudge
+
+    m = write_catalog(tmp_path / "cat", 30, seed=12, tasks=["CC", "SA", "PRP"])
+    rows = [json.loads(line) for line in open(m["jsonl"])]
+    victim = next(r for r in rows if r["task"] == "sentiment_analysis")
+    review = json.loads(victim["input"])["review"]
+    out = tmp_path / "out"
+    summary = enrich.run(
+        config(m["jsonl"], out),
+        factories={
+            "captioner": _raises_on(review),
+            "judge_logits": FakeJudge,
+            "judge_generate": functools.partial(FakeJudge, raise_on=lambda q: "mug" in q),
+        },
+    )
+    written = {r["id"]: r for r in store.read_output(str(out))}
+    assert sorted(written) == sorted(r["id"] for r in rows)
+    hit = written[victim["id"]]
+    assert hit["status"] == "partial" and hit["error"]["stage"] == "caption"
+    assert "raised on one item" in hit["image_results"][0]["error"]["message"]
+    judged = [r for r in written.values() if r["error"] and r["error"]["stage"] == "judge"]
+    for r in written.values():
+        if r["id"] == victim["id"]:
+            continue
+        for res in r["image_results"]:
+            vote = {v["judge"]: v for v in res["votes"]}["judge_generate"]
+            assert (vote["error"] is not None) == (res["error"] is not None)  # only the judge's own failures
+    assert summary["records"] == len(rows) and summary["failed"] == 0
+    assert summary["partial"] == 1 + len(judged) and summary["errors_per_stage"].get("caption") == 1
+
+
+def test_a_model_that_fails_everything_fails_the_job_with_a_clear_message(ray_session, tmp_path):
+    import functools
+
+    from fakes import FakeCaptioner
+
+    from caslie_core.errors import CaslieError
+
+    m = write_catalog(tmp_path / "cat", 24, seed=13, tasks=["CC"])
+    cfg = config(m["jsonl"], tmp_path / "out", "captioner.pool.batch_size=4", "records_per_batch=4")
+    with pytest.raises(CaslieError, match="the captioner failed on every item of 3 batches in a row") as e:
+        enrich.run(cfg, factories={"captioner": functools.partial(FakeCaptioner, raise_always=True)})
+    assert "not the data" in str(e.value) and "rerun to resume" in str(e.value)

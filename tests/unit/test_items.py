@@ -63,3 +63,18 @@ def test_the_judge_template_is_the_judge_question(tmp_path):
         for i in range(len(rec.images)):
             caption = "a red {mug} with 100% \\ cotton"
             assert fill_caption(judge_template(rec, i), caption) == judge_question(rec, i, caption)
+
+
+def test_an_engine_error_is_found_in_a_chain_and_in_a_remote_traceback_text():
+    from caslie_core.errors import EngineError, find_error
+
+    try:
+        try:
+            raise EngineError("the captioner failed on every item")
+        except EngineError as inner:
+            raise RuntimeError("UDF failed") from inner
+    except RuntimeError as outer:
+        assert str(find_error(outer, EngineError)) == "the captioner failed on every item"
+    remote = RuntimeError("Traceback ...\ncaslie_core.errors.EngineError: judge 'a' failed on every item\n\nUDF failed")
+    assert str(find_error(remote, EngineError)) == "judge 'a' failed on every item"
+    assert find_error(RuntimeError("no such thing"), EngineError) is None
