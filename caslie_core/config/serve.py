@@ -106,12 +106,21 @@ class ServeFetchConfig(StrictModel):
     )
     connect_timeout: float = Field(3.0, gt=0, description="seconds to connect")
     read_timeout: float = Field(10.0, gt=0, description="seconds of silence while reading")
+    total_timeout: float = Field(
+        20.0,
+        gt=0,
+        description="seconds per image from the first attempt to giving up: retries, Retry-After waits "
+        "and reading the body (bounds a server that drips bytes)",
+    )
     retries: int = Field(1, ge=0, description="retries on transient errors")
     max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="byte cap per image (URLs and data: URIs)")
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: max width*height")
     max_images: int = Field(16, ge=1, description="images per request")
     block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
     allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
+    pool: bool = Field(
+        True, description="reuse keep-alive HTTP(S) connections per host and checked address (off: one per image)"
+    )
 
     def policy(self):
         return fetch_policy(self)

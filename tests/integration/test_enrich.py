@@ -298,3 +298,96 @@ def test_a_model_that_fails_everything_fails_the_job_with_a_clear_message(ray_se
     with pytest.raises(CaslieError, match="the captioner failed on every item of 3 batches in a row") as e:
         enrich.run(cfg, factories={"captioner": functools.partial(FakeCaptioner, raise_always=True)})
     assert "not the data" in str(e.value) and "rerun to resume" in str(e.value)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width x height` (a decompression bomb as far as the header goes)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+
+
+def test_every_kind_of_bad_item_in_one_catalog(ray_session, tmp_path):
+    """Bad images of every kind and malformed records in one catalog: the job finishes, every record once,
+    each with its status and the stage of its error (no item stops the job)."""
+    root = tmp_path / "served"
+    server = ImageServer(root / "images", slow_s=2.0, drip_s=1.0)
+    try:
+        m = write_catalog(root, 16, seed=21, tasks=["CC"], base_url=server.url)
+        rows = [json.loads(line) for line in open(m["jsonl"])]
+        img = root / "images"
+        gif = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+        gif[0].save(img / "anim.gif", "GIF", save_all=True, append_images=gif[1:])
+        Image.new("I;16", (30, 20), 3000).save(img / "deep.png", "PNG")
+        Image.new("CMYK", (30, 20), (10, 200, 30, 0)).save(img / "cmyk.jpg", "JPEG")
+        Image.new("P", (20, 20), 1).save(img / "pal.png", "PNG", transparency=1)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotated 90 degrees
+        Image.new("RGB", (40, 20), (9, 9, 9)).save(img / "rot.jpg", "JPEG", exif=exif)
+        full = io.BytesIO()
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(full, "PNG")
+        (img / "trunc.png").write_bytes(full.getvalue()[:60])
+        (img / "page.html").write_text("<!doctype html><html><body>Sorry, this product is gone</body></html>")
+        (img / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
+        (img / "bomb.png").write_bytes(_png_claiming(30_000, 30_000))
+        u = server.url
+        cases = {  # first image URL -> (status, stage of the image's error)
+            f"{u}/anim.gif": ("ok", None),
+            f"{u}/deep.png": ("ok", None),
+            f"{u}/cmyk.jpg": ("ok", None),
+            f"{u}/pal.png": ("ok", None),
+            f"{u}/rot.jpg": ("ok", None),
+            f"{u}/flaky/cmyk.jpg": ("ok", None),  # 500, then 200
+            f"{u}/retry-after/deep.png": ("ok", None),  # 429 with Retry-After: 1, then 200
+            f"{u}/empty": ("partial", "decode"),  # 200 with an empty body
+            f"{u}/trunc.png": ("partial", "decode"),
+            f"{u}/page.html": ("partial", "decode"),
+            f"{u}/logo.svg": ("partial", "decode"),
+            f"{u}/bomb.png": ("partial", "decode"),
+            f"{u}/missing/x.png": ("partial", "fetch"),  # 404
+            f"{u}/drip/cmyk.jpg": ("partial", "fetch"),  # one byte a second: past the total deadline
+        }
+        expected = {}
+        for row, (url, want) in zip(rows, cases.items()):
+            row["images"] = json.dumps([url])
+            expected[row["id"]] = want
+        lines = [json.dumps(r) for r in rows[: len(cases)]]
+        malformed = [
+            "{not json",
+            "[" * 100_000 + "]" * 100_000,  # nesting deeper than any parser's recursion limit
+            # 400 levels deep: a valid record (its nested value travels as JSON text, no parser limit hit)
+            '{"id": "deep-field", "task": "CC", "instruction": "i", "options": ["A: x", "B: y"], "images": '
+            + json.dumps([f"{u}/cmyk.jpg"])
+            + ', "input": {"title": "t", "x": '
+            + "[" * 400
+            + "]" * 400
+            + "}}",
+            json.dumps({**rows[-1], "id": "images-not-a-list", "images": 7}),
+            json.dumps({"id": "no-task", "instruction": "x"}),
+        ]
+        path = tmp_path / "records.jsonl"
+        path.write_text("\n".join(lines + malformed) + "\n")
+        cfg = config(
+            path, tmp_path / "out", *HTTP_SETTINGS[:2], "fetch.read_timeout=2", "fetch.total_timeout=3",
+            "fetch.retries=2", "fetch.backoff=0.01", "decode.max_pixels=1000000",
+        )  # fmt: skip
+        summary = enrich.run(cfg)
+    finally:
+        server.close()
+    written = store.read_output(str(tmp_path / "out"))
+    assert len(written) == len(lines) + len(malformed) == len({r["id"] for r in written})
+    by_id = {r["id"]: r for r in written}
+    for rid, (status, stage) in expected.items():
+        row = by_id[rid]
+        assert row["status"] == status, (row["image_results"][0]["url"], row["error"])
+        res = row["image_results"][0]
+        assert (res["error"] or {}).get("stage") == stage, (res["url"], res["error"])
+        assert (row["error"] or {}).get("stage") == stage and (res["caption"] is None) == (stage is not None)
+    failed = [r for r in written if r["status"] == "failed"]
+    assert len(failed) == len(malformed) - 1 and all(r["error"]["stage"] == "validate" for r in failed)
+    assert {"images-not-a-list", "no-task"} <= {r["id"] for r in failed} and by_id["deep-field"]["status"] == "ok"
+    assert summary["failed"] == len(failed) and summary["records"] == len(written)
+    assert summary["errors_per_stage"]["decode"] == 5 and summary["errors_per_stage"]["fetch"] == 2
