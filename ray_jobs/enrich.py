@@ -35,12 +35,12 @@ def read_raw(cfg: EnrichConfig):
     """Dataset of raw rows: `{"text": <one record as JSON>}` (JSONL, JSON) or the record's columns (Parquet)."""
     import ray.data
 
-    parts = []
+    parts, cpus = [], {"num_cpus": cfg.task_num_cpus}
     for r in reading_plan(cfg.input.path, cfg.input.format):
         if r.reader == "text":
-            ds = ray.data.read_text(r.path, filesystem=r.filesystem)
+            ds = ray.data.read_text(r.path, filesystem=r.filesystem, ray_remote_args=cpus)
         elif r.reader == "parquet":
-            ds = ray.data.read_parquet(r.path, filesystem=r.filesystem)
+            ds = ray.data.read_parquet(r.path, filesystem=r.filesystem, ray_remote_args=cpus)
         else:  # JSON lists, compressed files and http(s)/hf URLs stream through the driver
             ds = ray.data.from_items([{"text": text} for text in raw_texts(r.path)])
         parts.append(ds)
@@ -113,6 +113,7 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id
         prepare_batch,
         batch_format="pyarrow",
         batch_size=cfg.records_per_batch,
+        num_cpus=cfg.task_num_cpus,
         fn_kwargs=dict(
             policy=cfg.fetch.policy(),
             threads=cfg.fetch.threads,
@@ -151,6 +152,7 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id
         write_batch,
         batch_format="pyarrow",
         batch_size=cfg.output.rows_per_part,
+        num_cpus=cfg.task_num_cpus,
         fn_kwargs=dict(
             output=cfg.output.path,
             provenance=pipeline.provenance(cfg, chash, run_id),

@@ -58,6 +58,14 @@ class EnrichConfig(StrictModel):
     records_per_batch: int = Field(
         16, ge=1, description="records per fetch+decode task (its images are fetched at once)"
     )
+    task_num_cpus: float = Field(
+        1.0,
+        gt=0,
+        le=64,
+        description="CPUs Ray reserves per CPU task (read, fetch+decode, write); below 1 lets a small machine "
+        "read, prepare and write while the actor pools hold their CPUs (a one-file catalog's read task holds its "
+        "CPU until the file is read: with too few left for a fetch task, the job waits forever)",
+    )
     progress_interval_s: float = Field(
         30.0, ge=0, description="seconds between progress lines when the output is not a terminal (0 = none)"
     )

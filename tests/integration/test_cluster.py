@@ -185,7 +185,13 @@ def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_di
         secured_cluster,
         "enrich",
         "configs/enrich-demo.yaml",
-        [f"input.path={m['jsonl']}", f"output.path={out}", "records_per_batch=4", "captioner.pool.batch_size=4"],
+        [
+            f"input.path={m['jsonl']}",
+            f"output.path={out}",
+            "records_per_batch=4",
+            "captioner.pool.batch_size=4",
+            "output.rows_per_part=4",
+        ],
         "--wait",
     )
     client = subprocess.Popen(
