@@ -179,7 +179,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         # Both helpers run as tasks, next to the data: the driver holds counts, never ids.
         done_ref, meta_ref = ray.remote(num_cpus=0, num_returns=2)(pipeline.scan_output).remote(out)
         earlier = ray.get(meta_ref)
-        resumed = earlier["records"]
+        resumed = earlier["records"] - earlier["duplicates"]
         cache = (f"caslie-caption-cache-{run_id}", "caslie") if cfg.dedup.enabled else None
         # On the driver's node (it lives as long as the job does); restarted empty if that fails anyway.
         cache_actor = driver_actor(ClaimTable, *cache, cfg.dedup.claim_ttl_s, cfg.dedup.max_entries) if cache else None
@@ -208,8 +208,11 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
             if cache_actor:
                 ray.kill(cache_actor)
         dataset_seconds = time.time() - t0
-        removed, removed_counts = ray.get(ray.remote(num_cpus=0)(pipeline.dedupe_output).remote(out))
         now = progress.counts
+        # Duplicates come from this run's writes (a repeated id, a killed run's late writes) or an earlier run.
+        removed, removed_counts = 0, {}
+        if now.get("records") or earlier["duplicates"]:
+            removed, removed_counts = ray.get(ray.remote(num_cpus=0)(pipeline.dedupe_output).remote(out))
         total = ledger.add_counts(ledger.add_counts(earlier["counts"], now), removed_counts, -1)
         summary = pipeline.enrich_summary(
             cfg,

@@ -70,7 +70,7 @@ class OutputConfig(StrictModel):
     path: str = Field(description="output folder (local or s3://); rerunning into it resumes")
     partition_by_task: bool = Field(True, description="write task=<name>/ sub-folders (Hive style)")
     rows_per_part: int = Field(
-        1000,
+        4000,
         ge=1,
         description="records per write task (one Parquet part per task partition); fewer, bigger parts "
         "resume and list faster, smaller ones lose less work when a job is killed",

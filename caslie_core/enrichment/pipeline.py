@@ -123,9 +123,9 @@ def write(table, *, output: str, provenance: dict, partition: bool) -> dict:
 
 
 def scan_output(output: str):
-    """(the finished ids of an output as sorted digests, {"counts", "records"} of what it holds)."""
+    """(the finished ids of an output as sorted digests, {"counts", "records", "duplicates"} of what it holds)."""
     digests, counts, n = ledger.scan(output, recount=tally_table, columns=TALLY_COLUMNS)
-    return digests, {"counts": counts, "records": n}
+    return digests, {"counts": counts, "records": n, "duplicates": n - len(digests)}
 
 
 def dedupe_output(output: str) -> tuple[int, dict]:

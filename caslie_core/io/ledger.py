@@ -96,7 +96,7 @@ def scan(output: str, *, recount: Callable | None = None, columns: tuple[str, ..
         for part_ids, counts in pool.map(one, paths):
             ids.extend(part_ids)
             total = add_counts(total, counts)
-    return id_digests(ids), total, len(ids)
+    return id_digests(ids), total, len(ids)  # len(ids) - len(digests): ids written more than once
 
 
 def drop_duplicates(output: str, *, recount: Callable | None = None) -> tuple[int, dict]:
