@@ -40,7 +40,7 @@ def read_raw(cfg: EnrichConfig):
         if r.reader == "text":
             ds = ray.data.read_text(r.path, filesystem=r.filesystem, ray_remote_args=cpus)
         elif r.reader == "parquet":
-            ds = ray.data.read_parquet(r.path, filesystem=r.filesystem, ray_remote_args=cpus)
+            ds = ray.data.read_parquet(r.path, filesystem=r.filesystem, num_cpus=cfg.task_num_cpus)
         else:  # JSON lists, compressed files and http(s)/hf URLs stream through the driver
             ds = ray.data.from_items([{"text": text} for text in raw_texts(r.path)])
         parts.append(ds)

@@ -190,6 +190,8 @@ def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_di
             f"output.path={out}",
             "records_per_batch=4",
             "captioner.pool.batch_size=4",
+            "judges.0.pool.batch_size=4",
+            "judges.1.pool.batch_size=4",
             "output.rows_per_part=4",
         ],
         "--wait",

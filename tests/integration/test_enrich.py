@@ -65,6 +65,14 @@ def catalog(tmp_path_factory):
     server.close()
 
 
+# Small batches and parts, so that a kill lands while the job is writing (the demo config batches 128 rows).
+SMALL_BATCHES = [
+    "records_per_batch=4",
+    "captioner.pool.batch_size=4",
+    "judges.0.pool.batch_size=4",
+    "judges.1.pool.batch_size=4",
+    "output.rows_per_part=4",
+]
 HTTP_SETTINGS = [
     "fetch.allow_local_files=false",
     "fetch.allowlist=[127.0.0.1/32]",
@@ -146,7 +154,7 @@ def _caption_actor_pids() -> list[int]:
 def test_captioner_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
     m = write_catalog(tmp_path / "cat", 48, seed=4)
     out = tmp_path / "out"
-    cfg = config(m["jsonl"], out, "records_per_batch=4", "captioner.pool.batch_size=4", "output.rows_per_part=4")
+    cfg = config(m["jsonl"], out, *SMALL_BATCHES)
     result = {}
     worker = threading.Thread(target=lambda: result.update(enrich.run(cfg)))
     worker.start()
@@ -185,6 +193,10 @@ def test_driver_killed_then_rerun_resumes_without_duplicates(ray_session, tmp_pa
         "records_per_batch=4",
         "--set",
         "captioner.pool.batch_size=4",
+        "--set",
+        "judges.0.pool.batch_size=4",
+        "--set",
+        "judges.1.pool.batch_size=4",
         "--set",
         "output.rows_per_part=4",
         "--set",
