@@ -47,7 +47,6 @@ from ..records import Reject, parse_record, raw_id
 from .assemble import assemble
 from .cache import CaptionCache, caption_key
 
-PREPARE = Contract("prepare", reads=(), adds=(*ITEM_COLUMNS, PIXELS))
 CAPTION = Contract("caption", reads=("status", "images", PIXELS), drops=(PIXELS,))
 FINALIZE = Contract("finalize", reads=ITEM_COLUMNS)
 
