@@ -111,7 +111,21 @@ def fetch_policy(section) -> Any:
     return FetchPolicy(**values)
 
 
-class FetchConfig(StrictModel):
+class FetchRules(StrictModel):
+    """What every fetch section has alike (the batch job's and the service's): the address rules and the
+    connection pool; `policy()` is the `images.FetchPolicy` of the whole section."""
+
+    block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
+    allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
+    pool: bool = Field(
+        True, description="reuse keep-alive HTTP(S) connections per host and checked address (off: one per image)"
+    )
+
+    def policy(self):
+        return fetch_policy(self)
+
+
+class FetchConfig(FetchRules):
     threads: int = Field(16, ge=1, le=256, description="concurrent fetches per fetch task (bounded concurrency)")
     connect_timeout: float = Field(5.0, gt=0, description="seconds to connect")
     read_timeout: float = Field(20.0, gt=0, description="seconds of silence while reading before giving up")
@@ -128,14 +142,6 @@ class FetchConfig(StrictModel):
         default_factory=lambda: ["http", "https", "s3"], description="URL schemes allowed"
     )
     allow_local_files: bool = Field(True, description="allow plain paths and file:// (your own catalog)")
-    block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
-    allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
-    pool: bool = Field(
-        True, description="reuse keep-alive HTTP(S) connections per host and checked address (off: one per image)"
-    )
-
-    def policy(self):
-        return fetch_policy(self)
 
 
 class DecodeConfig(StrictModel):

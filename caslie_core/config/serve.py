@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .common import Dtype, JudgeBase, ModelRef, RayConfig, StrictModel, fetch_policy
+from .common import Dtype, FetchRules, JudgeBase, ModelRef, RayConfig, StrictModel
 
 
 class AutoscalingSettings(StrictModel):
@@ -98,7 +98,7 @@ class ServeHttpConfig(StrictModel):
     )
 
 
-class ServeFetchConfig(StrictModel):
+class ServeFetchConfig(FetchRules):
     """Image fetching on behalf of clients: stricter than for a trusted catalog."""
 
     schemes: list[Literal["http", "https", "s3"]] = Field(
@@ -116,14 +116,6 @@ class ServeFetchConfig(StrictModel):
     max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="byte cap per image (URLs and data: URIs)")
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: max width*height")
     max_images: int = Field(16, ge=1, description="images per request")
-    block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
-    allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
-    pool: bool = Field(
-        True, description="reuse keep-alive HTTP(S) connections per host and checked address (off: one per image)"
-    )
-
-    def policy(self):
-        return fetch_policy(self)
 
 
 class ServeCaptionerConfig(ModelRef):
