@@ -60,6 +60,10 @@ class ImageSlot:
             "error": self.error,
         }
 
+    def vote_list(self) -> list[dict]:
+        """The votes as Arrow carries them: {judge, vote, error} in the panel's order."""
+        return [{"judge": k, "vote": v, "error": self.vote_errors.get(k)} for k, v in self.votes.items()]
+
     def result(self) -> dict:
         """The per-image result as the batch job writes it (`image_results`)."""
         return {
@@ -67,7 +71,7 @@ class ImageSlot:
             "url": self.url,
             "caption": self.caption,
             "cached": self.cached,
-            "votes": [{"judge": k, "vote": v, "error": self.vote_errors.get(k)} for k, v in self.votes.items()],
+            "votes": self.vote_list(),
             "kept": self.kept,
             "error": None if self.error is None else {"stage": self.error["stage"], "message": self.error["message"]},
         }
@@ -235,7 +239,7 @@ def image_to_arrow(s: ImageSlot) -> dict:
         "digest": s.digest,
         "caption": s.caption,
         "cached": s.cached,
-        "votes": [{"judge": k, "vote": v, "error": s.vote_errors.get(k)} for k, v in s.votes.items()],
+        "votes": s.vote_list(),
         "error": s.error,
     }
 
@@ -288,7 +292,7 @@ def items_to_table(items: list[Item], *, pixels: bool = False):
     arrays = [pa.array(cols[c], type=schema.field(c).type) for c in ITEM_COLUMNS]
     table = pa.Table.from_arrays(arrays, schema=schema)
     if pixels:
-        px = [[s.pixels if s.pixels is not None else None for s in it.images] for it in items]
+        px = [[s.pixels for s in it.images] for it in items]
         table = table.append_column(PIXELS, pa.array(px, type=pa.list_(pa.binary())))
     return table
 

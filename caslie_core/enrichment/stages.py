@@ -65,17 +65,18 @@ def parse_items(rows: Iterable[dict], *, source: str | None = None, done: Callab
     out: list[Item] = []
     for row in rows:
         src = row.get("path") or source
+        checked = None  # the id already looked up in `done` (rows that name their id: once, before validation)
         try:
-            item = _parse_one(row, src, done)
+            item, checked = _parse_one(row, src, done)
         except Exception as e:
             item = Item(_fallback_id(row), raw=_text(row.get("text", row)))
             item.fail("validate", error_text(e), src)
-        if item is not None and not (done and done(item.id)):
+        if item is not None and not (done and item.id != checked and done(item.id)):
             out.append(item)
     return out
 
 
-def _parse_one(row: dict, src: str | None, done) -> Item | None:
+def _parse_one(row: dict, src: str | None, done) -> tuple[Item | None, str | None]:
     raw: Any = row
     if set(row) <= {"text", "path"} and "text" in row:
         try:
@@ -83,10 +84,11 @@ def _parse_one(row: dict, src: str | None, done) -> Item | None:
         except json.JSONDecodeError as e:
             item = Item(raw_id(row["text"]), raw=row["text"])
             item.fail("validate", f"malformed JSON line ({e.msg} at char {e.pos})", src)
-            return item
+            return item, None
     given = raw.get("id") if isinstance(raw, dict) else None
-    if done and given not in (None, "") and done(str(given)):
-        return None
+    checked = str(given) if done and given not in (None, "") else None
+    if checked is not None and done(checked):
+        return None, checked
     try:
         item = _item(parse_record(raw, source=src))
         input_to_arrow(item.input)  # what cannot be carried (too deep to serialise) fails here, on this row
@@ -95,7 +97,7 @@ def _parse_one(row: dict, src: str | None, done) -> Item | None:
         field_ = f" field '{rej.field}'" if rej.field else ""
         item = Item(rej.id, task=rej.task, split=rej.split, raw=_text(raw))
         item.fail("validate", f"{rej.reason}{field_}", rej.source)
-    return item
+    return item, checked
 
 
 def _fallback_id(row: dict) -> str:

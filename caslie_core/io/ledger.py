@@ -48,16 +48,16 @@ class DoneIds:
     """Membership in a sorted digest array: `done(id) -> bool`."""
 
     def __init__(self, digests) -> None:
-        self.digests = digests
+        import numpy as np
+
+        self.digests, self._np = digests, np  # called once per record: no import on that path
 
     def __len__(self) -> int:
         return len(self.digests)
 
     def __call__(self, rid: str) -> bool:
-        import numpy as np
-
-        d = np.bytes_(id_digest(rid))
-        i = int(np.searchsorted(self.digests, d))
+        d = self._np.bytes_(id_digest(rid))
+        i = int(self._np.searchsorted(self.digests, d))
         return i < len(self.digests) and self.digests[i] == d
 
 

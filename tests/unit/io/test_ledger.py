@@ -117,3 +117,25 @@ def test_progress_line_every_interval_with_eta_when_the_total_is_known():
     silent = pipeline.Progress(0, total=None, say=lines.append)
     silent.add({"records": 5})
     assert len(lines) == 1 and "5 records:" in silent.line()
+
+
+def test_parse_skips_finished_records_whether_or_not_they_name_their_id(tmp_path):
+    from caslie_core.enrichment import stages
+
+    m = write_catalog(tmp_path / "cat", 6, seed=5)
+    lines = [json.loads(line) for line in open(m["jsonl"])]
+    named = [json.dumps(r) for r in lines[:3]]
+    unnamed = [json.dumps({k: v for k, v in r.items() if k != "id"}) for r in lines[3:]]
+    rows = [{"text": t} for t in [*named, *unnamed, "{broken"]]
+    first = stages.parse_items(rows)
+    assert len(first) == 7
+    done = ledger.DoneIds(ledger.id_digests([first[0].id, first[4].id, first[6].id]))
+    asked: list[str] = []
+
+    def counting(rid: str) -> bool:
+        asked.append(rid)
+        return done(rid)
+
+    again = stages.parse_items(rows, done=counting)
+    assert [i.id for i in again] == [first[k].id for k in (1, 2, 3, 5)]
+    assert len(asked) == len(set(asked)) == 7  # each row's id looked up once
