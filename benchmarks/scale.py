@@ -45,6 +45,10 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from caslie_core.synthetic import INSTRUCTIONS  # noqa: E402 - the catalog's wording, one copy
+
 CATALOG_VERSION = 1  # bump when the generated records change (cached catalogs are named by it)
 MB = 1024 * 1024
 SAMPLE_S = 0.2
@@ -52,15 +56,6 @@ PSS_EVERY = 5  # samples between PSS readings (smaps_rollup costs more than RSS)
 
 # --- catalog ----------------------------------------------------------------------------------
 
-_INSTRUCTIONS = {
-    "AP": "Given a product question, decide whether it is answerable from the product information. Answer yes or no.",
-    "CC": "Given a product title, choose the product's category from the options.",
-    "PRP": "Given two products, choose how they are related.",
-    "PSI": "Given a query and a product, decide whether the product is a functional substitute. Answer yes or no.",
-    "MPC": "Given a query and a product, choose how relevant the product is.",
-    "SA": "Given a product review, choose the user's sentiment.",
-    "SR": "Given the user's purchase history, choose the product they will buy next.",
-}
 TASK_ORDER = ("AP", "CC", "PRP", "PSI", "MPC", "SA", "SR")
 
 
@@ -93,7 +88,7 @@ def make_record(i: int) -> dict:
         "id": f"r{i}",
         "task": abbr,
         "split": "test",
-        "instruction": _INSTRUCTIONS[abbr],
+        "instruction": INSTRUCTIONS[abbr],
         "input": json.dumps(inp),
         "options": json.dumps(options),
         "output": output,

@@ -35,10 +35,10 @@ def read_raw(cfg: EnrichConfig):
     """Dataset of raw rows: `{"text": <one record as JSON>}` (JSONL, JSON) or the record's columns (Parquet)."""
     import ray.data
 
-    parts, cpus = [], {"num_cpus": cfg.task_num_cpus}
+    parts = []
     for r in reading_plan(cfg.input.path, cfg.input.format):
         if r.reader == "text":
-            ds = ray.data.read_text(r.path, filesystem=r.filesystem, ray_remote_args=cpus)
+            ds = ray.data.read_text(r.path, filesystem=r.filesystem, num_cpus=cfg.task_num_cpus)
         elif r.reader == "parquet":
             ds = ray.data.read_parquet(r.path, filesystem=r.filesystem, num_cpus=cfg.task_num_cpus)
         else:  # JSON lists, compressed files and http(s)/hf URLs stream through the driver
