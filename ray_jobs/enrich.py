@@ -12,6 +12,7 @@ output resumes: records already written are skipped.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -68,29 +69,23 @@ def prepare_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels
     )
 
 
-class CaptionActor:
-    def __init__(self, captioner: dict, size: int, cache: tuple[str, str] | None, wait_s: float, factory=None) -> None:
-        from caslie_core.config import CaptionerConfig
-        from caslie_core.models.captioner import Captioner
+def _caption_stage(captioner: dict, size: int, cache, wait_s: float, factory):
+    from caslie_core.config import CaptionerConfig
+    from caslie_core.models.captioner import Captioner
 
-        model = factory() if factory else Captioner.from_config(CaptionerConfig.model_validate(captioner))
-        cache_client = CaptionCacheClient(*cache) if cache else None
-        self.stage = stages.CaptionStage(model, size, cache_client, owner=actor_id(), wait_s=wait_s)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.stage(batch)
+    model = factory() if factory else Captioner.from_config(CaptionerConfig.model_validate(captioner))
+    client = CaptionCacheClient(*cache) if cache else None
+    return stages.CaptionStage(model, size, client, owner=actor_id(), wait_s=wait_s)
 
 
-class JudgeActor:
-    def __init__(self, judge: dict, factory=None) -> None:
-        from caslie_core.config import JudgeConfig
-        from caslie_core.models.judge import Judge
+class CaptionActor(stages.Deferred):  # `lazy` on a resume: a finished catalog never loads a model
+    def __init__(self, captioner: dict, size: int, cache, wait_s: float, factory=None, lazy=False) -> None:
+        super().__init__(functools.partial(_caption_stage, captioner, size, cache, wait_s, factory), lazy=lazy)
 
-        j = JudgeConfig.model_validate(judge)
-        self.stage = stages.JudgeStage(factory() if factory else Judge.from_config(j), j.name)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.stage(batch)
+class JudgeActor(stages.Deferred):
+    def __init__(self, judge: dict, factory=None, lazy=False) -> None:
+        super().__init__(functools.partial(stages.judge_stage, judge, factory), lazy=lazy)
 
 
 COUNTS = pa.schema([("counts", pa.string())])
@@ -107,7 +102,7 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id
     tests and embedders hand the pools their own models (anything with the `CaptionModel`/`VoteModel` calls)."""
     import ray.data
 
-    factories = factories or {}
+    factories, lazy = factories or {}, done_ref is not None  # a resumed run loads its models when rows come
     size = cfg.decode.image_size
     ds = read_raw(cfg).map_batches(
         prepare_batch,
@@ -136,6 +131,7 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id
             cache=cache,
             wait_s=cfg.dedup.claim_ttl_s,
             factory=factories.get("captioner"),
+            lazy=lazy,
         ),
     )
     for j in cfg.judges:
@@ -146,7 +142,7 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id
             compute=ray.data.ActorPoolStrategy(min_size=j.pool.min_size, max_size=j.pool.max_size),
             num_gpus=j.pool.num_gpus,
             num_cpus=j.pool.num_cpus,
-            fn_constructor_kwargs={"judge": j.model_dump(), "factory": factories.get(j.name)},
+            fn_constructor_kwargs=dict(judge=j.model_dump(), factory=factories.get(j.name), lazy=lazy),
         )
     return ds.map_batches(
         write_batch,

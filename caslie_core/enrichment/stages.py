@@ -7,7 +7,7 @@ judged carries `{stage, message}`; an exception while handling one row fails tha
 names the stage) and the batch goes on; only a model that fails every item of `FailureStreak.limit`
 batches in a row stops the job (`EngineError`: the model or its device is broken, not the data).
 
-    prepare       reads raw rows (text | record columns)  adds the item columns and pixels
+    prepare       reads raw rows (text | record columns)  adds the item columns and pixels (`parse`, then fetch)
     CaptionStage  reads status, images, pixels            fills captions; drops pixels
     JudgeStage    reads status, images                    adds its votes
     finalize      reads the item columns                  returns output rows (`io.store.output_schema`)
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import EngineError, ImageError, RecordError  # noqa: F401 - EngineError: what stages raise
+from ..errors import EngineError, ImageError  # noqa: F401 - EngineError: what stages raise
 from ..images import FetchPolicy, decode_image, digest, fetch_image
 from ..io.store import OUTPUT_COLUMNS
 from ..items import (  # noqa: F401 - STATUSES, ERROR_STAGES: the row contract, named here too
@@ -35,17 +35,16 @@ from ..items import (  # noqa: F401 - STATUSES, ERROR_STAGES: the row contract, 
     Item,
     images_from_column,
     images_to_column,
-    input_to_arrow,
     items_from_table,
     items_to_table,
 )
 from ..models.batching import ModelCalls, error_text
 from ..models.captioner import CaptionModel, CaptionResult
 from ..models.judge import Vote, VoteModel
-from ..prompts import caption_request, fill_caption, judge_template
-from ..records import Reject, parse_record, raw_id
+from ..prompts import fill_caption
 from .assemble import assemble
 from .cache import CaptionCache, caption_key
+from .parse import parse_items
 
 CAPTION = Contract("caption", reads=("status", "images", PIXELS), drops=(PIXELS,))
 FINALIZE = Contract("finalize", reads=ITEM_COLUMNS)
@@ -56,83 +55,6 @@ def judge_contract(name: str) -> Contract:
 
 
 # prepare: parse, skip finished records, fetch, decode
-
-
-def parse_items(rows: Iterable[dict], *, source: str | None = None, done: Callable[[str], bool] | None = None):
-    """Raw rows (`{"text": <JSON line>}` or a record dict) -> items; rows whose id `done` says is finished
-    are skipped (checked before validation when the row names its id). A row that cannot be read or
-    validated, whatever the reason (bad JSON, a wrong field, nesting too deep to serialise), is a failed item."""
-    out: list[Item] = []
-    for row in rows:
-        src = row.get("path") or source
-        checked = None  # the id already looked up in `done` (rows that name their id: once, before validation)
-        try:
-            item, checked = _parse_one(row, src, done)
-        except Exception as e:
-            item = Item(_fallback_id(row), raw=_text(row.get("text", row)))
-            item.fail("validate", error_text(e), src)
-        if item is not None and not (done and item.id != checked and done(item.id)):
-            out.append(item)
-    return out
-
-
-def _parse_one(row: dict, src: str | None, done) -> tuple[Item | None, str | None]:
-    raw: Any = row
-    if set(row) <= {"text", "path"} and "text" in row:
-        try:
-            raw = json.loads(row["text"])
-        except json.JSONDecodeError as e:
-            item = Item(raw_id(row["text"]), raw=row["text"])
-            item.fail("validate", f"malformed JSON line ({e.msg} at char {e.pos})", src)
-            return item, None
-    given = raw.get("id") if isinstance(raw, dict) else None
-    checked = str(given) if done and given not in (None, "") else None
-    if checked is not None and done(checked):
-        return None, checked
-    try:
-        item = _item(parse_record(raw, source=src))
-        input_to_arrow(item.input)  # what cannot be carried (too deep to serialise) fails here, on this row
-    except RecordError as e:
-        rej = Reject.from_error(e, raw)
-        field_ = f" field '{rej.field}'" if rej.field else ""
-        item = Item(rej.id, task=rej.task, split=rej.split, raw=_text(raw))
-        item.fail("validate", f"{rej.reason}{field_}", rej.source)
-    return item, checked
-
-
-def _fallback_id(row: dict) -> str:
-    try:
-        return raw_id(row.get("text", row))
-    except Exception:  # unhashable content: a stable id from what can be read
-        return "raw-" + digest(f"{sorted(map(str, row))}|{row.get('id')}".encode())[:16]
-
-
-def _text(raw: Any) -> str:
-    try:
-        return raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
-    except Exception as e:
-        return f"<not printable: {error_text(e)}>"
-
-
-def _item(rec) -> Item:
-    item = Item(
-        rec.id,
-        task=rec.task,
-        split=rec.split,
-        instruction=rec.instruction,
-        input=rec.input,
-        options=list(rec.options),
-        output=rec.output,
-        extra=json.dumps(rec.extra, ensure_ascii=False, default=str) if rec.extra else None,
-    )
-    try:  # each image's caption request and judge question, built once
-        item.images = [
-            ImageSlot(i, url, caption_request(rec, i), judge_template(rec, i)) for i, url in enumerate(rec.images)
-        ]
-    except Exception as e:
-        item.images = [ImageSlot(i, url) for i, url in enumerate(rec.images)]
-        item.fail("validate", f"cannot build the caption request: {error_text(e)}")
-    return item
 
 
 def fetch_decode(items: list[Item], policy: FetchPolicy, *, threads: int, max_pixels: int, size: int) -> None:
@@ -178,6 +100,21 @@ def prepare(
 
 
 # model stages
+
+
+class Deferred:
+    """A model stage built by `make()` now, or (`lazy`) when the first non-empty batch arrives; empty batches
+    pass through untouched. A resumed run is lazy: resuming a finished catalog loads no model at all."""
+
+    def __init__(self, make: Callable[[], Callable], *, lazy: bool = False) -> None:
+        self._make, self.stage = make, None if lazy else make()
+
+    def __call__(self, batch):
+        if batch.num_rows == 0:
+            return batch
+        if self.stage is None:
+            self.stage = self._make()
+        return self.stage(batch)
 
 
 def _fail_rows(table, failures: dict[int, dict]):
@@ -322,6 +259,15 @@ class JudgeStage:
 
 
 # finalize: output rows
+
+
+def judge_stage(judge: dict, factory: Callable[[], VoteModel] | None = None) -> JudgeStage:
+    """A judge section's stage; its model from `factory` when given (tests, embedders), else the config."""
+    from ..config import JudgeConfig
+    from ..models.judge import Judge
+
+    j = JudgeConfig.model_validate(judge)
+    return JudgeStage(factory() if factory else Judge.from_config(j), j.name)
 
 
 def finalize(table, *, provenance: dict) -> list[dict]:

@@ -56,9 +56,16 @@ class DoneIds:
         return len(self.digests)
 
     def __call__(self, rid: str) -> bool:
-        d = self._np.bytes_(id_digest(rid))
-        i = int(self._np.searchsorted(self.digests, d))
-        return i < len(self.digests) and self.digests[i] == d
+        return bool(self.many([rid])[0])
+
+    def many(self, ids: list[str]) -> list[bool]:
+        """Membership of each id, in one vectorised lookup (a batch of rows at once)."""
+        np, n = self._np, len(self.digests)
+        if n == 0 or not ids:
+            return [False] * len(ids)
+        wanted = np.fromiter((id_digest(i) for i in ids), dtype="S16", count=len(ids))
+        at = np.minimum(np.searchsorted(self.digests, wanted), n - 1)
+        return (self.digests[at] == wanted).tolist()
 
 
 def _open_part(path: str, columns: list[str]):

@@ -181,3 +181,24 @@ def test_claims_make_a_second_actor_wait_for_the_first(tiny_models, tmp_path):
         else:
             images = images_from_column(out["b"].column("images"))
             assert b.calls == 0 and all(row[0].caption and row[0].cached for row in images)
+
+
+def test_a_deferred_stage_loads_its_model_only_when_a_row_arrives():
+    import pyarrow as pa
+
+    from caslie_core.enrichment.stages import Deferred
+
+    built: list[int] = []
+
+    def make():
+        built.append(1)
+        return lambda batch: batch.append_column("seen", pa.array([True] * batch.num_rows))
+
+    empty, rows = pa.table({"id": pa.array([], pa.string())}), pa.table({"id": ["a", "b"]})
+    lazy = Deferred(make, lazy=True)
+    assert lazy(empty) is empty and built == []  # a resumed, finished catalog: no model ever built
+    assert lazy(rows).column("seen").to_pylist() == [True, True] and built == [1]
+    lazy(rows)
+    assert built == [1]  # built once
+    Deferred(make)
+    assert built == [1, 1]  # eager by default: a fresh run loads while the first batches are fetched

@@ -21,6 +21,9 @@ def test_done_ids_are_exact_for_every_id_including_digests_ending_in_nul():
     assert not any(done(f"x{i}") for i in range(50_000))
     # numpy's S16 drops trailing NUL bytes: a digest must never end in one
     assert all(ledger.id_digest(i)[-1:] != b"\x00" for i in ids[:1000])
+    mixed = [f"x{i}" if i % 3 else f"r{i}" for i in range(60_000)]  # beyond both ends of the sorted array too
+    assert done.many(mixed) == [done(i) for i in mixed] == [i % 3 == 0 and i < 50_000 for i in range(60_000)]
+    assert ledger.DoneIds(ledger.id_digests([])).many(["a", "b"]) == [False, False] and done.many([]) == []
 
 
 def test_add_counts_sums_nested_counts():
