@@ -189,8 +189,25 @@ class JudgeBase(ModelRef):
         "research code, read the generated answer (slower, may answer neither)",
     )
     max_new_tokens: int = Field(16, ge=1, le=64, description="generate mode only")
+    reply: Literal["strict", "research"] = Field(
+        "strict",
+        description="how a generated answer becomes a vote: strict = yes/no, anything else abstains; "
+        "research = as the research code, the first three characters lower-cased (any string is a "
+        "ballot of its own; generate mode only)",
+    )
+    system_message: str | None = Field(
+        None,
+        description="a system turn before the question, where the judge's chat template has a system "
+        "role (left out where it has none); the research code used 'You are a helpful AI assistant.'",
+    )
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v)
+
+    @model_validator(mode="after")
+    def _reply_needs_generate(self) -> JudgeBase:
+        if self.reply == "research" and self.mode != "generate":
+            raise ValueError(f"judge {self.name!r}: reply=research reads a generated answer; set mode=generate")
+        return self

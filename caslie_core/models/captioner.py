@@ -65,6 +65,7 @@ class Captioner:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self._torch = torch
+        self._no_specials = True  # tokenize templated text with add_special_tokens=False (until refused)
 
     @classmethod
     def from_config(cls, c, *, batch_size: int | None = None) -> Captioner:
@@ -78,20 +79,37 @@ class Captioner:
             trust_remote_code=c.trust_remote_code,
         )
 
+    @property
+    def templated(self) -> bool:
+        """Whether prompts go through the processor's chat template (which writes the special tokens)."""
+        return bool(getattr(self.processor, "chat_template", None))
+
     def render(self, prompt: str) -> str:
         proc = self.processor
-        if getattr(proc, "chat_template", None):
+        if self.templated:
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
             return proc.apply_chat_template(msgs, add_generation_prompt=True)
         token = getattr(proc, "image_token", "<image>")
         return f"{token}\n{prompt}"
 
-    def _generate(self, images: list[Any], prompts: list[str]) -> list[str | None]:
+    def _inputs(self, images: list[Any], prompts: list[str]) -> dict:
+        """The model inputs, on the device. A chat-templated text already holds its special tokens (the
+        BOS among them): it is tokenized without adding them again, as the research code does."""
         texts = [self.render(p) for p in prompts]
-        enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
-        enc = {
+        kwargs: dict[str, Any] = {"add_special_tokens": False} if self.templated and self._no_specials else {}
+        try:
+            enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt", **kwargs)
+        except TypeError:  # a processor (remote code) without the argument
+            if not kwargs:
+                raise
+            self._no_specials = False
+            enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        return {
             k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in enc.items()
         }
+
+    def _generate(self, images: list[Any], prompts: list[str]) -> list[str | None]:
+        enc = self._inputs(images, prompts)
         with self._torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False)
         new = out[:, enc["input_ids"].shape[1] :]

@@ -3,21 +3,30 @@
 Two modes. `generate` (as the research code): greedy generation of a few tokens, the answer read from
 the first characters; anything that is neither yes nor no is recorded as None. `logits`: one forward
 pass; the next-token scores of the yes-tokens and the no-tokens are compared (always yes or no).
+
+Two vote rules (`keep_caption(..., rule=)`). `strict`: yes/no votes (anything else abstains), keep when
+yes outnumbers no. `research` (ninglab/CASLIE cqe.py): each reply is cut to a short ballot
+(`research_ballot`: "yes", "no", or any other string, each a ballot of its own), the most common ballot
+wins (a tie goes to the one seen first in the judges' order) and the caption is kept when it is "yes".
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 JudgeMode = Literal["logits", "generate"]
+JudgeReply = Literal["strict", "research"]
+VOTE_RULES = ("strict", "research")
+RESEARCH_SYSTEM = "You are a helpful AI assistant."
 YES_FORMS = ("yes", "Yes", " yes", " Yes", "YES")
 NO_FORMS = ("no", "No", " no", " No", "NO")
 
 
 @dataclass
 class Vote:
-    vote: str | None  # "yes", "no", or None (an answer that is neither)
+    vote: str | None  # strict: "yes", "no", or None (neither); research: the ballot (`research_ballot`)
     raw: str | None = None
     error: str | None = None
 
@@ -59,17 +68,30 @@ class Judge:
         max_new_tokens: int = 16,
         batch_size: int = 16,
         trust_remote_code: bool = False,
+        reply: JudgeReply = "strict",
+        system_message: str | None = None,
     ) -> None:
+        """`reply`: how a generated answer becomes a vote (`strict`: yes/no/None by `parse_judge_answer`;
+        `research`: the ballot of `research_ballot`, generate mode only). `system_message`: a system turn
+        before the question, where the chat template has a system role (else left out, silently)."""
         import torch
 
-        from .loading import load_causal_lm
+        from .loading import load_causal_lm, supports_system
 
         if mode not in ("logits", "generate"):
             raise ValueError(f"unknown judge mode {mode!r}; valid: logits, generate")
+        if reply not in VOTE_RULES:
+            raise ValueError(f"unknown judge reply {reply!r}; valid: {', '.join(VOTE_RULES)}")
+        if reply == "research" and mode != "generate":
+            raise ValueError(f"judge reply='research' reads a generated answer, but mode={mode!r}; use mode='generate'")
         self.model, self.tokenizer, self.device = load_causal_lm(
             model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
         )
         self.mode = mode
+        self.reply = reply
+        self.system_message = system_message
+        # The system turn actually sent: None where the chat template has no system role (probed once).
+        self._system = system_message if system_message is not None and supports_system(self.tokenizer) else None
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
@@ -89,6 +111,8 @@ class Judge:
             max_new_tokens=j.max_new_tokens,
             batch_size=batch_size or getattr(j, "micro_batch", 16),
             trust_remote_code=j.trust_remote_code,
+            reply=getattr(j, "reply", "strict"),
+            system_message=getattr(j, "system_message", None),
         )
 
     def _last_logits(self, enc):
@@ -104,7 +128,7 @@ class Judge:
     def _encode(self, questions: list[str]):
         from .loading import chat_text
 
-        rendered = [chat_text(self.tokenizer, q) for q in questions]
+        rendered = [chat_text(self.tokenizer, q, self._system) for q in questions]
         texts = [t for t, _ in rendered]
         templated = rendered[0][1] if rendered else False
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
@@ -122,6 +146,8 @@ class Judge:
                 ]
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False)
         texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        if self.reply == "research":
+            return [Vote(research_ballot(t), t) for t in texts]
         return [Vote(parse_judge_answer(t), t) for t in texts]
 
     def vote(self, questions: list[str]) -> list[Vote]:
@@ -143,6 +169,22 @@ def parse_judge_answer(text: str | None) -> str | None:
     return None
 
 
+def research_ballot(text: str | None) -> str:
+    """A judge's generated text -> its ballot, as the research code reduces it: the first three
+    characters (newlines as spaces, outer spaces off), then spaces, dots and commas off, lower case.
+    "Yes." -> "yes", "No" -> "no", "Not really" -> "not", "**Yes**" -> "**y"; None -> ""."""
+    if text is None:
+        return ""
+    return text.replace("\n", " ").strip()[:3].strip().strip(".").strip(",").lower()
+
+
+def research_winner(ballots: list[str | None]) -> str | None:
+    """The most common ballot (None = no ballot: the judge failed); on a tie the one that appeared first
+    in the judges' order wins (as `Counter.most_common` orders equal counts). None without ballots."""
+    counts = Counter(b for b in ballots if b is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def plurality(votes: list[str | None]) -> bool:
     """Keep a caption only if `yes` wins the plurality among valid votes (a tie keeps nothing)."""
     yes = sum(v == "yes" for v in votes)
@@ -150,7 +192,14 @@ def plurality(votes: list[str | None]) -> bool:
     return yes > no
 
 
-def keep_caption(caption: str | None, error: dict | None, votes: list[str | None]) -> bool:
-    """The method's keep rule, for the batch job and the service alike: a caption exists, its image did
-    not fail, and `yes` wins the plurality of the judges' votes."""
-    return caption is not None and error is None and plurality(votes)
+def keep_caption(caption: str | None, error: dict | None, votes: list[str | None], rule: str = "strict") -> bool:
+    """The method's keep rule, for the batch job and the service alike.
+
+    `strict`: a caption exists, its image did not fail, and `yes` outnumbers `no` among the votes.
+    `research`: a caption exists and the most common ballot is "yes" (`research_winner`); the image's
+    error does not veto (the research code judged a failed caption, "NA", like any other)."""
+    if rule == "strict":
+        return caption is not None and error is None and plurality(votes)
+    if rule == "research":
+        return caption is not None and research_winner(votes) == "yes"
+    raise ValueError(f"unknown vote rule {rule!r}; valid: {', '.join(VOTE_RULES)}")
