@@ -40,10 +40,11 @@ class ImageSlot:
     votes: dict[str, str | None] = field(default_factory=dict)
     vote_errors: dict[str, str] = field(default_factory=dict)
     error: dict | None = None  # {stage, message}
+    rule: str = "strict"  # the CQE vote rule (`cqe.vote`): how `kept` reads the votes
 
     @property
     def kept(self) -> bool:
-        return keep_caption(self.caption, self.error, list(self.votes.values()))
+        return keep_caption(self.caption, self.error, list(self.votes.values()), self.rule)
 
     def fail(self, stage: str, message: str) -> None:
         if self.error is None:

@@ -144,36 +144,50 @@ def clean_caption(text: str | None, *, min_chars: int = 3) -> str | None:
     return cleaned if len(cleaned) >= min_chars and any(c.isalnum() for c in cleaned) else None
 
 
-# Instruction prompt (uniM3)
+# Instruction prompt (uniM3): the released CASLIE models' two templates, byte for byte (CASLIE_METHOD.md 2.4;
+# ninglab/CASLIE templates/alpaca.json and templates/mistral.json).
 
 PROMPT_STYLES = ("alpaca", "mistral")
-RESPONSE_MARKER = "### Response:"
 _PREAMBLE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
 )
+# Each style: (what opens the prompt, what closes it, the marker the answer follows).
+_TEMPLATES = {
+    "alpaca": ("", "\n\n### Response:\n", "### Response:"),
+    "mistral": ("[INST] ", "\n\n [/INST] ### Response:\n", "[/INST] ### Response:"),
+}
+RESPONSE_MARKER = _TEMPLATES["alpaca"][2]
+# Models that were trained with the mistral template, by id (their ids need not say "mistral").
+MISTRAL_STYLE_MODELS = ("ninglab/caslie-m",)
+MISTRAL_MODEL_TYPES = ("mistral", "mixtral")
 
 
-def _as_text(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+def serialise(value) -> str:
+    """An input or options value as the research code writes it into the prompt: Python's `json.dumps`
+    defaults (ASCII escaping, `", "` and `": "`). A JSON string (as stored in the dataset) is parsed first;
+    a string that is not JSON is kept as it is (a free-form input)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value)
 
 
 def instruction_prompt(instruction: str, input_value, options, *, style: str = "alpaca") -> str:
-    """The Alpaca-style prompt (sections for instruction, input, options, response).
+    """The prompt the released models were trained on: preamble, instruction, input, options, response.
 
-    `mistral` wraps it in `[INST] ... [/INST]` as the released CASLIE-M expects. `input_value` and
-    `options` may be JSON strings (as in the dataset) or structured values (serialised as JSON).
-    """
-    if style not in PROMPT_STYLES:
+    The Options section is there whenever the serialised options are non-empty (an empty list renders
+    as `[]`, as in the research code); `options=None` (a free-form request) leaves it out."""
+    if style not in _TEMPLATES:
         raise ValueError(f"unknown prompt style {style!r}; valid: {', '.join(PROMPT_STYLES)}")
-    parts = [_PREAMBLE, f"### Instruction:\n{instruction}", f"### Input:\n{_as_text(input_value)}"]
-    opts = _as_text(options) if options not in (None, "", []) else ""
-    if opts and opts != "[]":
-        parts.append(f"### Options:\n{opts}")
-    body = "\n\n".join(parts) + f"\n\n{RESPONSE_MARKER}\n"
-    if style == "mistral":
-        return f"[INST] {body}[/INST]"
-    return body
+    head, tail, _ = _TEMPLATES[style]
+    body = f"{head}{_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n### Input:\n{serialise(input_value)}"
+    opts = "" if options is None else serialise(options)
+    if opts:
+        body += f"\n\n### Options:\n{opts}"
+    return body + tail
 
 
 def record_prompt(record: Record, *, style: str = "alpaca", input_value=None, options=None) -> str:
@@ -186,17 +200,47 @@ def record_prompt(record: Record, *, style: str = "alpaca", input_value=None, op
     )
 
 
-def extract_response(text: str) -> str:
-    """The answer part of a generated text: what follows the last response marker (or `[/INST]`)."""
-    for marker in (RESPONSE_MARKER, "[/INST]"):
-        if marker in text:
-            text = text.rsplit(marker, 1)[1]
-    return text.strip()
+def response_marker(style: str) -> str:
+    return _TEMPLATES[style][2]
 
 
-def default_style_for(model_id: str) -> str:
-    """Mistral-family models were trained with `[INST]` wrapping; others with the plain prompt."""
-    return "mistral" if "mistral" in model_id.lower() else "alpaca"
+def extract_response(text: str, style: str = "alpaca", *, prompt: str | None = None) -> str:
+    """The answer in a generation: the text after the marker that ends the prompt, up to the next marker
+    the model may have produced (the research code's `output.split(marker)[1].strip()`). `text` is the
+    generation alone, or the prompt and the generation when `prompt` is given (or starts the text)."""
+    if prompt is not None and text.startswith(prompt):
+        text = text[len(prompt) :]
+    return text.split(response_marker(style), 1)[0].strip()
+
+
+def default_style_for(model_id: str | None, model_type: str | None = None) -> str:
+    """mistral for the models trained with the mistral template (NingLab/CASLIE-M, any Mistral-family model
+    by its id or its config's `model_type`); alpaca otherwise (CASLIE-S and CASLIE-L: see the configs)."""
+    mid = (model_id or "").lower().rstrip("/")
+    if mid in MISTRAL_STYLE_MODELS or "mistral" in mid or "mixtral" in mid:
+        return "mistral"
+    if (model_type or model_type_of(model_id)) in MISTRAL_MODEL_TYPES:
+        return "mistral"
+    return "alpaca"
+
+
+def model_type_of(model_id: str | None) -> str | None:
+    """A local model folder's `model_type` (its config.json; an adapter's base model's); None when unknown
+    (a hub id is not downloaded for this)."""
+    from pathlib import Path
+
+    if not model_id or not Path(model_id).is_dir():
+        return None
+    folder = Path(model_id)
+    try:
+        if (folder / "config.json").exists():
+            return json.loads((folder / "config.json").read_text()).get("model_type")
+        if (folder / "adapter_config.json").exists():
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            return None if base == model_id else model_type_of(base)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 __all__ = [
@@ -207,5 +251,7 @@ __all__ = [
     "instruction_prompt",
     "record_prompt",
     "extract_response",
+    "response_marker",
+    "serialise",
     "default_style_for",
 ]

@@ -84,13 +84,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "score",
-        help="score predictions per task (research, strict and invalid figures)",
-        description="Print one JSON object keyed by task abbreviation: primary, score, strict_score, invalid, n.",
+        help="score predictions per split and task (research, strict and invalid figures)",
+        description="Print one JSON object {split: {task abbreviation: {primary, score, strict_score, invalid, n}}}, "
+        "each split (train, val, test, ood_test) scored apart, as the paper reports the in-domain test (test) "
+        "and the out-of-domain test (ood_test); records without a split go under `unsplit`.",
     )
     p.add_argument("records", help="records with gold outputs (JSONL, JSON or Parquet)")
     p.add_argument("predictions", help="JSON list of strings aligned with RECORDS, or JSONL of {id, prediction}")
     p.add_argument("--split", default=None, help="score only this split (train, val, test, ood_test)")
+    p.add_argument(
+        "--pooled",
+        action="store_true",
+        help="score all rows (of --split if given) together, splits mixed, as {task: {...}}; "
+        "not the paper's figure (the paper reports splits apart)",
+    )
     p.add_argument("--details", action="store_true", help="include companion metrics")
+    p = sub.add_parser(
+        "prompts",
+        help="print exactly what a model is given for each record (JSONL {id, prompt})",
+        description="Render each record's instruction prompt as a model sees it before tokenization: captions "
+        "written into the input (uniM3), the template of the model (alpaca or mistral, CASLIE_METHOD.md 2.4). "
+        "RECORDS: raw records (their captions from caption_info) or enrichment output (its captions and votes). "
+        "No model is downloaded.",
+    )
+    p.add_argument("records", help="raw records (JSONL, JSON, Parquet; any fsspec URL) or an enrichment output folder")
+    style = p.add_mutually_exclusive_group()
+    style.add_argument("--model", default=None, help="model id or path: its template (NingLab/CASLIE-M: mistral)")
+    style.add_argument("--style", choices=("alpaca", "mistral"), default=None, help="the template (default alpaca)")
+    p.add_argument(
+        "--captions",
+        choices=("kept", "all", "none"),
+        default="kept",
+        help="kept: the judges' decisions (enrichment output only); all: every caption; none: each rendered as "
+        "rejected (default: kept)",
+    )
     return parser
 
 
@@ -136,22 +163,41 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    from caslie_core.evaluation.metrics import load_predictions, score_records
+    from caslie_core.evaluation.metrics import load_predictions, score_by_split, score_records
     from caslie_core.io.sources import load_records
     from caslie_core.records import normalise_split
 
     records = load_records(args.records, mode="strict").records
     preds = load_predictions(args.predictions, records)
-    if args.split:
-        split = normalise_split(args.split)
+    split = normalise_split(args.split) if args.split else None
+    if split:
         pairs = [(r, p) for r, p in zip(records, preds) if r.split == split]
         records, preds = [r for r, _ in pairs], [p for _, p in pairs]
-    scores = score_records(records, preds)
+    if args.pooled:  # today's flat {task: ...}: every row (of --split) together, splits mixed
+        scores = score_records(records, preds)
+        per_task = list(scores.values())
+    else:  # {split: {task: ...}}, each split scored apart
+        scores = score_by_split(records, preds, splits=[split] if split else None)
+        per_task = [s for tasks in scores.values() for s in tasks.values()]
     if not args.details:
-        for s in scores.values():
+        for s in per_task:
             s.pop("companions")
     print(json.dumps(scores, indent=2))
     return 0
+
+
+def _cmd_prompts(args) -> int:
+    from caslie_core.prompts import default_style_for
+    from caslie_core.render import prompt_lines
+
+    style = args.style or (default_style_for(args.model) if args.model else "alpaca")
+    failed = 0
+    for line in prompt_lines(args.records, style=style, captions=args.captions):
+        failed += line["prompt"] is None
+        print(json.dumps(line, ensure_ascii=False))
+    if failed:
+        print(f"{failed} record(s) could not be rendered (see their error)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _run_job(name: str, args) -> int:
@@ -207,6 +253,7 @@ COMMANDS = {
     "synth": _cmd_synth,
     "validate": _cmd_validate,
     "score": _cmd_score,
+    "prompts": _cmd_prompts,
     "demo": _cmd_demo,
     "enrich": _cmd_enrich,
     "train": _cmd_train,

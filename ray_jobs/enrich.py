@@ -63,9 +63,10 @@ def _done(done_ref) -> ledger.DoneIds | None:
     return _DONE[done_ref.hex()]
 
 
-def prepare_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels: int, size: int, done_ref=None):
+def prepare_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels: int, size: int, **kw):
+    done = _done(kw.pop("done_ref", None))
     return stages.prepare(
-        batch.to_pylist(), policy=policy, threads=threads, max_pixels=max_pixels, size=size, done=_done(done_ref)
+        batch.to_pylist(), policy=policy, threads=threads, max_pixels=max_pixels, size=size, done=done, **kw
     )
 
 
@@ -115,24 +116,29 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id
             max_pixels=cfg.decode.max_pixels,
             size=size,
             done_ref=done_ref,
+            captions_from_record=cfg.captioner.source == "record",
         ),
     )
     cp = cfg.captioner.pool
-    ds = ds.map_batches(
-        CaptionActor,
-        batch_format="pyarrow",
-        batch_size=cp.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=cp.min_size, max_size=cp.max_size),
-        num_gpus=cp.num_gpus,
-        num_cpus=cp.num_cpus,
-        fn_constructor_kwargs=dict(
-            captioner=cfg.captioner.model_dump(),
-            size=size,
-            cache=cache,
-            wait_s=cfg.dedup.claim_ttl_s,
-            factory=factories.get("captioner"),
-            lazy=lazy,
-        ),
+    ds = (
+        ds
+        if cfg.captioner.source == "record"
+        else ds.map_batches(
+            CaptionActor,
+            batch_format="pyarrow",
+            batch_size=cp.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=cp.min_size, max_size=cp.max_size),
+            num_gpus=cp.num_gpus,
+            num_cpus=cp.num_cpus,
+            fn_constructor_kwargs=dict(
+                captioner=cfg.captioner.model_dump(),
+                size=size,
+                cache=cache,
+                wait_s=cfg.dedup.claim_ttl_s,
+                factory=factories.get("captioner"),
+                lazy=lazy,
+            ),
+        )
     )
     for j in cfg.judges:
         ds = ds.map_batches(

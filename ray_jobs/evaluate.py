@@ -32,8 +32,8 @@ PROMPTS = {
     "reference": pa.string(),
     "skip": pa.string(),
 }
-ANSWERED = {
-    **{k: v for k, v in PROMPTS.items() if k != "prompt"},
+ANSWERED = {  # the prompt stays: predictions files show exactly what the model was given
+    **PROMPTS,
     "raw": pa.string(),
     "error": pa.string(),
     "n_prompt_tokens": pa.int32(),
@@ -62,6 +62,7 @@ class PredictActor:
             batch_size=gen.micro_batch,
             max_prompt_tokens=gen.max_prompt_tokens,
             trust_remote_code=m.trust_remote_code,
+            style=source["style"],
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

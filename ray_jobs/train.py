@@ -19,7 +19,7 @@ import time
 
 from caslie_core.config import TrainConfig, config_hash
 from caslie_core.errors import CaslieError
-from caslie_core.io.store import TEXT_COLUMNS
+from caslie_core.io.store import EVAL_COLUMNS
 from caslie_core.training.data import tokenize_batch
 from caslie_core.training.outputs import existing_checkpoints, train_summary, write_outputs
 from caslie_core.training.plan import TrainPlan, plan_training
@@ -29,12 +29,12 @@ from .common import configure_data_context, init_ray, job_entry, job_main, log, 
 
 def build_datasets(cfg: TrainConfig, plan: TrainPlan) -> dict:
     """`train` (and `val`) datasets of tokenized rows, from enrichment parts and/or raw records."""
-    rows = [{**r, "status": "ok", "original_input": None, "original_options": None} for r in plan.record_rows]
-    base = read_inputs(plan.enriched_files, rows, TEXT_COLUMNS)
+    rows = [{**r, "status": "ok"} for r in plan.record_rows]
+    base = read_inputs(plan.enriched_files, rows, EVAL_COLUMNS)
     kwargs = dict(
         tokenizer=cfg.model.model,
         style=plan.style,
-        use_enriched=cfg.data.use_enriched,
+        captions=cfg.data.captions,
         max_length=cfg.data.max_length,
         task_names=plan.task_names,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from .common import (
@@ -18,14 +20,46 @@ from .common import (
 
 
 class CaptionerConfig(ModelRef):
+    model: str | None = Field(
+        None, description="Hugging Face model id or local path (`tiny:NAME` offline); needed when source is model"
+    )
+    source: Literal["model", "record"] = Field(
+        "model",
+        description="model: caption every image with the captioner pool; record: take each image's caption from "
+        "the record's caption_info (the released MMECInstruct captions; no images fetched, no captioner pool), "
+        "then judge them",
+    )
     max_new_tokens: int = Field(128, ge=1, le=1024, description="caption length cap (method: 128)")
     micro_batch: int = Field(8, ge=1, description="images per generate() call inside an actor")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="captioner actor pool")
+
+    @model_validator(mode="after")
+    def _model_when_captioning(self):
+        if self.source == "model" and not self.model:
+            raise ValueError(
+                "captioner.model is required when captioner.source is model (the default); set a model id, or "
+                "captioner.source: record to use the records' caption_info"
+            )
+        return self
 
 
 class JudgeConfig(JudgeBase):
     micro_batch: int = Field(16, ge=1, description="questions per forward/generate call")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="judge actor pool")
+
+
+RESEARCH_CQE = {"mode": "generate", "reply": "research", "max_new_tokens": 16}
+
+
+class CQEConfig(StrictModel):
+    vote: Literal["strict", "research"] = Field(
+        "strict",
+        description="research: the paper's CQE (every judge generates up to 16 tokens after the system message "
+        "'You are a helpful AI assistant.' where its chat template has a system role; its reply cut to 3 "
+        "characters is a ballot; the most common ballot wins, ties to the first in the panel's order; kept "
+        "iff the winner is yes; an empty or failed caption is judged as 'NA'). strict: yes/no answers "
+        "(others abstain), kept iff yes outnumbers no; any judge mode, logits the fastest",
+    )
 
 
 class DedupConfig(StrictModel):
@@ -51,7 +85,8 @@ class EnrichConfig(StrictModel):
     fetch: FetchConfig = Field(default_factory=FetchConfig, description="image fetching")
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="image decoding")
     captioner: CaptionerConfig
-    judges: list[JudgeConfig] = Field(min_length=1, description="the judge panel; plurality of yes keeps")
+    judges: list[JudgeConfig] = Field(min_length=1, description="the judge panel, in order (the order breaks ties)")
+    cqe: CQEConfig = Field(default_factory=CQEConfig, description="how the panel's answers become keep decisions")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="caption de-duplication")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="error-rate limit")
     ray: RayConfig = Field(default_factory=RayConfig, description="cluster connection")
@@ -76,4 +111,28 @@ class EnrichConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"judge names must be unique; repeated: {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _cqe_preset(self):
+        """`cqe.vote: research` sets every judge to the research settings; one set otherwise is an error."""
+        if self.cqe.vote != "research":
+            return self
+        from ..models.judge import RESEARCH_SYSTEM
+
+        wrong = [
+            f"judges.{i}.{key}={getattr(j, key)!r} (the research preset needs {value!r})"
+            for i, j in enumerate(self.judges)
+            for key, value in RESEARCH_CQE.items()
+            if key in j.model_fields_set and getattr(j, key) != value
+        ]
+        if wrong:
+            raise ValueError(
+                "cqe.vote=research conflicts with " + "; ".join(wrong) + ": remove those keys, or use cqe.vote=strict"
+            )
+        for j in self.judges:
+            for key, value in RESEARCH_CQE.items():  # mode first: a research reply needs generate mode
+                setattr(j, key, value)
+            if "system_message" not in j.model_fields_set:
+                j.system_message = RESEARCH_SYSTEM
         return self

@@ -20,8 +20,11 @@ class TrainDataConfig(StrictModel):
     train_split: str = Field("train", description="split used for training")
     eval_split: str = Field("val", description="split used for evaluation loss")
     tasks: list[str] | None = Field(None, description="only these tasks (abbreviations or names); default all")
-    use_enriched: bool = Field(
-        True, description="train on the enriched input (false: the original text, the text-only ablation)"
+    captions: Literal["auto", "kept", "all", "none"] = Field(
+        "auto",
+        description="captions written into the text: kept (the method: judged captions), all (every caption, "
+        "no voting; raw records: their caption_info), none (each rendered as rejected); auto = kept for "
+        "enrichment output, none for raw records",
     )
     max_length: int = Field(
         2048, ge=16, description="tokens per example; longer ones are cut in the middle of the prompt and counted"

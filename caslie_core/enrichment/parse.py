@@ -18,7 +18,13 @@ from ..prompts import caption_request, judge_template
 from ..records import Reject, parse_record, raw_id
 
 
-def parse_items(rows: Iterable[dict], *, source: str | None = None, done: Callable[[str], bool] | None = None):
+def parse_items(
+    rows: Iterable[dict],
+    *,
+    source: str | None = None,
+    done: Callable[[str], bool] | None = None,
+    captions_from_record: bool = False,
+):
     """Raw rows (`{"text": <JSON line>}` or a record dict) -> items; rows whose id `done` says is finished
     are skipped (looked up before validation when the row names its id, all of a batch's at once when `done`
     has `many(ids)`, as `DoneIds` has). A row that cannot be read or validated, whatever the reason (bad
@@ -40,7 +46,7 @@ def parse_items(rows: Iterable[dict], *, source: str | None = None, done: Callab
         item = bad
         if item is None:
             try:
-                item = _build(raw, src)
+                item = _build(raw, src, captions_from_record)
             except Exception as e:
                 item = _unreadable(row, e, src)
         if not (done and item.id != rid and done(item.id)):
@@ -77,9 +83,12 @@ def _load(row: dict, src: str | None) -> tuple[Any, Item | None]:
     return row, None
 
 
-def _build(raw: Any, src: str | None) -> Item:
+def _build(raw: Any, src: str | None, captions_from_record: bool = False) -> Item:
     try:
-        item = _item(parse_record(raw, source=src))
+        rec = parse_record(raw, source=src)
+        item = _item(rec)
+        if captions_from_record:
+            _record_captions(item, rec.extra.get("caption_info"))
         input_to_arrow(item.input)  # what cannot be carried (too deep to serialise) fails here, on this row
     except RecordError as e:
         rej = Reject.from_error(e, raw)
@@ -122,3 +131,27 @@ def _item(rec) -> Item:
         item.images = [ImageSlot(i, url) for i, url in enumerate(rec.images)]
         item.fail("validate", f"cannot build the caption request: {error_text(e)}")
     return item
+
+
+def _record_captions(item: Item, info: Any) -> None:
+    """Each image's caption from the record's `caption_info` (a JSON list aligned with `images`), as the
+    released data carries them; an image without one fails at stage `caption`, saying so."""
+    captions = info
+    if isinstance(info, str):
+        try:
+            captions = json.loads(info)
+        except ValueError:
+            captions = None
+    if not isinstance(captions, list):
+        why = "the record has no caption_info" if info is None else "caption_info is not a JSON list"
+        for s in item.images:
+            s.fail("caption", f"captioner.source is record, but {why}")
+        return
+    for s in item.images:
+        c = captions[s.index] if s.index < len(captions) else None
+        if c is None:
+            s.fail(
+                "caption", f"caption_info has no caption for image {s.index} ({len(captions)} for {len(item.images)})"
+            )
+        else:
+            s.caption = str(c)

@@ -54,6 +54,8 @@ def provenance(cfg, config_hash: str, run_id: str) -> dict:
             [{"name": j.name, "model": j.model, "revision": j.revision, "mode": j.mode} for j in cfg.judges]
         ),
         "prompt_version": PROMPT_VERSION,
+        "caption_source": cfg.captioner.source,
+        "cqe_vote": cfg.cqe.vote,  # how finalize decides what is kept
         "config_hash": config_hash,
         "run_id": run_id,
     }

@@ -46,6 +46,7 @@ from .assemble import assemble
 from .cache import CaptionCache, caption_key
 from .parse import parse_items
 
+MISSING_CAPTION = "NA"  # what the research code judges (and, when kept, writes in) for a missing caption
 CAPTION = Contract("caption", reads=("status", "images", PIXELS), drops=(PIXELS,))
 FINALIZE = Contract("finalize", reads=ITEM_COLUMNS)
 
@@ -92,11 +93,14 @@ def prepare(
     max_pixels: int,
     size: int,
     done: Callable[[str], bool] | None = None,
+    captions_from_record: bool = False,
 ):
-    """Raw rows -> an Arrow batch of items with decoded pixels (the CPU stages, fused in one task)."""
-    items = parse_items(rows, done=done)
-    fetch_decode(items, policy, threads=threads, max_pixels=max_pixels, size=size)
-    return items_to_table(items, pixels=True)
+    """Raw rows -> an Arrow batch of items with decoded pixels (the CPU stages, fused in one task). With
+    `captions_from_record` each image's caption comes from the record's `caption_info`: nothing is fetched."""
+    items = parse_items(rows, done=done, captions_from_record=captions_from_record)
+    if not captions_from_record:
+        fetch_decode(items, policy, threads=threads, max_pixels=max_pixels, size=size)
+    return items_to_table(items, pixels=not captions_from_record)
 
 
 # model stages
@@ -223,6 +227,7 @@ class JudgeStage:
     judge: VoteModel  # models.judge.Judge, or anything with .vote(questions)
     name: str
     calls: ModelCalls | None = None
+    judge_missing: bool = False  # the research CQE: an image without a caption (failed, empty) is judged as "NA"
 
     def __post_init__(self) -> None:
         self.contract = judge_contract(self.name)
@@ -240,7 +245,15 @@ class JudgeStage:
             if status[r] != "pending":
                 continue
             try:
-                asked = [(s, fill_caption(s.question, s.caption)) for s in row if s.caption is not None and not s.error]
+                if self.judge_missing:
+                    for s in row:
+                        if s.question and (s.caption is None or len(s.caption.strip()) < 2):
+                            s.caption = MISSING_CAPTION
+                asked = [
+                    (s, fill_caption(s.question, s.caption))
+                    for s in row
+                    if s.caption is not None and (self.judge_missing or not s.error)
+                ]
                 for s in row:
                     s.votes[self.name] = None
                 questions.extend(q for _, q in asked)
@@ -267,7 +280,7 @@ def judge_stage(judge: dict, factory: Callable[[], VoteModel] | None = None) -> 
     from ..models.judge import Judge
 
     j = JudgeConfig.model_validate(judge)
-    return JudgeStage(factory() if factory else Judge.from_config(j), j.name)
+    return JudgeStage(factory() if factory else Judge.from_config(j), j.name, judge_missing=j.reply == "research")
 
 
 def finalize(table, *, provenance: dict) -> list[dict]:
@@ -275,8 +288,11 @@ def finalize(table, *, provenance: dict) -> list[dict]:
     FINALIZE.check(table)
     keys = ("captioner_model", "captioner_revision", "judges", "prompt_version", "config_hash", "run_id")
     prov = {k: provenance.get(k) for k in keys}
+    rule = provenance.get("cqe_vote") or "strict"
     out = []
     for item in items_from_table(table):
+        for s in item.images:
+            s.rule = rule
         base = dict.fromkeys(OUTPUT_COLUMNS) | {"id": item.id, "task": item.task, "split": item.split, **prov}
         try:
             out.append(base | _finalize_one(item))

@@ -1,58 +1,28 @@
-"""The paper's ablations as prompts: `kept` (the method: judged captions), `none` (text only) and `all`
-(every caption, no voting); one prompt row per (record, ablation), rows failed in enrichment counted."""
+"""The paper's ablations as prompts: `kept` (the method: judged captions), `none` (every caption rendered
+as rejected) and `all` (every caption, no voting); one prompt row per (record, ablation), rows failed in
+enrichment (or that cannot be rendered in an ablation) counted with the reason. Rendering: `caslie_core.render`."""
 
 from __future__ import annotations
 
-from ..enrichment.assemble import assemble
-from ..prompts import instruction_prompt
-from ..records import Record, json_or_text, split_or_none
+from ..records import split_or_none
+from ..render import CAPTION_MODES, RenderError, is_enriched, row_prompt, row_text  # noqa: F401 - re-exported
 from ..tasks import get_task
 
 VARIANTS = {
     "kept": "kept captions (CASLIE)",
-    "none": "no captions (text only)",
+    "none": "no captions (each rendered as rejected)",
     "all": "all captions (no voting)",
 }
-
-
-def _loads(value, default):
-    return default if value is None else json_or_text(value)
-
-
-def is_enriched(row: dict) -> bool:
-    return "image_results" in row and row.get("original_input") is not None
+assert set(VARIANTS) == set(CAPTION_MODES)
 
 
 def variant_input(row: dict, variant: str) -> tuple:
     """(input, options) of one evaluation variant for an enriched output row or a raw record row."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown ablation {variant!r}; valid: {', '.join(VARIANTS)}")
-    if not is_enriched(row):
-        if variant != "none":
-            raise ValueError(f"ablation {variant!r} needs enriched records (captions); raw records support only 'none'")
-        return _loads(row.get("input"), {}), _loads(row.get("options"), [])
-    if variant == "kept":
-        return _loads(row["input"], {}), _loads(row.get("options"), [])
-    original, options = _loads(row["original_input"], {}), _loads(row.get("original_options"), [])
-    if variant == "none":
-        return original, options
-    results = sorted(_loads(row.get("image_results"), []), key=lambda r: r["index"])
-    captions = [r.get("caption") for r in results]
-    record = Record(
-        id=str(row["id"]),
-        task=row["task"],
-        instruction=row.get("instruction") or "",
-        input=original,
-        options=options,
-        images=_loads(row.get("images"), []),
-    )
-    enriched = assemble(record, captions, [c is not None for c in captions])
-    return enriched.input, enriched.options
+    return row_text(row, variant)
 
 
 def variant_prompt(row: dict, variant: str, *, style: str) -> str:
-    input_value, options = variant_input(row, variant)
-    return instruction_prompt(row.get("instruction") or "", input_value, options, style=style)
+    return row_prompt(row, style=style, captions=variant)
 
 
 def prompt_rows(
@@ -85,15 +55,19 @@ def prompt_rows(
         if task_names and task not in task_names:
             continue
         for variant in variants:
+            try:
+                prompt, skip = variant_prompt(row, variant, style=style), None
+            except RenderError as e:
+                prompt, skip = None, f"cannot render '{variant}': {e.reason}"
             out.append(
                 {
                     "id": row["id"],
                     "task": task,
                     "split": split,
                     "variant": variant,
-                    "prompt": variant_prompt(row, variant, style=style),
+                    "prompt": prompt,
                     "reference": row.get("output"),
-                    "skip": None,
+                    "skip": skip,
                 }
             )
     return out

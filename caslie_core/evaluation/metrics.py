@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from ..records import Record
+from ..records import SPLITS, Record, normalise_split
 from ..tasks import Task, get_task
 
 INVALID = "<invalid>"
@@ -120,6 +120,38 @@ def score_records(records: Sequence[Record], predictions: Sequence[str | None]) 
         preds[abbr].append(pred)
     order = [t for t in ("AP", "CC", "PRP", "PSI", "MPC", "SA", "SR") if t in refs]
     return {abbr: score_task(abbr, refs[abbr], preds[abbr]).as_dict() for abbr in order}
+
+
+UNSPLIT = "unsplit"  # the key for records that carry no split
+
+
+def _split_key(split: str | None) -> str:
+    return UNSPLIT if split is None or split == UNSPLIT else normalise_split(split) or UNSPLIT
+
+
+def score_by_split(
+    records: Sequence[Record], predictions: Sequence[str | None], *, splits: Iterable[str] | None = None
+) -> dict[str, dict[str, dict]]:
+    """`score_records` per split, never pooled: `{split: {abbr: TaskScore dict}}`.
+
+    The paper reports the in-domain test (`test`) and the out-of-domain test (`ood_test`) apart, so
+    rows of one task in different splits are scored separately. Without `splits`, every split present
+    is scored, in the order train, val, test, ood_test, then records without a split (`unsplit`).
+    With `splits` (any spelling `normalise_split` takes), exactly those are returned, in that order,
+    an empty object for a split with no rows.
+    """
+    if len(records) != len(predictions):
+        raise ValueError(f"{len(predictions)} prediction(s) for {len(records)} record(s); they must align")
+    groups: dict[str, tuple[list[Record], list[str | None]]] = defaultdict(lambda: ([], []))
+    for rec, pred in zip(records, predictions):
+        recs, preds = groups[_split_key(rec.split)]
+        recs.append(rec)
+        preds.append(pred)
+    if splits is None:
+        order = [s for s in (*SPLITS, UNSPLIT) if s in groups]
+    else:
+        order = list(dict.fromkeys(_split_key(s) for s in splits))
+    return {s: score_records(*groups[s]) if s in groups else {} for s in order}
 
 
 def load_predictions(path: str, records: Sequence[Record]) -> list[str | None]:

@@ -39,10 +39,11 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
         problems.append(f"data.tasks: {e.args[0]}")
         task_names = None
     record_rows = inputs.record_rows
-    if record_rows and set(cfg.ablations) - {"none"}:
+    if record_rows and "kept" in cfg.ablations:
         problems.append(
-            f"ablations: {sorted(set(cfg.ablations) - {'none'})} need captions, but {inputs.records} "
-            "are raw records; evaluate the enrichment output, or use ablations=[none]"
+            f"ablations: 'kept' needs the judges' votes, but {inputs.records} are raw records (their "
+            "caption_info has captions, no votes); evaluate the enrichment output (caslie enrich, "
+            "captioner.source: record judges released captions), or use ablations [all] or [none]"
         )
     model = None
     try:

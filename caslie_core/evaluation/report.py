@@ -181,7 +181,7 @@ def render_chart(table: dict, path: str, *, title: str = "CASLIE evaluation") ->
 
 
 def write_predictions(rows: list[dict], variant: str, path: str) -> None:
-    """One JSONL line per prompt of one ablation: prediction, parsed answer, reference, validity, error."""
+    """One JSONL line per prompt of one ablation: prediction, parsed answer, reference, validity, error, prompt."""
     import fsspec
 
     with fsspec.open(path, "wt", encoding="utf-8") as fh:
@@ -189,6 +189,7 @@ def write_predictions(rows: list[dict], variant: str, path: str) -> None:
             if r["variant"] == variant:
                 line = {"id": r["id"], "task": r["task"], "split": r["split"], "prediction": r["raw"]}
                 line |= {k: r[k] for k in ("answer", "reference", "valid", "correct", "error")}
+                line["prompt"] = r.get("prompt")  # exactly what the model was given (`caslie prompts` prints it too)
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 

@@ -162,7 +162,8 @@ def load_inputs(paths: str | list[str], *, key: str = "input.path") -> Inputs:
     inputs = classify_inputs(paths, key=key)
     if inputs.records and not inputs.problems:
         loaded = load_records(inputs.records, mode="collect")
-        inputs.record_rows = [r.to_row() for r in loaded.records]
+        # a released record's captions travel with it (`caslie_core.render` reads them)
+        inputs.record_rows = [{**r.to_row(), "caption_info": r.extra.get("caption_info")} for r in loaded.records]
         inputs.rejected = len(loaded.rejects)
     return inputs
 

@@ -120,6 +120,7 @@ class Predictor:
         max_prompt_tokens: int = 2048,
         merge: bool = True,
         trust_remote_code: bool = False,
+        style: str = "alpaca",
     ) -> None:
         import torch
 
@@ -141,6 +142,7 @@ class Predictor:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
+        self.style = style  # the prompt template: its response marker ends an answer
         self._torch = torch
 
     def _encode(self, prompts: list[str]):
@@ -177,7 +179,7 @@ class Predictor:
         for i, text in enumerate(texts):
             row = new[i].tolist()
             n_new = row.index(eos) + 1 if eos in row else len(row)
-            answers.append(Answer(extract_response(text), None, lengths[i], n_new, text))
+            answers.append(Answer(extract_response(text, self.style), None, lengths[i], n_new, text))
         return answers
 
     def answer(self, prompts: list[str]) -> list[Answer]:
@@ -204,6 +206,7 @@ class AdapterPredictor(Predictor):
             batch_size=batch_size,
             max_prompt_tokens=spec["max_prompt_tokens"],
             trust_remote_code=spec["trust_remote_code"],
+            style=spec.get("style", "alpaca"),
         )
 
     def __init__(self, model: str, **kwargs) -> None:

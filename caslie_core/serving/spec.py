@@ -49,5 +49,6 @@ def app_spec(cfg: ServeConfig, *, root: Path | None = None) -> dict:
         "max_prompt_tokens": cfg.model.max_prompt_tokens,
         "trust_remote_code": cfg.model.trust_remote_code,
         "adapters": adapters,
+        "style": source.style,
     }
     return {"predictor": predictor, "models": models, "style": source.style, "key_digest": digest}

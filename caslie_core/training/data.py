@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass
 
 from ..models.loading import cut_middle
-from ..prompts import default_style_for, instruction_prompt
-from ..records import json_or_text, split_or_none
+from ..prompts import default_style_for
+from ..records import split_or_none
+from ..render import is_enriched, row_prompt
 from ..tasks import get_task
 
 IGNORE_INDEX = -100
@@ -34,23 +35,16 @@ class Example:
     response: str
 
 
-def training_example(row: dict, *, style: str = "alpaca", use_enriched: bool = True) -> Example:
-    """An enriched output row (input = enriched input) or a raw record row -> prompt and response.
+def training_example(row: dict, *, style: str = "alpaca", captions: str = "auto") -> Example:
+    """An enriched output row or a raw record row -> the exact prompt (`caslie_core.render`) and response.
 
-    `use_enriched=False` trains on the original text (the text-only baseline of the paper's ablations).
-    """
-    if not use_enriched and row.get("original_input") is not None:
-        input_value, options = row.get("original_input"), row.get("original_options")
-    else:
-        input_value, options = row.get("input"), row.get("options")
-    prompt = instruction_prompt(
-        row.get("instruction") or "", json_or_text(input_value), json_or_text(options), style=style
-    )
+    `captions`: kept | all | none (see `render`), or auto = kept for enrichment output, none for raw records."""
+    mode = captions if captions != "auto" else ("kept" if is_enriched(row) else "none")
     return Example(
         id=str(row.get("id")),
         task=str(row.get("task")),
         split=str(row.get("split")),
-        prompt=prompt,
+        prompt=row_prompt(row, style=style, captions=mode),
         response=str(row.get("output") or "").strip(),
     )
 
@@ -122,7 +116,7 @@ def trainable(status, split, task, *, want_split: str, names: list[str] | None) 
 
 
 def tokenize_batch(
-    batch, *, tokenizer: str, style: str, use_enriched: bool, max_length: int, split: str, task_names: list[str] | None
+    batch, *, tokenizer: str, style: str, captions: str, max_length: int, split: str, task_names: list[str] | None
 ):
     """Filter one Arrow batch of enriched (or record) rows to a split and tokenize it."""
     import pyarrow as pa
@@ -134,7 +128,7 @@ def tokenize_batch(
             row.get("status", "ok"), row.get("split"), row.get("task"), want_split=split, names=task_names
         ):
             continue
-        ex = training_example(row, style=style, use_enriched=use_enriched)
+        ex = training_example(row, style=style, captions=captions)
         x, y, cut = tokenize_example(tok, ex.prompt, ex.response, max_length)
         ids.append(ex.id)
         inputs.append(x)

@@ -140,6 +140,8 @@ def test_numbers_equal_caslie_score_on_the_written_predictions(evaluated):
                     == 0
                 )
             cli = json.loads(buf.getvalue())
+            assert list(cli) == [split]
+            cli = cli[split]
             ours = results["scores"][variant][split]
             assert set(cli) == set(ours)
             for abbr in cli:

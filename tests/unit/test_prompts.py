@@ -82,15 +82,17 @@ def test_clean_caption():
 
 
 def test_instruction_prompt_styles_and_extraction():
+    """The structure in brief; `test_prompts_golden.py` holds the byte-for-byte checks against the research code."""
     alpaca = prompts.instruction_prompt("Pick.", {"title": "x"}, ["A: a", "B: b"])
     assert "### Instruction:\nPick." in alpaca and '### Input:\n{"title": "x"}' in alpaca
     assert '### Options:\n["A: a", "B: b"]' in alpaca and alpaca.endswith("### Response:\n")
-    no_opts = prompts.instruction_prompt("Pick.", '{"q": 1}', "[]")
-    assert "### Options" not in no_opts
+    assert "### Options:\n[]" in prompts.instruction_prompt("Pick.", '{"q": 1}', "[]")  # as the research code
+    assert "### Options" not in prompts.instruction_prompt("Pick.", '{"q": 1}', None)
     mistral = prompts.instruction_prompt("Pick.", {"title": "x"}, [], style="mistral")
-    assert mistral.startswith("[INST] ") and mistral.endswith("[/INST]")
-    assert prompts.extract_response(alpaca + " B\n") == "B"
-    assert prompts.extract_response(mistral + " yes") == "yes"
+    assert mistral.startswith("[INST] ") and mistral.endswith("\n\n [/INST] ### Response:\n")
+    assert prompts.extract_response(" B\n") == "B"
+    assert prompts.extract_response(alpaca + " B\n", prompt=alpaca) == "B"
+    assert prompts.extract_response(" yes [/INST] ### Response: no", "mistral") == "yes"
     with pytest.raises(ValueError, match="alpaca, mistral"):
         prompts.instruction_prompt("x", {}, [], style="chatml")
     assert prompts.default_style_for("mistralai/Mistral-7B-Instruct-v0.3") == "mistral"

@@ -125,3 +125,24 @@ def test_paper_evaluate_configs_use_the_method_decoding(size):
     assert cfg.generation.max_new_tokens == 100 and cfg.pool.num_gpus >= 1
     assert cfg.model.path.endswith(f"caslie-{size}") and cfg.ablations == ["kept", "none", "all"]
     assert cfg.data.splits == ["test", "ood_test"]
+
+
+def test_the_research_cqe_preset_sets_the_judges_and_refuses_conflicts():
+    from caslie_core.config import EnrichConfig, load_config
+    from caslie_core.errors import ConfigError
+    from caslie_core.models.judge import RESEARCH_SYSTEM
+
+    paper = load_config(EnrichConfig, ROOT / "configs" / "enrich-mmecinstruct.yaml", [])
+    assert paper.cqe.vote == "research"
+    assert [(j.mode, j.reply, j.max_new_tokens) for j in paper.judges] == [("generate", "research", 16)] * 5
+    # the research code asks the vision judge without a system message; the config keeps that
+    assert [j.system_message for j in paper.judges] == [RESEARCH_SYSTEM] * 2 + [None] + [RESEARCH_SYSTEM] * 2
+    demo = ROOT / "configs" / "enrich-demo.yaml"  # its judges pin logits and 4 new tokens
+    with pytest.raises(ConfigError) as e:
+        load_config(EnrichConfig, demo, ["cqe.vote=research"])
+    text = str(e.value)
+    assert "judges.0.mode='logits'" in text and "judges.1.max_new_tokens=4" in text and "cqe.vote=strict" in text
+    with pytest.raises(ConfigError, match="captioner.model is required"):
+        load_config(EnrichConfig, demo, ["captioner.model=null"])
+    released = load_config(EnrichConfig, ROOT / "configs" / "enrich-mmecinstruct-released.yaml", [])
+    assert released.captioner.source == "record" and released.captioner.model is None

@@ -18,7 +18,7 @@ def _enriched_row(task="category_classification"):
         "split": "test",
         "status": "ok",
         "instruction": "Pick the category.",
-        "input": json.dumps({"title": "Acme red kettle", "product information extracted from image": "kept cap"}),
+        "input": json.dumps({"title": "Acme red kettle", "product information extracted from image": None}),
         "options": json.dumps(["A: Electronics", "B: Kitchen"]),
         "output": "B",
         "original_input": json.dumps({"title": "Acme red kettle"}),
@@ -31,11 +31,18 @@ def _enriched_row(task="category_classification"):
 def test_ablation_prompts():
     row = _enriched_row()
     kept, none, every = (A.variant_prompt(row, v, style="alpaca") for v in ("kept", "none", "all"))
-    assert "kept cap" in kept and "extracted from image" in kept
-    assert "extracted from image" not in none and "Acme red kettle" in none
-    assert "rejected cap" in every  # all captions, no voting
-    with pytest.raises(ValueError, match="needs enriched records"):
-        A.variant_prompt({"id": "r", "task": "CC", "input": "{}", "options": "[]"}, "kept", style="alpaca")
+    key = '"product information extracted from image"'
+    assert f"{key}: null" in kept and "rejected cap" not in kept  # the judges rejected it
+    assert f"{key}: null" in none and "Acme red kettle" in none
+    assert f'{key}: "rejected cap"' in every  # all captions, no voting
+    accepted = {**row, "image_results": json.dumps([{"index": 0, "caption": "kept cap", "kept": True}])}
+    assert f'{key}: "kept cap"' in A.variant_prompt(accepted, "kept", style="alpaca")
+    with pytest.raises(A.RenderError, match="needs the judges' votes"):
+        A.variant_prompt(
+            {"id": "r", "task": "CC", "input": '{"title": "t"}', "options": "[]", "caption_info": '["c"]'},
+            "kept",
+            style="alpaca",
+        )
 
 
 @pytest.mark.parametrize(

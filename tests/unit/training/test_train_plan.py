@@ -72,14 +72,14 @@ def test_failed_rows_are_skipped_and_counted_partial_ones_train(enriched, tmp_pa
     assert plan.eval.usable == 2 and plan.n_train == 9
     table = pq.read_table(plan.enriched_files[0])
     out = tokenize_batch(
-        table, tokenizer="tiny:lm", style="alpaca", use_enriched=True, max_length=128, split="train", task_names=None
+        table, tokenizer="tiny:lm", style="alpaca", captions="auto", max_length=128, split="train", task_names=None
     )
     assert sorted(out.column("id").to_pylist()) == sorted(
         [f"r{i}" for i in range(6)] + [f"r{10 + i}" for i in range(3)]
     )
     assert not any(out.column("truncated").to_pylist())
     short = tokenize_batch(
-        table, tokenizer="tiny:lm", style="alpaca", use_enriched=True, max_length=24, split="train", task_names=None
+        table, tokenizer="tiny:lm", style="alpaca", captions="auto", max_length=24, split="train", task_names=None
     )
     assert all(short.column("truncated").to_pylist()) and max(short.column("n_tokens").to_pylist()) == 24
 
@@ -176,12 +176,14 @@ def test_an_old_config_file_with_data_path_still_loads_and_an_explicit_input_pat
         assert load_config(TrainConfig, tmp_path / "old.yaml", ["input.path=/new"]).input.path == "/new"
 
 
-def test_the_default_run_name_did_not_change_with_the_input_path_rename():
-    """Runs started before the rename resume after it: the name was hashed with data.path."""
+def test_the_default_run_name_is_stable():
+    """The default run name (which a rerun resumes) changes only when what is trained changes. It changed
+    on purpose with `data.captions` (replacing `use_enriched`): the prompts became the research code's
+    rendering, and a run started on the old prompts must not be resumed on the new ones."""
     from caslie_core.config import TrainConfig, load_config
     from caslie_core.training.plan import run_name
 
-    assert run_name(load_config(TrainConfig, ROOT / "configs" / "train-demo.yaml")) == "caslie-train-b3b0b4d06e"
+    assert run_name(load_config(TrainConfig, ROOT / "configs" / "train-demo.yaml")) == "caslie-train-dcc220df78"
 
 
 def test_default_run_name_follows_the_settings_that_matter(enriched, tmp_path):

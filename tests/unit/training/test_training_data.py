@@ -49,7 +49,7 @@ def test_truncation_keeps_head_marker_and_answer(tok):
     assert ids[1:5] == full[:4]  # so does the head (after BOS)
 
 
-def test_enriched_rows_use_enriched_input_unless_asked(tok):
+def test_rows_render_their_captions_as_asked(tok):
     row = {
         "id": "x",
         "task": "SA",
@@ -58,11 +58,21 @@ def test_enriched_rows_use_enriched_input_unless_asked(tok):
         "output": "A",
         "input": json.dumps({"review": "r", "product information extracted from image": "cap"}),
         "options": "[]",
+        "images": json.dumps(["http://x/1.png"]),
         "original_input": json.dumps({"review": "r"}),
         "original_options": "[]",
+        "image_results": [{"index": 0, "caption": "cap", "kept": True}],
     }
-    assert "extracted from image" in T.training_example(row).prompt
-    assert "extracted from image" not in T.training_example(row, use_enriched=False).prompt
+    key = '"product information extracted from image"'
+    assert f'{key}: "cap"' in T.training_example(row).prompt  # auto = kept for enrichment output
+    assert f"{key}: null" in T.training_example(row, captions="none").prompt
+    rejected = {**row, "image_results": [{"index": 0, "caption": "cap", "kept": False}]}
+    assert f"{key}: null" in T.training_example(rejected).prompt
+    assert f'{key}: "cap"' in T.training_example(rejected, captions="all").prompt
+    raw = {k: row[k] for k in ("id", "task", "split", "instruction", "output", "options", "images")}
+    raw |= {"input": json.dumps({"review": "r"}), "caption_info": json.dumps(["released cap"])}
+    assert f"{key}: null" in T.training_example(raw).prompt  # auto = none for raw records
+    assert f'{key}: "released cap"' in T.training_example(raw, captions="all").prompt
 
 
 def test_collate_pads_right_and_masks(tok):
