@@ -190,16 +190,6 @@ def instruction_prompt(instruction: str, input_value, options, *, style: str = "
     return body + tail
 
 
-def record_prompt(record: Record, *, style: str = "alpaca", input_value=None, options=None) -> str:
-    """Instruction prompt for a record, optionally with an enriched input/options in place of its own."""
-    return instruction_prompt(
-        record.instruction,
-        record.input if input_value is None else input_value,
-        record.options if options is None else options,
-        style=style,
-    )
-
-
 def response_marker(style: str) -> str:
     return _TEMPLATES[style][2]
 
@@ -249,7 +239,6 @@ __all__ = [
     "judge_question",
     "clean_caption",
     "instruction_prompt",
-    "record_prompt",
     "extract_response",
     "response_marker",
     "serialise",

@@ -273,6 +273,17 @@ def parse_record(raw: Any, *, source: str | None = None, row: int | None = None)
     )
 
 
+def caption_list(info: Any) -> list[str | None] | None:
+    """A record's `caption_info` (JSON text or a list; captions aligned with `images`, as the released data
+    carries them) as a list of captions; None when absent. Raises ValueError when it is not a JSON list."""
+    if info is None:
+        return None
+    captions = json_or_text(info)
+    if not isinstance(captions, list):
+        raise ValueError("caption_info is not a JSON list")
+    return [None if c is None else str(c) for c in captions]
+
+
 def json_or_text(value: Any) -> Any:
     """A JSON string parsed, any other value (or non-JSON text) as it is."""
     if isinstance(value, str):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .enrichment.assemble import assemble
 from .prompts import instruction_prompt
-from .records import Record, json_or_text
+from .records import Record, caption_list, json_or_text
 
 CAPTION_MODES = ("kept", "all", "none")
 
@@ -57,13 +57,10 @@ def row_captions(row: dict) -> tuple[list[str | None] | None, list[bool] | None]
     if is_enriched(row):
         results = sorted(_loads(row["image_results"], []), key=lambda r: r["index"])
         return [r.get("caption") for r in results], [bool(r.get("kept")) for r in results]
-    info = row.get("caption_info")
-    if info is None:
-        return None, None
-    captions = _loads(info, None)
-    if not isinstance(captions, list):
-        raise RenderError(row.get("id"), "caption_info is not a JSON list")
-    return [None if c is None else str(c) for c in captions], None
+    try:
+        return caption_list(row.get("caption_info")), None
+    except ValueError as e:
+        raise RenderError(row.get("id"), str(e)) from None
 
 
 def row_text(row: dict, captions: str = "kept") -> tuple:
@@ -71,10 +68,10 @@ def row_text(row: dict, captions: str = "kept") -> tuple:
     if captions not in CAPTION_MODES:
         raise ValueError(f"unknown caption mode {captions!r}; valid: {', '.join(CAPTION_MODES)}")
     record = row_record(row)
-    texts, kept = row_captions(row)
     n = record.spec.expected_images(record.input, record.options)
-    if captions == "none":
-        return _assembled(record, [None] * n, [False] * n)
+    if captions == "none":  # no caption is read: every one is rendered as rejected
+        return _assembled(record, n, [None] * n, [False] * n)
+    texts, kept = row_captions(row)
     if texts is None:
         raise RenderError(
             record.id,
@@ -88,12 +85,11 @@ def row_text(row: dict, captions: str = "kept") -> tuple:
                 "captions='kept' needs the judges' votes, and a raw record's caption_info has none: judge "
                 "them (caslie enrich with captioner.source: record), or use 'all' or 'none'",
             )
-        return _assembled(record, texts, kept)
-    return _assembled(record, texts, [c is not None for c in texts])
+        return _assembled(record, n, texts, kept)
+    return _assembled(record, n, texts, [c is not None for c in texts])
 
 
-def _assembled(record: Record, captions: list, kept: list) -> tuple:
-    n = record.spec.expected_images(record.input, record.options)
+def _assembled(record: Record, n: int, captions: list, kept: list) -> tuple:
     if len(captions) != n or len(kept) != n:
         raise RenderError(
             record.id, f"{len(captions)} caption(s) for {n} image(s) (caption_info must align with images)"

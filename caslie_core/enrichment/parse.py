@@ -15,7 +15,7 @@ from ..images import digest
 from ..items import ImageSlot, Item, input_to_arrow
 from ..models.batching import error_text
 from ..prompts import caption_request, judge_template
-from ..records import Reject, parse_record, raw_id
+from ..records import Reject, caption_list, parse_record, raw_id
 
 
 def parse_items(
@@ -134,16 +134,14 @@ def _item(rec) -> Item:
 
 
 def _record_captions(item: Item, info: Any) -> None:
-    """Each image's caption from the record's `caption_info` (a JSON list aligned with `images`), as the
-    released data carries them; an image without one fails at stage `caption`, saying so."""
-    captions = info
-    if isinstance(info, str):
-        try:
-            captions = json.loads(info)
-        except ValueError:
-            captions = None
-    if not isinstance(captions, list):
-        why = "the record has no caption_info" if info is None else "caption_info is not a JSON list"
+    """Each image's caption from the record's `caption_info`; an image without one fails at stage `caption`."""
+    try:
+        captions = caption_list(info)
+    except ValueError as e:
+        captions, why = None, str(e)
+    else:
+        why = "the record has no caption_info"
+    if captions is None:
         for s in item.images:
             s.fail("caption", f"captioner.source is record, but {why}")
         return
@@ -154,4 +152,4 @@ def _record_captions(item: Item, info: Any) -> None:
                 "caption", f"caption_info has no caption for image {s.index} ({len(captions)} for {len(item.images)})"
             )
         else:
-            s.caption = str(c)
+            s.caption = c

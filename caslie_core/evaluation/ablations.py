@@ -5,7 +5,7 @@ enrichment (or that cannot be rendered in an ablation) counted with the reason. 
 from __future__ import annotations
 
 from ..records import split_or_none
-from ..render import CAPTION_MODES, RenderError, is_enriched, row_prompt, row_text  # noqa: F401 - re-exported
+from ..render import CAPTION_MODES, RenderError, row_prompt  # noqa: F401 - RenderError: what variant_prompt raises
 from ..tasks import get_task
 
 VARIANTS = {
@@ -14,11 +14,6 @@ VARIANTS = {
     "all": "all captions (no voting)",
 }
 assert set(VARIANTS) == set(CAPTION_MODES)
-
-
-def variant_input(row: dict, variant: str) -> tuple:
-    """(input, options) of one evaluation variant for an enriched output row or a raw record row."""
-    return row_text(row, variant)
 
 
 def variant_prompt(row: dict, variant: str, *, style: str) -> str:

@@ -202,3 +202,21 @@ def test_a_deferred_stage_loads_its_model_only_when_a_row_arrives():
     assert built == [1]  # built once
     Deferred(make)
     assert built == [1, 1]  # eager by default: a fresh run loads while the first batches are fetched
+
+
+def test_finalize_keeps_captions_by_the_configured_vote_rule():
+    """Ballots yes, yes, not, not, not: strict keeps (2 yes, 0 no); the research rule does not ("not" wins).
+    The rule reaches finalize through the provenance (`cqe_vote`), as the job passes it."""
+    from caslie_core.items import ImageSlot, Item, items_to_table
+
+    def item():
+        slot = ImageSlot(0, "u", caption="a red kettle")
+        slot.votes = dict(zip("abcde", ["yes", "yes", "not", "not", "not"]))
+        return Item("x", task="category_classification", instruction="i", input={"title": "t"}, images=[slot])
+
+    key = "product information extracted from image"
+    strict = stages.finalize(items_to_table([item()]), provenance={"cqe_vote": "strict"})[0]
+    research = stages.finalize(items_to_table([item()]), provenance={"cqe_vote": "research"})[0]
+    assert strict["image_results"][0]["kept"] and json.loads(strict["input"])[key] == "a red kettle"
+    assert not research["image_results"][0]["kept"] and json.loads(research["input"])[key] is None
+    assert research["n_kept"] == 0 and strict["n_kept"] == 1
