@@ -12,7 +12,6 @@ output resumes: records already written are skipped.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
@@ -28,8 +27,9 @@ from caslie_core.images import FetchPolicy
 from caslie_core.io import ledger, store
 from caslie_core.io.sources import raw_texts, reading_plan
 
-from .actors import CaptionCacheClient, actor_id, best_effort_get, driver_actor
+from .actors import best_effort_get, driver_actor
 from .common import configure_data_context, init_ray, job_entry, job_main, log
+from .enrich_actors import CaptionActor, JudgeActor, ModelsActor
 
 
 def read_raw(cfg: EnrichConfig):
@@ -70,25 +70,6 @@ def prepare_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels
     )
 
 
-def _caption_stage(captioner: dict, size: int, cache, wait_s: float, factory):
-    from caslie_core.config import CaptionerConfig
-    from caslie_core.models.captioner import Captioner
-
-    model = factory() if factory else Captioner.from_config(CaptionerConfig.model_validate(captioner))
-    client = CaptionCacheClient(*cache) if cache else None
-    return stages.CaptionStage(model, size, client, owner=actor_id(), wait_s=wait_s)
-
-
-class CaptionActor(stages.Deferred):  # `lazy` on a resume: a finished catalog never loads a model
-    def __init__(self, captioner: dict, size: int, cache, wait_s: float, factory=None, lazy=False) -> None:
-        super().__init__(functools.partial(_caption_stage, captioner, size, cache, wait_s, factory), lazy=lazy)
-
-
-class JudgeActor(stages.Deferred):
-    def __init__(self, judge: dict, factory=None, lazy=False) -> None:
-        super().__init__(functools.partial(stages.judge_stage, judge, factory), lazy=lazy)
-
-
 COUNTS = pa.schema([("counts", pa.string())])
 
 
@@ -119,36 +100,27 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id
             captions_from_record=cfg.captioner.source == "record",
         ),
     )
-    cp = cfg.captioner.pool
-    ds = (
-        ds
-        if cfg.captioner.source == "record"
-        else ds.map_batches(
-            CaptionActor,
-            batch_format="pyarrow",
-            batch_size=cp.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=cp.min_size, max_size=cp.max_size),
-            num_gpus=cp.num_gpus,
-            num_cpus=cp.num_cpus,
-            fn_constructor_kwargs=dict(
-                captioner=cfg.captioner.model_dump(),
-                size=size,
-                cache=cache,
-                wait_s=cfg.dedup.claim_ttl_s,
-                factory=factories.get("captioner"),
-                lazy=lazy,
-            ),
+    cp, captioning = cfg.captioner.pool, cfg.captioner.source == "model"
+    caption = dict(captioner=cfg.captioner.model_dump(), size=size, cache=cache, wait_s=cfg.dedup.claim_ttl_s)
+    pools = []  # (actor class, pool, constructor kwargs)
+    if cfg.model_pools == "shared":
+        judges = [j.model_dump() for j in cfg.judges]
+        pools.append(
+            (ModelsActor, cp, dict(caption=caption if captioning else None, judges=judges, factories=factories))
         )
-    )
-    for j in cfg.judges:
+    else:
+        if captioning:
+            pools.append((CaptionActor, cp, dict(caption, factory=factories.get("captioner"))))
+        pools += [(JudgeActor, j.pool, dict(judge=j.model_dump(), factory=factories.get(j.name))) for j in cfg.judges]
+    for actor, pool, kwargs in pools:
         ds = ds.map_batches(
-            JudgeActor,
+            actor,
             batch_format="pyarrow",
-            batch_size=j.pool.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=j.pool.min_size, max_size=j.pool.max_size),
-            num_gpus=j.pool.num_gpus,
-            num_cpus=j.pool.num_cpus,
-            fn_constructor_kwargs=dict(judge=j.model_dump(), factory=factories.get(j.name), lazy=lazy),
+            batch_size=pool.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+            num_gpus=pool.num_gpus,
+            num_cpus=pool.num_cpus,
+            fn_constructor_kwargs=dict(kwargs, lazy=lazy),
         )
     return ds.map_batches(
         write_batch,

@@ -90,6 +90,13 @@ class EnrichConfig(StrictModel):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="caption de-duplication")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="error-rate limit")
     ray: RayConfig = Field(default_factory=RayConfig, description="cluster connection")
+    model_pools: Literal["split", "shared"] = Field(
+        "split",
+        description="split: a captioner pool and a pool per judge, overlapping on a batch stream (GPUs: each "
+        "model on its own devices); shared: one pool, sized by captioner.pool, whose actors hold the captioner "
+        "and every judge and run them in turn on each batch (one GPU, or a few CPU cores where processes would "
+        "fight over them; the judges' pool settings are then unused, with a warning)",
+    )
     records_per_batch: int = Field(
         16, ge=1, description="records per fetch+decode task (its images are fetched at once)"
     )
@@ -111,6 +118,20 @@ class EnrichConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"judge names must be unique; repeated: {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_pool(self):
+        """A shipped config's judge pools stay valid under `--set model_pools=shared`; they are said to be unused."""
+        unused = [f"judges.{i}.pool" for i, j in enumerate(self.judges) if "pool" in j.model_fields_set]
+        if self.model_pools == "shared" and unused:
+            import warnings
+
+            warnings.warn(
+                f"model_pools=shared runs every judge in the captioner's pool: {', '.join(unused)} not used "
+                "(size captioner.pool instead)",
+                stacklevel=2,
+            )
         return self
 
     @model_validator(mode="after")

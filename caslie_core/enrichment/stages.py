@@ -121,6 +121,19 @@ class Deferred:
         return self.stage(batch)
 
 
+class Chain:
+    """Model stages run in turn on each batch in one process (`model_pools: shared`): the captioner and every
+    judge in one actor, as the batched loop runs them, with no hop between pools."""
+
+    def __init__(self, stages: list[Callable]) -> None:
+        self.stages = stages
+
+    def __call__(self, table):
+        for stage in self.stages:
+            table = stage(table)
+        return table
+
+
 def _fail_rows(table, failures: dict[int, dict]):
     """Mark rows failed (`failures`: position -> error) in an Arrow batch."""
     import pyarrow as pa

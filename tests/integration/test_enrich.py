@@ -255,6 +255,12 @@ def test_drop_duplicates_keeps_one_row_per_id(tmp_path):
     assert ledger.drop_duplicates(str(tmp_path / "out")) == (0, {})
 
 
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def _raises_on(prompt_part: str):
     """A fake captioner (importable by the workers: `fakes`) that raises when a batch holds a chosen request."""
     import functools
@@ -264,7 +270,9 @@ def _raises_on(prompt_part: str):
     return functools.partial(FakeCaptioner, raise_on=lambda image, prompt: prompt_part in prompt)
 
 
-def test_a_model_that_raises_on_one_item_fails_that_image_and_nothing_else(ray_session, tmp_path):
+@pytest.mark.parametrize("pools", ["split", "shared"])
+def test_a_model_that_raises_on_one_item_fails_that_image_and_nothing_else(ray_session, tmp_path, pools):
+    """In split pools and in one shared pool (captioner and judges in one actor) alike."""
     import functools
 
     from fakes import FakeJudge
@@ -274,8 +282,10 @@ def test_a_model_that_raises_on_one_item_fails_that_image_and_nothing_else(ray_s
     victim = next(r for r in rows if r["task"] == "sentiment_analysis")
     review = json.loads(victim["input"])["review"]
     out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="judges.0.pool, judges.1.pool not used") if pools == "shared" else _nothing():
+        cfg = config(m["jsonl"], out, f"model_pools={pools}")
     summary = enrich.run(
-        config(m["jsonl"], out),
+        cfg,
         factories={
             "captioner": _raises_on(review),
             "judge_logits": FakeJudge,
