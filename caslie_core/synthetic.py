@@ -234,22 +234,7 @@ def write_catalog(
                 "images": json.dumps(urls),
             }
         )
-    broken = []
-    kinds = ["truncated", "not_an_image", "missing"]
-    for k in range(min(broken_images, len(rows))):
-        row = rows[(k * 7 + 3) % len(rows)]
-        urls = json.loads(row["images"])
-        kind = kinds[k % len(kinds)]
-        name = urls[0].rsplit("/", 1)[1]
-        path = img_dir / name
-        if kind == "truncated":
-            data = path.read_bytes()
-            path.write_bytes(data[: max(16, len(data) // 3)])
-        elif kind == "not_an_image":
-            path.write_bytes(b"<html>this is not an image</html>")
-        else:
-            path.unlink()
-        broken.append({"id": row["id"], "image": urls[0], "kind": kind})
+    broken = break_images(rows, img_dir, broken_images)
     with open(out / "records.jsonl", "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
@@ -268,6 +253,27 @@ def write_catalog(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def break_images(rows: list[dict], img_dir: Path, count: int) -> list[dict]:
+    """Break the first image of `count` records on purpose (truncated, not an image, missing); say which."""
+    broken = []
+    kinds = ["truncated", "not_an_image", "missing"]
+    for k in range(min(count, len(rows))):
+        row = rows[(k * 7 + 3) % len(rows)]
+        urls = json.loads(row["images"])
+        kind = kinds[k % len(kinds)]
+        name = urls[0].rsplit("/", 1)[1]
+        path = img_dir / name
+        if kind == "truncated":
+            data = path.read_bytes()
+            path.write_bytes(data[: max(16, len(data) // 3)])
+        elif kind == "not_an_image":
+            path.write_bytes(b"<html>this is not an image</html>")
+        else:
+            path.unlink()
+        broken.append({"id": row["id"], "image": urls[0], "kind": kind})
+    return broken
 
 
 def corpus(n: int = 400, seed: int = 1) -> list[str]:

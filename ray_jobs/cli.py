@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every stage that exists on the embedded default, offline.",
     )
     p.add_argument("--workdir", default="demo-out", help="folder for all demo outputs (default: demo-out)")
-    p.add_argument("--records", type=int, default=140, help="synthetic records to generate (default: 140)")
+    p.add_argument("--records", type=int, default=1050, help="synthetic records to generate (default: 1050)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs on the terminal")
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "tiny-models",
-        help="build the tiny offline models (tokenizer, LLaVA captioner, Llama LM)",
+        help="build the tiny offline models (tokenizer, LLaVA captioner, Llama LM; the trained world captioner and judge)",
         description="Build the tiny offline models under DIR.",
     )
     p.add_argument("dir", help="output folder")
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated task abbreviations (default: all 7)")
     p.add_argument("--broken-images", type=int, default=0, help="how many images to break on purpose")
     p.add_argument("--base-url", default=None, help="URL prefix for images instead of local paths")
+    p.add_argument(
+        "--catalog",
+        choices=["v2", "v1"],
+        default="v2",
+        help="v2: labels of CC/MPC/PSI live in the pictures (the demo's world); v1: every label in the text",
+    )
 
     p = sub.add_parser(
         "validate",
@@ -123,19 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_tiny_models(args) -> int:
     from caslie_core.models.tiny import build_tiny_models
+    from caslie_core.world.models import build_world_models
 
-    print(json.dumps(build_tiny_models(args.dir, seed=args.seed), indent=2))
+    paths = build_tiny_models(args.dir, seed=args.seed)  # the trained world models next to the random ones
+    print(json.dumps({**paths, **build_world_models(f"{args.dir}/world", seed=args.seed, tiny=paths)}, indent=2))
     return 0
 
 
 def _cmd_synth(args) -> int:
     from caslie_core.synthetic import write_catalog
+    from caslie_core.world.catalog import write_world_catalog
 
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
-    manifest = write_catalog(
+    write = write_world_catalog if args.catalog == "v2" else write_catalog
+    manifest = write(
         args.dir, args.records, seed=args.seed, tasks=tasks, broken_images=args.broken_images, base_url=args.base_url
     )
-    manifest.pop("rules")
+    manifest.pop("rules", None), manifest.pop("true_captions", None)  # both are in manifest.json
     print(json.dumps(manifest, indent=2))
     return 0
 

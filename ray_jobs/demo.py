@@ -12,7 +12,7 @@ from .common import log, verbose_mode
 STAGES = ("catalog", "enrich", "train", "evaluate", "serve")
 
 
-def run_demo(workdir: str, *, records: int = 140, seed: int = 0) -> dict:
+def run_demo(workdir: str, *, records: int = 1050, seed: int = 0) -> dict:
     """Run every stage on the embedded default; write `workdir/summary.json`.
 
     Each stage's section has the same shape: `output` (its folder, or None), `files` (what is in it worth
@@ -85,12 +85,13 @@ def _section(output: Path | None, config: str, command: str, figures: dict, head
 
 
 def _catalog(work: Path, records: int, seed: int) -> dict:
-    from caslie_core.synthetic import write_catalog
+    from caslie_core.world.catalog import write_world_catalog
 
-    m = write_catalog(work / "catalog", records, seed=seed, broken_images=max(3, records // 40))
+    m = write_world_catalog(work / "catalog", records, seed=seed, broken_images=max(3, records // 175))
     headline = (
-        f"synthetic catalog: {m['records']} records, {m['images']} images "
-        f"({len(m['broken_images'])} broken on purpose) in {work / 'catalog'}"
+        f"synthetic catalog v2: {m['records']} records, {m['images']} images ({m['uninformative_images']} "
+        f"uninformative, {len(m['broken_images'])} broken on purpose); CC, MPC and PSI are decided by the "
+        f"pictures only; {m['test_records_per_task']} test records per task"
     )
     return _section(
         work / "catalog",
@@ -100,7 +101,9 @@ def _catalog(work: Path, records: int, seed: int) -> dict:
             "records": m["records"],
             "images": m["images"],
             "broken_images": len(m["broken_images"]),
+            "uninformative_images": m["uninformative_images"],
             "splits": m["splits"],
+            "test_records_per_task": m["test_records_per_task"],
         },
         records=work / "catalog" / "records.jsonl",
         manifest=work / "catalog" / "manifest.json",
@@ -134,12 +137,13 @@ def _enrich(work: Path) -> dict:
             "ok": s["ok"],
             "partial": s["partial"],
             "failed": s["failed"],
-            "kept_share_per_task": s["kept_share_per_task"],
+            "kept_share": s["kept_share"],
             "errors_per_stage": s["errors_per_stage"],
         },
         records=s["records_path"],
+        report=s.get("report", "(not written: see the log)"),
         summary=work / "enriched" / "summary.json",
-        headline=f"{s['records']} records: {s['ok']} ok, {s['partial']} partial, {s['failed']} failed; kept share per task {s['kept_share_per_task']}",
+        headline=f"{s['records']} records: {s['ok']} ok, {s['partial']} partial, {s['failed']} failed; kept share per task {s['kept_share']}",
     )
 
 
@@ -187,6 +191,7 @@ def _evaluate(work: Path) -> dict:
         [f"model.path={work / 'model'}", f"input.path={work / 'enriched'}", f"output.path={work / 'evaluation'}"],
     )
     s = evaluate.run(cfg)
+    effect = caption_effect(json.loads(Path(s["results"]["json"]).read_text())["scores"])
     return _section(
         work / "evaluation",
         config,
@@ -196,13 +201,22 @@ def _evaluate(work: Path) -> dict:
             "invalid": s["invalid"],
             "not_evaluated": s["not_evaluated"],
             "prompts_per_second": s["prompts_per_second"],
+            "kept_minus_none": effect,
         },
         table=s["results"]["markdown"],
         chart=s["results"]["chart"],
         results=s["results"]["json"],
         summary=work / "evaluation" / "summary.json",
-        headline=f"{s['prompts']} prompts, {s['invalid']} invalid answers; table {s['results']['markdown']}",
+        headline=f"{s['prompts']} prompts, {s['invalid']} invalid answers; kept captions minus none (test split): "
+        + ", ".join(f"{a} {d:+.3f}" for a, d in effect.items())
+        + f"; table {s['results']['markdown']}",
     )
+
+
+def caption_effect(scores: dict, split: str = "test") -> dict:
+    """Per task, the primary metric with kept captions minus without any (what the captions bring)."""
+    kept, none = scores.get("kept", {}).get(split, {}), scores.get("none", {}).get(split, {})
+    return {a: round(kept[a]["score"] - none[a]["score"], 3) for a in kept if a in none}
 
 
 def _free_port(preferred: int) -> int:
@@ -229,11 +243,9 @@ def _serve(work: Path) -> dict:
 
     cfg = load_job_config("serve", ROOT / "configs" / "serve-demo.yaml", [f"model.path={work / 'model'}"])
     cfg.http.port = _free_port(cfg.http.port)
-    rec = next(
-        r
-        for r in map(json.loads, (work / "catalog" / "records.jsonl").read_text().splitlines())
-        if r["split"] == "test" and len(json.loads(r["images"])) == 1
-    )
+    records = [json.loads(line) for line in (work / "catalog" / "records.jsonl").read_text().splitlines()]
+    single = [r for r in records if r["split"] == "test" and len(json.loads(r["images"])) == 1]
+    rec = next((r for r in single if r["task"] == "category_classification"), single[0])  # a picture decides CC
     image = Path(json.loads(rec["images"])[0])
     body = {k: rec[k] for k in ("id", "task", "instruction", "input", "options")}
     body["images"] = ["data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()]

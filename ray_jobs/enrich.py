@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from caslie_core.config import EnrichConfig, config_hash, write_resolved
 from caslie_core.enrichment import pipeline, stages
+from caslie_core.enrichment import report as enrich_report
 from caslie_core.enrichment.cache import ClaimTable
 from caslie_core.errors import CaslieError, EngineError, find_error
 from caslie_core.images import FetchPolicy
@@ -201,12 +202,19 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
             chash=chash,
             run_id=run_id,
         )
+        if cfg.output.report_per_task:  # a page to look at; a report that cannot be written never fails the job
+            summary["report"] = cfg.output.path.rstrip("/") + "/report.html"
+            try:
+                enrich_report.write_report(out, summary, cfg.fetch.policy(), per_task=cfg.output.report_per_task)
+            except Exception as e:  # noqa: BLE001
+                log.warning(f"[enrich] report.html not written: {type(e).__name__}: {e}")
+                summary.pop("report")
         with fsspec.open(cfg.output.path.rstrip("/") + "/summary.json", "wt") as fh:
             json.dump(summary, fh, indent=2)
         log.info(
             f"[enrich] {summary['records']} records: {summary['ok']} ok, {summary['partial']} partial, "
             f"{summary['failed']} failed; {summary['images_per_second']} images/s; "
-            f"output {cfg.output.path}"
+            f"output {cfg.output.path}" + (f"; report {summary['report']}" if "report" in summary else "")
         )
         return summary
     finally:

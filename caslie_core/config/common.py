@@ -75,6 +75,12 @@ class OutputConfig(StrictModel):
         description="records per write task (one Parquet part per task partition); fewer, bigger parts "
         "resume and list faster, smaller ones lose less work when a job is killed",
     )
+    report_per_task: int = Field(
+        8,
+        ge=0,
+        description="records per task shown in report.html (pictures, requests, captions, votes; read from the "
+        "first parts of the output); 0 writes no report",
+    )
 
 
 class PoolConfig(StrictModel):

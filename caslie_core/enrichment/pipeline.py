@@ -112,7 +112,7 @@ def summary_counts(t: dict) -> dict:
         "errors_per_stage": t.get("errors_per_stage", {}),
         "images_per_task": images,
         "captions_kept_per_task": kept,
-        "kept_share_per_task": {k: round(kept.get(k, 0) / n, 4) for k, n in images.items() if n},
+        "kept_share": {k: round(kept.get(k, 0) / n, 4) for k, n in images.items() if n},
     }
 
 

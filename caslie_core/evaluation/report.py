@@ -33,6 +33,36 @@ PAPER_RESULTS = {
 }
 
 
+# Share of captions kept by CQE in the paper (method page, section 4: "caption used %"), IND AP..SR.
+PAPER_KEPT_SHARE = {"AP": 0.621, "CC": 0.623, "PRP": 0.505, "PSI": 0.785, "MPC": 0.720, "SA": 0.568, "SR": 0.303}
+
+
+def kept_share_markdown(ours: dict | None) -> str:
+    """Our enrichment's kept share per task (its summary.json) next to the paper's."""
+    order = list(PAPER_KEPT_SHARE)
+    lines = [
+        "Captions kept by the judges (CQE), share of images per task (the paper's 'caption used %'):",
+        "",
+        "| | " + " | ".join(order) + " |",
+        "|---|" + "---|" * len(order),
+    ]
+    if ours:
+        lines.append("| ours: enrichment (all splits) | " + " | ".join(_fmt(ours.get(a)) for a in order) + " |")
+    lines.append("| paper: v1 (IND) | " + " | ".join(_fmt(PAPER_KEPT_SHARE[a]) for a in order) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def enrichment_kept_share(input_path: str) -> dict | None:
+    """`kept_share` of the enrichment run whose output folder the evaluation reads (None when not one)."""
+    import fsspec
+
+    try:
+        with fsspec.open(input_path.rstrip("/") + "/summary.json", "rt") as fh:
+            return json.load(fh).get("kept_share")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def column_label(split: str, abbr: str) -> str:
     metric = get_task(abbr).metric_label
     return f"{abbr} {metric}" if split == "test" else f"OOD {abbr}"
@@ -212,7 +242,8 @@ def write_report(cfg: EvaluateConfig, plan: EvalPlan, rows: list[dict], skipped:
         write_predictions(rows, variant, paths[variant])
     scores = score_predictions(rows)
     table = results_table(scores, paper_rows=list(cfg.output.paper_rows), variants=list(cfg.ablations))
-    md = table_markdown(table)
+    kept_share = enrichment_kept_share(cfg.input.path)
+    md = table_markdown(table) + "\n" + kept_share_markdown(kept_share)
     with tempfile.TemporaryDirectory() as tmp:
         title = f"{plan.model.base}{' + adapter' if plan.model.adapter else ''}"
         chart = render_chart(table, str(Path(tmp) / "results.png"), title=title)
@@ -221,7 +252,11 @@ def write_report(cfg: EvaluateConfig, plan: EvalPlan, rows: list[dict], skipped:
     with fsspec.open(out + "/results.md", "wt") as fh:
         fh.write(md)
     with fsspec.open(out + "/results.json", "wt") as fh:
-        json.dump({"table": table, "scores": scores}, fh, indent=2)
+        json.dump(
+            {"table": table, "scores": scores, "kept_share": {"ours": kept_share, "paper": PAPER_KEPT_SHARE}},
+            fh,
+            indent=2,
+        )
     with fsspec.open(out + "/summary.json", "wt") as fh:
         json.dump(summary, fh, indent=2)
     return {**summary, "markdown": md}

@@ -8,7 +8,8 @@
 
 Weights are random: their text is junk, so tests check structure, never strings. A model id of the
 form `tiny:captioner` / `tiny:lm` in a config resolves to these folders, built on first use and cached
-(`CASLIE_CACHE`, default `~/.cache/caslie`).
+(`CASLIE_CACHE`, default `~/.cache/caslie`). `tiny:world-captioner` / `tiny:world-judge` are trained ones
+(`caslie_core.world.models`), for the demo's world, where what the models say must be right.
 """
 
 from __future__ import annotations
@@ -183,10 +184,13 @@ def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
 def resolve_model(model_id: str) -> str:
     """`tiny:NAME` -> the local folder (built on first use); anything else is returned unchanged."""
     if model_id.startswith(TINY_PREFIX):
+        from ..world.models import WORLD_NAMES, ensure_world_models
+
         name = model_id[len(TINY_PREFIX) :]
+        if name in WORLD_NAMES:  # trained on the synthetic world (caslie_core.world): seconds, once per cache
+            return ensure_world_models()[name]
         if name not in TINY_NAMES:
-            raise ValueError(
-                f"unknown tiny model {model_id!r}; valid: {', '.join(TINY_PREFIX + n for n in TINY_NAMES)}"
-            )
+            valid = ", ".join(TINY_PREFIX + n for n in (*TINY_NAMES, *WORLD_NAMES))
+            raise ValueError(f"unknown tiny model {model_id!r}; valid: {valid}")
         return ensure_tiny_models()[name]
     return model_id

@@ -101,7 +101,7 @@ def test_drop_duplicates_removes_later_copies_and_their_counts(written, tmp_path
 def test_summary_counts_shape(written):
     _, rows, total = written
     s = pipeline.summary_counts(total)
-    assert s["records"] == 24 and set(s["kept_share_per_task"]) <= set(s["images_per_task"])
+    assert s["records"] == 24 and set(s["kept_share"]) <= set(s["images_per_task"])
     assert json.dumps(s)  # plain JSON
 
 

@@ -1,0 +1,264 @@
+"""A captioner and a judge trained offline on the world of `catalog` (seconds on 2 CPU cores, cached).
+
+- `world-captioner`: the tiny LLaVA architecture (CLIP vision tower, Llama text model, the tiny tokenizer and
+  processor), trained from scratch to answer a caption request, the real context-conditioned one of
+  `prompts.caption_request`, with what the picture shows ("a red striped circle", or "no product shown").
+- `world-judge`: a tiny Llama trained on the real judge questions (`prompts.judge_question`, rendered with and
+  without the research system message) to answer "yes" when the caption carries what the task is decided by
+  (CC, MPC, PSI, for a product picture) and "no" otherwise (SA, AP, PRP, SR, and any uninformative picture).
+
+The same code, seed and step counts build the same weights. `tiny:world-captioner` and `tiny:world-judge` in a
+config resolve here (built on first use under `CASLIE_CACHE`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+from .catalog import INSTRUCTIONS, NO_PRODUCT, WORLD_VERSION, Look, World, draw, encode
+
+WORLD_NAMES = ("world-captioner", "world-judge")
+MODELS_VERSION = f"{WORLD_VERSION}-models-1"
+IMAGE_TASKS = ("CC", "MPC", "PSI")
+ALL_TASKS = ("CC", "MPC", "PSI", "SA", "AP", "PRP", "SR")
+
+
+def _record(abbr: str, rec: dict):
+    from ..records import parse_record
+    from ..tasks import TASKS
+
+    images = ["x"] * (1 if abbr in ("CC", "MPC", "PSI", "SA", "AP") else 2 if abbr == "PRP" else 5)
+    raw = {
+        "id": "world",
+        "task": TASKS[abbr].name,
+        "split": "train",
+        "instruction": INSTRUCTIONS[abbr],
+        "input": json.dumps(rec["input"]),
+        "options": json.dumps(rec["options"]),
+        "output": rec["output"],
+        "images": json.dumps(images),
+    }
+    return parse_record(raw)
+
+
+def samples(seed: int, n: int, uninformative: float = 0.1) -> list[tuple[str, object, int, Look]]:
+    """`n` (task, record, picture index, look) drawn from the world, tasks in turn."""
+    world, out = World(seed, uninformative), []
+    for i in range(n):
+        abbr = ALL_TASKS[i % len(ALL_TASKS)]
+        rec, looks = world.record(abbr)
+        k = world.rng.randrange(len(looks))
+        out.append((abbr, _record(abbr, rec), k, looks[k]))
+    return out
+
+
+def judge_answer(abbr: str, caption: str | None) -> str:
+    """What the trained judge learns: yes when the caption carries the attribute that decides the task."""
+    useful = caption not in (None, "", "NA", NO_PRODUCT)
+    return "yes" if abbr in IMAGE_TASKS and useful else "no"
+
+
+def _pixels(look: Look, rng: random.Random, size: int):
+    """The picture as the enrichment job hands it to the captioner: encoded, decoded, letterboxed."""
+    from PIL import Image
+
+    from ..images import decode_image
+
+    data, _ = encode(draw(look, rng), rng)
+    return Image.fromarray(decode_image(data, size=size))
+
+
+def _train(model, batches, steps: int, lr: float, seed: int) -> list[float]:
+    import torch
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - max(0, s - warm) / max(1, steps - warm))
+    )
+    model.train()
+    losses = []
+    for step in range(steps):
+        loss = model(**batches(step)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+    model.eval()
+    return losses
+
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded input ids, attention mask and labels (-100 outside the answer)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+        labels[i, : len(x)] = torch.tensor(y)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _example(prompt_ids: list[int], answer_ids: list[int]) -> tuple[list[int], list[int]]:
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+def build_captioner(
+    out: Path, tiny: dict, *, seed: int, steps: int, n_examples: int, n_images: int, batch: int
+) -> dict:
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    from .. import prompts
+
+    proc = AutoProcessor.from_pretrained(tiny["captioner"])
+    tok = proc.tokenizer
+    cfg = LlavaConfig.from_pretrained(tiny["captioner"])
+    cfg.vision_config.hidden_size, cfg.vision_config.intermediate_size = 64, 128
+    cfg.vision_config.num_attention_heads = 4
+    cfg.vision_config.num_hidden_layers = 4
+    cfg.text_config.hidden_size, cfg.text_config.intermediate_size = 96, 192
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    size = cfg.vision_config.image_size
+    # The caption depends on the picture only, so requests and pictures are drawn apart and paired at random:
+    # every step sees new pairs, and the pictures outnumber what the model could learn by heart.
+    requests = []
+    for _, record, k, _look in samples(seed + 2, n_examples):
+        content = [{"type": "image"}, {"type": "text", "text": prompts.caption_request(record, k)}]
+        text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        requests.append(text)
+    blank = Image.new("RGB", (size, size))
+    prompt_ids = [proc(images=[blank], text=[t], add_special_tokens=False)["input_ids"][0] for t in requests]
+    rng = random.Random(seed + 1)
+    world = World(seed + 7, uninformative=0.2)
+    looks = [world.look() for _ in range(n_images)]
+    pixels = proc.image_processor(images=[_pixels(look, rng, size) for look in looks], return_tensors="pt")
+    pixels = pixels["pixel_values"]
+    answers = [tok(look.caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for look in looks]
+    order = random.Random(seed + 3)
+
+    def batches(step):
+        idx = order.sample(range(n_images), batch)
+        b = _pad([_example(order.choice(prompt_ids), answers[i]) for i in idx], tok.pad_token_id)
+        b["pixel_values"] = pixels[idx]
+        return b
+
+    losses = _train(model, batches, steps, 3e-3, seed)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return {
+        "steps": steps,
+        "requests": n_examples,
+        "pictures": n_images,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+
+
+def build_judge(out: Path, tiny: dict, *, seed: int, steps: int, n_examples: int, batch: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from .. import prompts
+    from ..models.judge import RESEARCH_SYSTEM
+    from ..models.loading import chat_text
+
+    tok = AutoTokenizer.from_pretrained(tiny["lm"])
+    cfg = LlamaConfig.from_pretrained(tiny["lm"])
+    cfg.hidden_size, cfg.intermediate_size = 96, 192
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    rng = random.Random(seed + 4)
+    data = []
+    for abbr, record, k, look in samples(seed + 5, n_examples):
+        caption = look.caption if rng.random() > 0.05 else "NA"  # the research CQE judges a missing caption as NA
+        text, templated = chat_text(
+            tok, prompts.judge_question(record, k, caption), rng.choice([None, RESEARCH_SYSTEM])
+        )
+        ids = tok(text, add_special_tokens=not templated)["input_ids"]
+        answer = tok(judge_answer(abbr, caption), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        data.append(_example(ids, answer))
+    order = random.Random(seed + 6)
+    losses = _train(
+        model,
+        lambda step: _pad([data[i] for i in order.sample(range(len(data)), batch)], tok.pad_token_id),
+        steps,
+        3e-3,
+        seed,
+    )
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"steps": steps, "examples": n_examples, "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+DEFAULT_STEPS = {"captioner": 600, "judge": 200}
+
+
+def build_world_models(
+    out_dir: str | Path, *, seed: int = 0, steps: dict | None = None, pictures: int = 8000, tiny: dict | None = None
+) -> dict[str, str]:
+    """Train both models under `out_dir`; return their paths. `steps` overrides `DEFAULT_STEPS` and `pictures`
+    is the captioner's pool of training pictures (tests build small ones)."""
+    from ..models.tiny import ensure_tiny_models
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tiny = tiny or ensure_tiny_models()  # the tokenizer and architectures of the random tiny models
+    steps = {**DEFAULT_STEPS, **(steps or {})}
+    t = time.time()
+    report = {
+        "world-captioner": build_captioner(
+            out / "world-captioner",
+            tiny,
+            seed=seed,
+            steps=steps["captioner"],
+            n_examples=1400,
+            n_images=pictures,
+            batch=32,
+        ),
+        "world-judge": build_judge(
+            out / "world-judge", tiny, seed=seed, steps=steps["judge"], n_examples=1400, batch=32
+        ),
+    }
+    report.update(version=MODELS_VERSION, seed=seed, seconds=round(time.time() - t, 1), built=time.time())
+    (out / "VERSION").write_text(json.dumps(report, indent=2))
+    return {name: str(out / name) for name in WORLD_NAMES}
+
+
+def ensure_world_models(root: str | Path | None = None) -> dict[str, str]:
+    """Build the world's models once per cache folder (safe when several processes race)."""
+    from ..models.tiny import cache_dir
+
+    root = Path(root) if root else cache_dir() / MODELS_VERSION
+    if (root / "VERSION").exists():
+        return {name: str(root / name) for name in WORLD_NAMES}
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    build_world_models(tmp)
+    if not root.exists():
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            pass  # another process won the race; its folder is complete
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {name: str(root / name) for name in WORLD_NAMES}
