@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", default="demo-out", help="folder for all demo outputs (default: demo-out)")
     p.add_argument("--records", type=int, default=1050, help="synthetic records to generate (default: 1050)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the synthetic world's seed (another seed, another world)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs on the terminal")
 
     _add_job(sub, "enrich", "caption every image, let the judges vote, write enriched records (Ray Data)")

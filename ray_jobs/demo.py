@@ -111,11 +111,12 @@ def _catalog(work: Path, records: int, seed: int) -> dict:
     )
 
 
-def _job(job: str, overrides: list[str]):
-    """Load `configs/<job>-demo.yaml` with the demo's paths, as `caslie <job> CONFIG --set ...` would."""
+def _job(job: str, overrides: list[str], kind: str = "demo"):
+    """Load `configs/<job>-<kind>.yaml` with the demo's paths, as `caslie <job> CONFIG --set ...` would (`world`:
+    the configs whose captioner and judges are trained on the synthetic world)."""
     from .common import ROOT, load_job_config
 
-    config = f"configs/{job}-demo.yaml"
+    config = f"configs/{job}-{kind}.yaml"
     cfg = load_job_config(job, ROOT / config, overrides)
     command = " ".join([f"caslie {job} {config}", *(f"--set {o}" for o in overrides)])
     return cfg, config, command
@@ -125,7 +126,7 @@ def _enrich(work: Path) -> dict:
     from . import enrich
 
     cfg, config, command = _job(
-        "enrich", [f"input.path={work / 'catalog' / 'records.jsonl'}", f"output.path={work / 'enriched'}"]
+        "enrich", [f"input.path={work / 'catalog' / 'records.jsonl'}", f"output.path={work / 'enriched'}"], "world"
     )
     s = enrich.run(cfg)
     return _section(
@@ -216,7 +217,8 @@ def _evaluate(work: Path) -> dict:
 def caption_effect(scores: dict, split: str = "test") -> dict:
     """Per task, the primary metric with kept captions minus without any (what the captions bring)."""
     kept, none = scores.get("kept", {}).get(split, {}), scores.get("none", {}).get(split, {})
-    return {a: round(kept[a]["score"] - none[a]["score"], 3) for a in kept if a in none}
+    scored = [a for a in kept if a in none and kept[a]["score"] is not None and none[a]["score"] is not None]
+    return {a: round(kept[a]["score"] - none[a]["score"], 3) for a in scored}
 
 
 def _free_port(preferred: int) -> int:
@@ -241,7 +243,7 @@ def _serve(work: Path) -> dict:
     from .common import ROOT, load_job_config
     from .serve import serving
 
-    cfg = load_job_config("serve", ROOT / "configs" / "serve-demo.yaml", [f"model.path={work / 'model'}"])
+    cfg = load_job_config("serve", ROOT / "configs" / "serve-world.yaml", [f"model.path={work / 'model'}"])
     cfg.http.port = _free_port(cfg.http.port)
     records = [json.loads(line) for line in (work / "catalog" / "records.jsonl").read_text().splitlines()]
     single = [r for r in records if r["split"] == "test" and len(json.loads(r["images"])) == 1]
@@ -262,8 +264,8 @@ def _serve(work: Path) -> dict:
     )
     return _section(
         None,
-        "configs/serve-demo.yaml",
-        f"caslie serve configs/serve-demo.yaml --set model.path={work / 'model'}",
+        "configs/serve-world.yaml",
+        f"caslie serve configs/serve-world.yaml --set model.path={work / 'model'}",
         {
             "served_at": url,
             "request": f"{rec['task']} {rec['id']}",

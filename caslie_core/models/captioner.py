@@ -44,7 +44,7 @@ class Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from .loading import fix_padding, pick_device, pick_dtype
-        from .tiny import resolve_model
+        from .registry import resolve_model
 
         path = resolve_model(model)
         self.device = pick_device(device)

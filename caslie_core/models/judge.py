@@ -16,10 +16,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from .chat import RESEARCH_SYSTEM  # noqa: F401  (the research system message; its home is models.chat)
+
 JudgeMode = Literal["logits", "generate"]
 JudgeReply = Literal["strict", "research"]
 VOTE_RULES = ("strict", "research")
-RESEARCH_SYSTEM = "You are a helpful AI assistant."
 YES_FORMS = ("yes", "Yes", " yes", " Yes", "YES")
 NO_FORMS = ("no", "No", " no", " No", "NO")
 

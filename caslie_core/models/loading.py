@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .chat import RESEARCH_SYSTEM, chat_text, supports_system  # noqa: F401  (their home is models.chat)
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -40,7 +42,7 @@ def load_tokenizer(
     """A model's tokenizer with a pad token; left padding for batched generation, right for training."""
     from transformers import AutoTokenizer
 
-    from .tiny import resolve_model
+    from .registry import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model(model_id), revision=revision, trust_remote_code=trust_remote_code)
     fix_padding(tok)
@@ -59,7 +61,7 @@ def load_causal_lm(
     """(model, tokenizer, device) for a causal LM by hub id or local path (`tiny:lm` resolves locally)."""
     from transformers import AutoModelForCausalLM
 
-    from .tiny import resolve_model
+    from .registry import resolve_model
 
     path = resolve_model(model_id)
     dev = pick_device(device)
@@ -71,38 +73,6 @@ def load_causal_lm(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok, dev
-
-
-def chat_text(tokenizer: Any, user_text: str, system: str | None = None) -> tuple[str, bool]:
-    """Render one user turn with the tokenizer's chat template; (text, template_applied).
-
-    `system`: a system turn before it, where the template has a system role; a template that raises on
-    one (e.g. "System role not supported") gets the user turn alone. Without a template: plain text."""
-    if not getattr(tokenizer, "chat_template", None):
-        return f"{user_text}\nAnswer:", False
-    user = [{"role": "user", "content": user_text}]
-    if system is not None:
-        try:
-            return _render(tokenizer, [{"role": "system", "content": system}, *user]), True
-        except Exception:  # any template error means: no system role here
-            pass
-    return _render(tokenizer, user), True
-
-
-def supports_system(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template renders a system turn (without raising, and with its text)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return False
-    probe = "system-role-probe-7f3a"
-    try:
-        text = _render(tokenizer, [{"role": "system", "content": probe}, {"role": "user", "content": "q"}])
-    except Exception:  # a template that refuses a system turn
-        return False
-    return probe in text
-
-
-def _render(tokenizer: Any, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def cut_middle(ids: list[int], budget: int, *, keep_tail: int = 8) -> list[int]:

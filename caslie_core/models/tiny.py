@@ -179,18 +179,3 @@ def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return {name: str(root / name) for name in TINY_NAMES}
-
-
-def resolve_model(model_id: str) -> str:
-    """`tiny:NAME` -> the local folder (built on first use); anything else is returned unchanged."""
-    if model_id.startswith(TINY_PREFIX):
-        from ..world.models import WORLD_NAMES, ensure_world_models
-
-        name = model_id[len(TINY_PREFIX) :]
-        if name in WORLD_NAMES:  # trained on the synthetic world (caslie_core.world): seconds, once per cache
-            return ensure_world_models()[name]
-        if name not in TINY_NAMES:
-            valid = ", ".join(TINY_PREFIX + n for n in (*TINY_NAMES, *WORLD_NAMES))
-            raise ValueError(f"unknown tiny model {model_id!r}; valid: {valid}")
-        return ensure_tiny_models()[name]
-    return model_id

@@ -62,7 +62,7 @@ def model_problems(model: ModelRef, lora: LoraSettings) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models.tiny import resolve_model
+    from ..models.registry import resolve_model
 
     try:
         conf = AutoConfig.from_pretrained(
@@ -87,7 +87,7 @@ def merge_adapter(model: ModelRef, adapter: str, out: str | Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.tiny import resolve_model
+    from ..models.registry import resolve_model
 
     base = AutoModelForCausalLM.from_pretrained(
         resolve_model(model.model), revision=model.revision, trust_remote_code=model.trust_remote_code

@@ -92,7 +92,7 @@ def load_model(cfg: TrainConfig, device):
     from transformers import AutoModelForCausalLM
 
     from ..models.loading import load_tokenizer, pick_dtype
-    from ..models.tiny import resolve_model
+    from ..models.registry import resolve_model
 
     m = cfg.model
     tok = load_tokenizer(m.model, revision=m.revision, trust_remote_code=m.trust_remote_code, padding_side="right")

@@ -175,8 +175,7 @@ def build_judge(out: Path, tiny: dict, *, seed: int, steps: int, n_examples: int
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from .. import prompts
-    from ..models.judge import RESEARCH_SYSTEM
-    from ..models.loading import chat_text
+    from ..models.chat import RESEARCH_SYSTEM, chat_text
 
     tok = AutoTokenizer.from_pretrained(tiny["lm"])
     cfg = LlamaConfig.from_pretrained(tiny["lm"])

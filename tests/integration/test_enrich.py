@@ -74,6 +74,7 @@ SMALL_BATCHES = [
     "output.rows_per_part=4",
 ]
 HTTP_SETTINGS = [
+    "output.report_per_task=0",  # report.html fetches its thumbnails again: the hit counts below are the job's
     "fetch.allow_local_files=false",
     "fetch.allowlist=[127.0.0.1/32]",
     "fetch.read_timeout=0.5",

@@ -34,7 +34,7 @@ def world(ray_session, world_models, tmp_path_factory):
     manifest = write_world_catalog(root / "catalog", 1050, seed=SEED, broken_images=4)
     cfg = load_config(
         EnrichConfig,
-        ROOT / "configs" / "enrich-demo.yaml",
+        ROOT / "configs" / "enrich-world.yaml",
         [f"input.path={manifest['jsonl']}", f"output.path={root / 'enriched'}"],
     )
     enriched = enrich.run(cfg)
