@@ -194,8 +194,6 @@ def write_catalog(
     train .7, val .1, test .1, ood_test .1; OOD only for tasks that have it). `base_url` replaces the
     local image directory in URLs (e.g. an HTTP server serving `images/`).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     out = Path(out_dir)
     img_dir = out / "images"
@@ -235,10 +233,7 @@ def write_catalog(
             }
         )
     broken = break_images(rows, img_dir, broken_images)
-    with open(out / "records.jsonl", "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    pq.write_table(pa.Table.from_pylist(rows), out / "records.parquet")
+    write_records(out, rows)
     manifest = {
         "records": len(rows),
         "images": image_count,
@@ -253,6 +248,17 @@ def write_catalog(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def write_records(out: Path, rows: list[dict]) -> None:
+    """`records.jsonl` and `records.parquet` of a synthetic catalog (the same rows in both)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(out / "records.jsonl", "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows), out / "records.parquet")
 
 
 def break_images(rows: list[dict], img_dir: Path, count: int) -> list[dict]:

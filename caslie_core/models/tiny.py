@@ -160,15 +160,14 @@ def build_tiny_models(out_dir: str | Path, *, seed: int = 0) -> dict[str, str]:
     return {name: str(out / name) for name in TINY_NAMES}
 
 
-def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
-    """Build the tiny models once per cache folder (safe when several processes race)."""
-    root = Path(root) if root else cache_dir() / TINY_VERSION
-    marker = root / "VERSION"
-    if marker.exists():
-        return {name: str(root / name) for name in TINY_NAMES}
+def build_once(root: Path, build) -> None:
+    """`build(folder)` into a temporary sibling, then renamed to `root` unless it exists (safe when several
+    processes race: the loser's folder is dropped, the winner's is complete). No-op when `root/VERSION` exists."""
+    if (root / "VERSION").exists():
+        return
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    build_tiny_models(tmp)
+    build(tmp)
     if not root.exists():
         try:
             os.replace(tmp, root)
@@ -178,4 +177,10 @@ def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
+    """Build the tiny models once per cache folder (safe when several processes race)."""
+    root = Path(root) if root else cache_dir() / TINY_VERSION
+    build_once(root, build_tiny_models)
     return {name: str(root / name) for name in TINY_NAMES}

@@ -206,8 +206,6 @@ def write_world_catalog(
 ) -> dict:
     """Write `records.jsonl`, `records.parquet`, `images/` and `manifest.json` under `out_dir`; return the
     manifest (which attribute drives which task, each task's chance level, the looks of every picture)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     out = Path(out_dir)
     img_dir = out / "images"
@@ -246,13 +244,10 @@ def write_world_catalog(
                 "images": json.dumps(urls),
             }
         )
-    from ..synthetic import break_images
+    from ..synthetic import break_images, write_records
 
     broken = break_images(rows, img_dir, broken_images)
-    with open(out / "records.jsonl", "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    pq.write_table(pa.Table.from_pylist(rows), out / "records.parquet")
+    write_records(out, rows)
     manifest = {
         "version": WORLD_VERSION,
         "records": len(rows),

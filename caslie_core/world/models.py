@@ -14,7 +14,6 @@ config resolve here (built on first use under `CASLIE_CACHE`).
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -243,21 +242,8 @@ def build_world_models(
 
 def ensure_world_models(root: str | Path | None = None) -> dict[str, str]:
     """Build the world's models once per cache folder (safe when several processes race)."""
-    from ..models.tiny import cache_dir
+    from ..models.tiny import build_once, cache_dir
 
     root = Path(root) if root else cache_dir() / MODELS_VERSION
-    if (root / "VERSION").exists():
-        return {name: str(root / name) for name in WORLD_NAMES}
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    build_world_models(tmp)
-    if not root.exists():
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            pass  # another process won the race; its folder is complete
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_once(root, build_world_models)
     return {name: str(root / name) for name in WORLD_NAMES}
