@@ -205,7 +205,13 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         if cfg.output.report_per_task:  # a page to look at; a report that cannot be written never fails the job
             summary["report"] = cfg.output.path.rstrip("/") + "/report.html"
             try:
-                enrich_report.write_report(out, summary, cfg.fetch.policy(), per_task=cfg.output.report_per_task)
+                enrich_report.write_report(
+                    out,
+                    summary,
+                    cfg.fetch.policy(),
+                    per_task=cfg.output.report_per_task,
+                    fetch=cfg.captioner.source == "model",  # captions from the records: no picture was fetched
+                )
             except Exception as e:  # noqa: BLE001
                 log.warning(f"[enrich] report.html not written: {type(e).__name__}: {e}")
                 summary.pop("report")

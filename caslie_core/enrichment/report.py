@@ -51,6 +51,24 @@ def sample_rows(output: str, per_task: int, *, max_parts: int = 50) -> dict[str,
     return picked
 
 
+THUMBNAIL_BUDGET_S = 20.0  # all thumbnails of one report; what is not fetched by then is shown as missing
+
+
+def thumbnails(urls: list[str], policy, *, budget_s: float = THUMBNAIL_BUDGET_S) -> dict[str, str | None]:
+    """{url: PNG data URI or None}, fetched in parallel once each, with no retries and a short deadline per
+    picture; the whole set bounded by `budget_s` (a host that hangs costs the report at most that)."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    quick = dataclasses.replace(policy, retries=0, total_timeout=min(policy.total_timeout, 5.0))
+    unique = list(dict.fromkeys(u for u in urls if u))
+    pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="report-thumbnail")
+    futures = {u: pool.submit(thumbnail, u, quick) for u in unique}
+    wait(futures.values(), timeout=budget_s)
+    pool.shutdown(wait=False, cancel_futures=True)
+    return {u: f.result() if f.done() and not f.cancelled() else None for u, f in futures.items()}
+
+
 def thumbnail(url: str, policy, *, size: int = 112) -> str | None:
     """A PNG data URI of the picture at `url`, or None when it cannot be fetched or decoded."""
     from PIL import Image
@@ -115,7 +133,7 @@ def _counts_table(summary: dict) -> str:
     )
 
 
-def _record_rows(row: dict, policy) -> str:
+def _record_rows(row: dict, thumbs: dict[str, str | None]) -> str:
     status, err = row["status"], row.get("error") or {}
     results = row.get("image_results") or []
     rec_err = f'<div class="err">{_e(err.get("stage"))}: {_e(err.get("message"))}</div>' if err else ""
@@ -124,7 +142,7 @@ def _record_rows(row: dict, policy) -> str:
         return f'<tr class="record status-{_e(status)}" data-status="{_e(status)}">{head}<td colspan="5">no images judged</td></tr>'
     out = []
     for i, res in enumerate(results):
-        src = thumbnail(res["url"], policy) if res.get("url") else None
+        src = thumbs.get(res.get("url"))
         pic = f'<img class="thumb" alt="image {i}" src="{src}">' if src else '<span class="missing">no picture</span>'
         votes = "<br>".join(f"{_e(v['judge'])}: {_e(v['vote'])}" for v in res.get("votes") or []) or "–"
         kept = '<span class="kept">kept</span>' if res.get("kept") else '<span class="rejected">not kept</span>'
@@ -141,8 +159,12 @@ def _record_rows(row: dict, policy) -> str:
     return "".join(out)
 
 
-def render(summary: dict, samples: dict[str, list[dict]], policy) -> str:
+def render(summary: dict, samples: dict[str, list[dict]], policy, *, fetch: bool = True) -> str:
+    """The page; `fetch=False` shows no pictures (a run that fetched none, e.g. captions from the records)."""
     from ..tasks import get_task
+
+    urls = [res.get("url") for rows in samples.values() for r in rows for res in r.get("image_results") or []]
+    thumbs = thumbnails(urls, policy) if fetch else {}
 
     sections = []
     for task in sorted(samples):
@@ -150,7 +172,7 @@ def render(summary: dict, samples: dict[str, list[dict]], policy) -> str:
             abbr = get_task(task).abbr
         except (KeyError, ValueError):
             abbr = task
-        body = "".join(_record_rows(r, policy) for r in samples[task])
+        body = "".join(_record_rows(r, thumbs) for r in samples[task])
         sections.append(
             f'<section class="task" data-task="{_e(abbr)}"><h2>{_e(abbr)}: {_e(task)}</h2>'
             '<table class="records"><tr><th>record</th><th>picture</th><th>caption request</th><th>caption</th>'
@@ -164,11 +186,11 @@ def render(summary: dict, samples: dict[str, list[dict]], policy) -> str:
     )
 
 
-def write_report(output: str, summary: dict, policy, *, per_task: int = 8) -> str:
+def write_report(output: str, summary: dict, policy, *, per_task: int = 8, fetch: bool = True) -> str:
     """Write `output/report.html`; return its path."""
     import fsspec
 
-    page = render(summary, sample_rows(output, per_task), policy)
+    page = render(summary, sample_rows(output, per_task), policy, fetch=fetch)
     path = output.rstrip("/") + "/report.html"
     with fsspec.open(path, "wt", encoding="utf-8") as fh:
         fh.write(page)

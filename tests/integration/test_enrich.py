@@ -74,13 +74,13 @@ SMALL_BATCHES = [
     "output.rows_per_part=4",
 ]
 HTTP_SETTINGS = [
-    "output.report_per_task=0",  # report.html fetches its thumbnails again: the hit counts below are the job's
     "fetch.allow_local_files=false",
     "fetch.allowlist=[127.0.0.1/32]",
     "fetch.read_timeout=0.5",
     "fetch.retries=1",
     "fetch.backoff=0.01",
     "fetch.max_bytes=100000",
+    "output.report_per_task=0",  # report.html fetches its thumbnails again: the hit counts asserted are the job's
 ]
 
 

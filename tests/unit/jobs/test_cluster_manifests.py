@@ -43,7 +43,7 @@ def _check_cluster_spec(spec: dict) -> None:
         w["template"]["spec"]["containers"][0] for w in spec["workerGroupSpecs"]
     ]:
         env = {e["name"]: e for e in c["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert spec["authOptions"]["mode"] == "token"  # the operator sets RAY_AUTH_MODE/RAY_AUTH_TOKEN from it
         for name, e in env.items():  # secrets come from Secrets, never as literal values
             if any(k in name for k in ("TOKEN", "KEY", "SECRET")):
                 assert "valueFrom" in e and "value" not in e, name
@@ -168,4 +168,9 @@ def test_the_readme_creates_every_secret_the_manifests_read():
             for f in ("raycluster.yaml", "rayjob-enrich.yaml", "rayjob-train.yaml", "rayservice.yaml")
         )
     )
+    # the token Secret is read by the operator (authOptions.secretName), always under its key `auth_token`
+    wanted |= {
+        (_load(f)["spec"].get("rayClusterConfig", _load(f)["spec"])["authOptions"]["secretName"], "auth_token")
+        for f in ("raycluster.yaml", "rayservice.yaml")
+    }
     assert wanted and wanted <= created, sorted(wanted - created)
