@@ -11,9 +11,18 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned: an unpinned torch requirement would pull a multi-GB CUDA build on CPU machines.
+# torch first, pinned. PyPI's torch wheel for Linux is the CUDA build (multi-GB, with nvidia-* packages): on a
+# machine without an NVIDIA driver, torch comes from the PyTorch CPU index when it can be reached, else as the
+# `+cpu` build from the indexes pip is configured with (a mirror or wheel folder), and only then from PyPI.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	elif curl -fsS -m 5 -o /dev/null "$(TORCH_CPU_INDEX)/torch/" 2>/dev/null; then \
+	  $(BIN)/pip install -q --index-url "$(TORCH_CPU_INDEX)" "torch==$(TORCH_VERSION)"; \
+	else \
+	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" || $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	fi
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -80,7 +80,9 @@ def test_rayservice_serves_the_checked_in_serve_config():
     assert embedded == read_yaml(ROOT / "configs" / "serve-caslie-m.yaml")
     ServeDeploySchema.model_validate(embedded)
     _check_cluster_spec(doc["spec"]["rayClusterConfig"])
-    assert _gpu_group(doc["spec"]["rayClusterConfig"]) == _gpu_group(_load("raycluster.yaml")["spec"])
+    serving, batch = _gpu_group(doc["spec"]["rayClusterConfig"]), _gpu_group(_load("raycluster.yaml")["spec"])
+    assert {k: v for k, v in serving.items() if k != "min"} == {k: v for k, v in batch.items() if k != "min"}
+    assert serving["min"] >= 1 and batch["min"] == 0  # a service keeps a GPU node; batch clusters scale to zero
     envs = {
         e["name"] for e in doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     }
@@ -129,6 +131,23 @@ def test_launcher_matches_the_kuberay_worker_group():
     assert gpu["resources"] == {"CPU": g["cpus"], "GPU": g["gpus"]}
     assert gpu["max_workers"] == g["max"] and gpu["min_workers"] == g["min"]
     assert doc["available_node_types"][doc["head_node_type"]]["resources"] == {"CPU": 0}
+    opts = " ".join(doc["docker"]["run_options"])
+    assert "-v /mnt/cache:/mnt/cache" in opts and "--shm-size" not in opts  # cache mounted; object store not capped
+
+
+def test_launcher_passes_rays_own_schema():
+    import json
+    from pathlib import Path
+
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    doc = yaml.safe_load((ROOT / "cluster" / "launcher" / "aws-gpu.yaml").read_text())
+    jsonschema.validate(doc, schema)
+    bad = {**doc, "idle_timeout_minute": 5}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
     assert all(
         "RAY_AUTH_MODE=token" in c
         for c in doc["head_start_ray_commands"] + doc["worker_start_ray_commands"]
@@ -174,3 +193,34 @@ def test_the_readme_creates_every_secret_the_manifests_read():
         for f in ("raycluster.yaml", "rayservice.yaml")
     }
     assert wanted and wanted <= created, sorted(wanted - created)
+
+
+def test_the_image_pins_cuda_and_torch_and_installs_dependencies_before_the_source():
+    """No Docker here: the Dockerfile is read. Base tag with its CUDA, torch from the matching PyTorch index
+    through the constraints file, dependencies before any source COPY, a regular (not editable) install."""
+    import re
+
+    lines = [line.strip() for line in (ROOT / "cluster" / "Dockerfile").read_text().splitlines()]
+    steps = [line for line in lines if line and not line.startswith("#")]
+    base = next(s for s in steps if s.startswith("FROM "))
+    cuda = re.fullmatch(r"FROM rayproject/ray:2\.60\.0-py311-cu(\d+)", base)
+    assert cuda, base  # a fixed CUDA in the tag, not the floating -gpu
+    torch_step = next(s for s in steps if "pip install" in s and " torch" in s)
+    assert f"download.pytorch.org/whl/cu{cuda.group(1)}" in torch_step and "-c constraints.txt" in torch_step
+    constraints = (ROOT / "cluster" / f"constraints-cu{cuda.group(1)}.txt").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    pinned = re.search(r"^torch==(\S+)$", constraints, re.M).group(1)
+    assert f"TORCH_VERSION ?= {pinned}" in makefile  # the image runs the torch the tests ran
+    first_source = next(i for i, s in enumerate(steps) if s.startswith("COPY") and "caslie_core" in s)
+    deps = next(i for i, s in enumerate(steps) if "-r requirements.txt" in s)
+    assert deps < first_source
+    assert not any(" -e " in s or "--editable" in s for s in steps)
+    assert steps[-2].startswith("RUN pip install") and "--no-deps ." in steps[-2]
+
+
+def test_setuptools_floor_supports_the_license_expression():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in project["build-system"]["requires"]
