@@ -91,11 +91,32 @@ def submit(
     status = str(client.get_job_status(sid).value)
     if wait:
         deadline = time.time() + timeout_s
+        streamed = stream_logs(client, sid, timeout_s, out)  # the job's own lines, as they are written
         while status not in TERMINAL and time.time() < deadline:
             time.sleep(2)
             status = str(client.get_job_status(sid).value)
         print(f"{sid}: {status}", file=out)
-        if status != "SUCCEEDED":
+        if status != "SUCCEEDED" and not streamed:
             tail = client.get_job_logs(sid).splitlines()[-20:]
             print("last log lines:\n  " + "\n  ".join(tail), file=out)
     return {"submission_id": sid, "status": status, "address": address}
+
+
+def stream_logs(client, sid: str, timeout_s: float, out) -> bool:
+    """Print the job's log lines as they come (`tail_job_logs`, a websocket) until the job ends or `timeout_s`;
+    False when the stream could not be opened or broke (the caller then polls and prints the last lines)."""
+    import asyncio
+
+    async def tail():
+        async for chunk in client.tail_job_logs(sid):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(asyncio.wait_for(tail(), timeout=timeout_s))
+        return True
+    except asyncio.TimeoutError:
+        return True
+    except Exception as e:  # noqa: BLE001 - a lost stream must not lose the job's status
+        print(f"(log stream unavailable: {type(e).__name__}: {e}; polling the status)", file=out)
+        return False

@@ -212,7 +212,9 @@ def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_di
         if on_worker and store.list_parts(str(out)):
             break
         time.sleep(0.3)
-    assert client.poll() is None and on_worker, "the job never ran actors on the worker node"
+    assert client.poll() is None and on_worker, "the job never ran actors on the worker node: " + (
+        client.stdout.read() if client.poll() is not None else ""
+    )
     before = len(store.read_output(str(out), ["id"]))
     assert _host(secured_cluster, "remove-worker")["node"] == worker
     try:
@@ -221,6 +223,7 @@ def test_enrichment_submitted_with_the_token_loses_nothing_when_a_worker_node_di
         _host(secured_cluster, "add-worker")  # the autoscaler's part: a replacement node for the next test
     sid = _submission_id(text)
     assert client.returncode == 0 and "SUCCEEDED" in text, _logs(secured_cluster, sid)
+    assert f"[enrich] {N} records:" in text  # --wait streamed the job's own log lines (tail_job_logs), with the token
     assert secured_cluster["token"] not in text
     assert before < N, "the node was removed after the job had written everything"
     ids = [r["id"] for r in store.read_output(str(out), ["id"])]
