@@ -16,11 +16,9 @@ passed deadline 504.
 # No `from __future__ import annotations`: FastAPI must see real annotations (Request) on the routes.
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import time
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -29,132 +27,15 @@ from ray import serve
 from caslie_core import serving as sv
 from caslie_core.config import ServeConfig
 from caslie_core.errors import ImageError
-from caslie_core.models.batching import FailureStreak, groups
 from caslie_core.serving.spec import app_spec
 
 from .common import ROOT, init_ray, job_entry, job_main, requiet
+from .serve_models import Captioner, Judge, predictor_deployment
 
 log = logging.getLogger("ray.serve")
 APP_NAME = "caslie"
 DESCRIPTION = "Context-conditioned captions, caption-quality votes and answers of a fine-tuned e-commerce model."
 api = FastAPI(title="CASLIE", version="1", description=DESCRIPTION)
-
-
-def _batching(handler, settings) -> None:
-    """Apply the configured batch size and wait to a `@serve.batch` method (off = batches of one)."""
-    if isinstance(settings, dict):
-        from caslie_core.config.serve import BatchingSettings
-
-        settings = BatchingSettings.model_validate(settings)
-    handler.set_max_batch_size(settings.max_batch_size if settings.enabled else 1)
-    handler.set_batch_wait_timeout_s(settings.wait_timeout_s if settings.enabled else 0.0)
-
-
-class _Health:
-    """Serve's health check over the core's rule (`FailureStreak`): a replica failing every item of several
-    batches in a row (a broken device or model) reports itself unhealthy, and Serve replaces it."""
-
-    streak = None
-
-    def _track(self, errors: list) -> None:
-        self.streak = self.streak or FailureStreak()
-        self.streak.track(errors)
-
-    def check_health(self) -> None:
-        if self.streak and self.streak.failing:
-            raise RuntimeError(self.streak.reason())
-
-    async def ping(self) -> str:
-        return "ok"
-
-
-@serve.deployment
-class Captioner(_Health):
-    def __init__(self, cfg: dict) -> None:
-        from caslie_core.config.serve import ServeCaptionerConfig
-        from caslie_core.models.captioner import Captioner as Model
-
-        c = ServeCaptionerConfig.model_validate(cfg)
-        self.model = Model.from_config(c, batch_size=c.deployment.batching.max_batch_size)
-        _batching(self.caption, c.deployment.batching)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def caption(self, pixels: list, prompts: list[str]) -> list[dict]:
-        results = await asyncio.to_thread(self.model.caption, pixels, prompts)
-        self._track([r.error for r in results])
-        return [{"caption": r.caption, "error": r.error} for r in results]
-
-
-@serve.deployment
-class Judge(_Health):
-    def __init__(self, cfg: dict) -> None:
-        from caslie_core.config.serve import ServeJudgeConfig
-        from caslie_core.models.judge import Judge as Model
-
-        j = ServeJudgeConfig.model_validate(cfg)
-        self.model = Model.from_config(j, batch_size=j.deployment.batching.max_batch_size)
-        _batching(self.vote, j.deployment.batching)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def vote(self, questions: list[str]) -> list[dict]:
-        votes = await asyncio.to_thread(self.model.vote, questions)
-        self._track([v.error for v in votes])
-        return [{"vote": v.vote, "error": v.error} for v in votes]
-
-
-class _Loaded:
-    """What the multiplexer keeps per adapter; evicting it (LRU) unloads the adapter from the replica."""
-
-    def __init__(self, model, name: str) -> None:
-        self.model, self.name, self.done = model, name, False
-
-    def __del__(self) -> None:
-        if not self.done:
-            self.done = True
-            self.model.unload(self.name)
-
-
-def predictor_deployment(max_adapters: int):
-    """The Predictor deployment class (the multiplexer's capacity is fixed when the class is made)."""
-
-    @serve.deployment(name="Predictor")
-    class Predictor(_Health):
-        def __init__(self, spec: dict, batching: dict) -> None:
-            from caslie_core.models.predictor import AdapterPredictor
-
-            self.model = AdapterPredictor.from_spec(spec, batch_size=batching["max_batch_size"])
-            self.paths: dict[str, str] = spec["adapters"]
-            _batching(self._answer, batching)
-
-        @serve.multiplexed(max_num_models_per_replica=max_adapters)
-        async def adapter(self, name: str) -> _Loaded:
-            from caslie_core.models.predictor import local_copy
-
-            path = await asyncio.to_thread(local_copy, self.paths[name])
-            await asyncio.to_thread(self.model.load, name, path)
-            return _Loaded(self.model, name)
-
-        async def predict(self, prompt: str, max_new_tokens: int | None = None) -> dict:
-            name = serve.get_multiplexed_model_id() or sv.BASE_MODEL_NAME
-            if name != sv.BASE_MODEL_NAME:
-                if name not in self.paths:
-                    raise KeyError(f"unknown adapter {name!r}")
-                await self.adapter(name)
-            return await self._answer(prompt, None if name == sv.BASE_MODEL_NAME else name, max_new_tokens)
-
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-        async def _answer(self, prompts: list[str], adapters: list, limits: list) -> list[dict]:
-            out: list[Any] = [None] * len(prompts)
-            for (adapter, limit), idx in groups(zip(adapters, limits)).items():
-                if adapter is not None and adapter not in self.model.loaded:  # evicted while queued
-                    await self.adapter(adapter)
-                answers = await asyncio.to_thread(self.model.answer, [prompts[i] for i in idx], adapter, limit)
-                for i, a in zip(idx, answers):
-                    out[i] = dataclasses.asdict(a)
-            self._track([a["error"] for a in out])
-            return out
-
-    return Predictor
 
 
 @serve.deployment
@@ -378,16 +259,22 @@ def build_app(args: ServeConfig) -> serve.Application:
     spec = app_spec(cfg, root=ROOT)
     retry = cfg.http.retry_after_s
     c = cfg.captioner
-    captioner = Captioner.options(**c.deployment.options("Captioner", retry)).bind(c.model_dump(mode="json"))
+    # A deployment's own settings (replicas, autoscaling, queue limits, batching through user_config) are options,
+    # not init arguments: a change to them is a light update (Serve reconfigures running replicas) and never
+    # reloads a model. The init arguments are what a model needs to load.
+    bare = {"deployment"}
+    captioner = Captioner.options(**c.deployment.options("Captioner", retry)).bind(
+        c.model_dump(mode="json", exclude=bare)
+    )
     judges = [
-        Judge.options(**j.deployment.options(f"Judge_{j.name}", retry)).bind(j.model_dump(mode="json"))
+        Judge.options(**j.deployment.options(f"Judge_{j.name}", retry)).bind(j.model_dump(mode="json", exclude=bare))
         for j in cfg.judges
     ]
     m = cfg.model
     predictor = (
         predictor_deployment(m.max_adapters_per_replica)
         .options(**m.deployment.options("Predictor", retry))
-        .bind(spec["predictor"], m.deployment.batching.model_dump())
+        .bind(spec["predictor"])
     )
     ingress_spec = {
         "config": cfg.model_dump(mode="json"),

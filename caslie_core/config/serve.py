@@ -75,6 +75,7 @@ class DeploymentSettings(StrictModel):
             "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "user_config": {"batching": self.batching.model_dump()},  # live: reconfigure(), no restart
         }
 
 

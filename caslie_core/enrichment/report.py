@@ -22,8 +22,11 @@ def _kind(row: dict) -> str:
     return "kept" if row.get("n_kept") else "rejected"
 
 
-def sample_rows(output: str, per_task: int, *, max_parts: int = 50) -> dict[str, list[dict]]:
-    """Up to `per_task` rows per task, spread over the kinds, from the first `max_parts` parts."""
+def sample_rows(
+    output: str, per_task: int, *, tasks: set[str] | None = None, max_parts: int = 50
+) -> dict[str, list[dict]]:
+    """Up to `per_task` rows per task, spread over the kinds, from the first `max_parts` parts (fewer once every
+    task of `tasks`, the run's, has its rows)."""
     import fsspec
     import pyarrow.parquet as pq
 
@@ -46,8 +49,10 @@ def sample_rows(output: str, per_task: int, *, max_parts: int = 50) -> dict[str,
         # Top up with whatever kinds there are once every part so far is read (small runs lack some kinds).
         for row in rows:
             have = picked.setdefault(row.get("task") or "(no task)", [])
-            if len(have) < per_task and row not in have:
+            if len(have) < per_task and all(r["id"] != row["id"] for r in have):
                 have.append(row)
+        if tasks and all(len(picked.get(t, [])) >= per_task for t in tasks):
+            break
     return picked
 
 
@@ -190,7 +195,8 @@ def write_report(output: str, summary: dict, policy, *, per_task: int = 8, fetch
     """Write `output/report.html`; return its path."""
     import fsspec
 
-    page = render(summary, sample_rows(output, per_task), policy, fetch=fetch)
+    tasks = set(summary.get("records_per_task") or {})
+    page = render(summary, sample_rows(output, per_task, tasks=tasks), policy, fetch=fetch)
     path = output.rstrip("/") + "/report.html"
     with fsspec.open(path, "wt", encoding="utf-8") as fh:
         fh.write(page)

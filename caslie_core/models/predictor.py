@@ -196,7 +196,7 @@ class AdapterPredictor(Predictor):
     (None = the base model alone). Thread-safe: loading, unloading and answering take one lock."""
 
     @classmethod
-    def from_spec(cls, spec: dict, *, batch_size: int) -> AdapterPredictor:
+    def from_spec(cls, spec: dict, *, batch_size: int = 8) -> AdapterPredictor:
         """From the service's predictor spec (`caslie_core.serving.spec.app_spec(...)["predictor"]`)."""
         return cls(
             spec["base"],

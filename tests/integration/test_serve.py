@@ -312,3 +312,36 @@ def test_killed_replica_recovers_without_manual_action(app):
         _wait(lambda: codes[200] >= served_before + 5, 90, "requests to be served again after the kill")
     assert set(codes) <= {200}, codes
     _wait(lambda: _replicas("Predictor") >= 1, 60, "a replacement Predictor replica")
+
+
+def test_a_tuning_change_reaches_running_replicas_without_restarting_them(app):
+    """Batching (user_config -> reconfigure) and autoscaling bounds change on a running app: the model replicas
+    stay the same processes (same replica ids, no model reloaded) and the new settings take effect."""
+    from ray import serve
+
+    from ray_jobs.serve import APP_NAME, build_app
+
+    def states():
+        names = ["Captioner", "Predictor"] + [f"Judge_{j.name}" for j in app["cfg"].judges]
+        return {n: serve.get_deployment_handle(n, app_name=APP_NAME).state.remote().result() for n in names}
+
+    before = states()
+    assert before["Captioner"]["batching"]["max_batch_size"] == app["cfg"].captioner.deployment.batching.max_batch_size
+    tuned = app["cfg"].model_copy(deep=True)
+    tuned.captioner.deployment.batching.max_batch_size = 3
+    tuned.judges[0].deployment.batching.wait_timeout_s = 0.05
+    tuned.model.deployment.autoscaling.max_replicas = 3
+    tuned.model.deployment.batching.max_batch_size = 5
+    try:
+        serve.run(build_app(tuned), name=APP_NAME, route_prefix="/")
+        after = states()
+        assert {n: s["replica"] for n, s in after.items()} == {n: s["replica"] for n, s in before.items()}
+        assert after["Captioner"]["batching"]["max_batch_size"] == 3
+        assert after[f"Judge_{tuned.judges[0].name}"]["batching"]["wait_timeout_s"] == 0.05
+        assert after["Predictor"]["batching"]["max_batch_size"] == 5
+        config = serve.status().applications[APP_NAME].deployments["Predictor"]
+        assert config.status == "HEALTHY"
+        r = requests.get(app["url"] + "/healthz", params={"deep": "true"}, headers=app["headers"], timeout=60)
+        assert r.status_code == 200
+    finally:
+        serve.run(build_app(app["cfg"]), name=APP_NAME, route_prefix="/")
