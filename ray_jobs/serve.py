@@ -282,7 +282,7 @@ def build_app(args: ServeConfig) -> serve.Application:
         "style": spec["style"],
         "key_digest": spec["key_digest"],
     }
-    return Ingress.options(**cfg.http.ingress.options("Ingress", retry)).bind(
+    return Ingress.options(**cfg.http.ingress.options("Ingress", retry, live=False)).bind(
         ingress_spec, captioner, judges, predictor
     )
 

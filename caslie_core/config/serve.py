@@ -64,9 +64,10 @@ class DeploymentSettings(StrictModel):
     health_check_period_s: float = Field(10.0, gt=0, description="seconds between replica health checks")
     health_check_timeout_s: float = Field(30.0, gt=0, description="a check slower than this fails the replica")
 
-    def options(self, name: str, retry_after_s: float) -> dict:
-        """`Deployment.options(...)` keyword arguments."""
-        return {
+    def options(self, name: str, retry_after_s: float, *, live: bool = True) -> dict:
+        """`Deployment.options(...)` keyword arguments; `live`: the deployment takes `user_config` (batching) in
+        `reconfigure()` (the model deployments; not the ingress)."""
+        options = {
             "name": name,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "autoscaling_config": self.autoscaling.serve_dict(),
@@ -75,8 +76,10 @@ class DeploymentSettings(StrictModel):
             "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
-            "user_config": {"batching": self.batching.model_dump()},  # live: reconfigure(), no restart
         }
+        if live:  # applied by reconfigure() on running replicas, no restart
+            options["user_config"] = {"batching": self.batching.model_dump()}
+        return options
 
 
 class ServeHttpConfig(StrictModel):

@@ -315,33 +315,54 @@ def test_killed_replica_recovers_without_manual_action(app):
 
 
 def test_a_tuning_change_reaches_running_replicas_without_restarting_them(app):
-    """Batching (user_config -> reconfigure) and autoscaling bounds change on a running app: the model replicas
-    stay the same processes (same replica ids, no model reloaded) and the new settings take effect."""
+    """The Serve config file's own `deployments:` section (what `serve deploy` and a RayService apply) changes
+    batching (user_config -> reconfigure) and autoscaling bounds on a running app: the model replicas stay the
+    same processes (same replica ids, no model reloaded) and the new settings take effect."""
     from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
-    from ray_jobs.serve import APP_NAME, build_app
+    name = "caslie-live"
+    names = ["Captioner", "Predictor"] + [f"Judge_{j.name}" for j in app["cfg"].judges]
+    application = {
+        "name": name,
+        "route_prefix": "/live",
+        "import_path": "ray_jobs.serve:build_app",
+        "args": app["cfg"].model_dump(mode="json"),
+        "runtime_env": {"env_vars": {"CASLIE_TEST_API_KEY": KEY}},  # the app is built on the cluster
+    }
 
-    def states():
-        names = ["Captioner", "Predictor"] + [f"Judge_{j.name}" for j in app["cfg"].judges]
-        return {n: serve.get_deployment_handle(n, app_name=APP_NAME).state.remote().result() for n in names}
+    def deploy(deployments):
+        config = {"applications": [{**application, "deployments": deployments}]}
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+        return {n: serve.get_deployment_handle(n, app_name=name).state.remote().result() for n in names}
 
-    before = states()
-    assert before["Captioner"]["batching"]["max_batch_size"] == app["cfg"].captioner.deployment.batching.max_batch_size
-    tuned = app["cfg"].model_copy(deep=True)
-    tuned.captioner.deployment.batching.max_batch_size = 3
-    tuned.judges[0].deployment.batching.wait_timeout_s = 0.05
-    tuned.model.deployment.autoscaling.max_replicas = 3
-    tuned.model.deployment.batching.max_batch_size = 5
+    judge = f"Judge_{app['cfg'].judges[0].name}"
+
+    def tuning(captioner_batch, judge_wait, predictor_batch, predictor_max):
+        # The section lists the same keys from the first deploy on: Serve hashes which deployments set an
+        # autoscaling_config into the app's code version, so adding one later would be a code change.
+        return [
+            {"name": "Captioner", "user_config": {"batching": {"max_batch_size": captioner_batch}}},
+            {"name": judge, "user_config": {"batching": {"wait_timeout_s": judge_wait}}},
+            {
+                "name": "Predictor",
+                "user_config": {"batching": {"max_batch_size": predictor_batch}},
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": predictor_max},
+            },
+        ]
+
     try:
-        serve.run(build_app(tuned), name=APP_NAME, route_prefix="/")
-        after = states()
+        before = deploy(tuning(16, 0.01, 16, 2))
+        assert before["Captioner"]["batching"]["max_batch_size"] == 16
+        after = deploy(tuning(3, 0.05, 5, 3))
         assert {n: s["replica"] for n, s in after.items()} == {n: s["replica"] for n, s in before.items()}
         assert after["Captioner"]["batching"]["max_batch_size"] == 3
-        assert after[f"Judge_{tuned.judges[0].name}"]["batching"]["wait_timeout_s"] == 0.05
+        assert after[judge]["batching"]["wait_timeout_s"] == 0.05
         assert after["Predictor"]["batching"]["max_batch_size"] == 5
-        config = serve.status().applications[APP_NAME].deployments["Predictor"]
-        assert config.status == "HEALTHY"
-        r = requests.get(app["url"] + "/healthz", params={"deep": "true"}, headers=app["headers"], timeout=60)
-        assert r.status_code == 200
+        status = serve.status().applications[name].deployments["Predictor"]
+        assert status.status == "HEALTHY"
+        r = requests.get(app["url"] + "/live/healthz", params={"deep": "true"}, timeout=60)
+        assert r.status_code == 200, r.text
     finally:
-        serve.run(build_app(app["cfg"]), name=APP_NAME, route_prefix="/")
+        serve.delete(name)
