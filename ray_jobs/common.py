@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -32,84 +31,15 @@ class _Stdout(logging.StreamHandler):
 
 # The jobs' own progress lines ("[enrich] 140 records: ..."): INFO on stdout.
 log = logging.getLogger("caslie")
+
+from .connect import init_ray, running_local_cluster, token_client_mode, verbose_mode  # noqa: E402,F401
+
 if not log.handlers:
     _handler = _Stdout()
     _handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(_handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-
-
-def _answers(address: str, timeout: float = 1.0) -> bool:
-    """Does a GCS listen at host:port? (Ray's address file outlives a cluster that died without `ray stop`.)"""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def running_local_cluster() -> str | None:
-    """The address of the local cluster Ray's address file names (a `ray start` cluster), if it answers."""
-    try:
-        from ray._private.utils import read_ray_address
-
-        address = read_ray_address()
-    except Exception:  # noqa: BLE001 - a private helper; without it we simply start our own cluster
-        return None
-    return address if address and _answers(address) else None
-
-
-def init_ray(ray_cfg, *, verbose: bool | None = None) -> bool:
-    """Connect to Ray; returns True when this call started the cluster (then the job shuts it down).
-
-    `ray.address` (else RAY_ADDRESS): `local` starts a cluster of our own with `ray.num_cpus` and
-    `ray.object_store_memory`; `auto` or host:port joins that cluster. Unset: join a running local
-    cluster when one answers (its resources are its own, so ours are not passed), else start one.
-    Workers must import our packages: the repo goes on PYTHONPATH (inherited by local workers).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    verbose = verbose_mode() if verbose is None else verbose
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
-    kwargs = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
-    if address is None and (found := running_local_cluster()):
-        address = found
-        log.info(f"[ray] joined the running local Ray cluster at {found} (set ray.address=local to start our own)")
-    elif address and address != "local":
-        log.info(f"[ray] joining the Ray cluster at {address}")
-    if address and address != "local":
-        ray.init(address=address, **kwargs)
-        return False
-    ray.init(
-        address="local",
-        num_cpus=ray_cfg.num_cpus,
-        object_store_memory=ray_cfg.object_store_memory,
-        include_dashboard=False,
-        **kwargs,
-    )
-    if not verbose:
-        log.info(f"[ray] started a local Ray cluster; Ray's own logs: {_session_logs()}")
-    return True
-
-
-def _session_logs() -> str:
-    try:
-        import ray
-
-        return str(Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs")
-    except Exception:  # noqa: BLE001 - only for the message
-        return "/tmp/ray/session_latest/logs"
-
-
-def verbose_mode() -> bool:
-    """Ray's own logs on the terminal: on unless `quiet()` was asked for (the `caslie` commands without
-    --verbose). A job submitted to a cluster (`python -m ray_jobs.<job>`) keeps them all, for `ray job logs`."""
-    return os.environ.get("CASLIE_VERBOSE", "1") != "0"
 
 
 def quiet(verbose: bool) -> None:
@@ -180,8 +110,14 @@ def to_table(rows: list[dict], types: dict):
 def load_job_config(job: str, path: str | Path | None, overrides: list[str] | None = None):
     """The one config loader of every entry path (CLI, `python -m`, demo, submit): YAML + `--set`, validated."""
     from caslie_core.config import JOB_CONFIGS, load_config
+    from caslie_core.config.paths import absolute_local_paths
 
-    return load_config(JOB_CONFIGS[job], path, overrides)
+    cfg = load_config(JOB_CONFIGS[job], path, overrides)
+    token_client_mode(cfg.ray.address)
+    changed = absolute_local_paths(cfg)  # workers do not share the driver's working directory
+    if changed:
+        log.info("[config] local paths made absolute: " + ", ".join(f"{k}={new}" for k, (_, new) in changed.items()))
+    return cfg
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, *, positional: bool) -> argparse.ArgumentParser:

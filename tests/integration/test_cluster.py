@@ -60,6 +60,7 @@ def secured_cluster(tiny_models, tmp_path_factory):
         "runtime_env": str(env_file),
         "head": info["head"],
         "workers": info["workers"],
+        "gcs": info["gcs"],
     }
     host.stdin.write("stop\n")
     host.stdin.flush()
@@ -270,3 +271,40 @@ def test_training_spreads_over_both_nodes_and_resumes_after_one_is_removed(secur
     assert later[0]["start_step"] > 0 and later[0]["start_step"] % every == 0  # resumed, not restarted
     assert s["steps"] == total and s["loss_curve"]["steps"] == list(range(1, total + 1))
     assert (model / "adapter" / "adapter_config.json").exists()
+
+
+def _driver(cluster: dict, cwd, token: str | None, *overrides: str):
+    """`python -m ray_jobs.enrich` as a driver joining the cluster at its GCS address, run from `cwd`."""
+    env = _client_env(token)
+    env.pop("RAY_AUTH_MODE", None)  # as a user who only has the token (or nothing) in the environment
+    env["PYTHONPATH"] = str(ROOT)
+    args = [sys.executable, "-m", "ray_jobs.enrich", "--config", str(ROOT / "configs" / "enrich-demo.yaml")]
+    args += ["--set", f"ray.address={cluster['gcs']}", *(a for o in overrides for a in ("--set", o))]
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_driver_without_the_token_is_told_what_to_set(secured_cluster, tmp_path):
+    done = _driver(secured_cluster, tmp_path, None, "input.path=x.jsonl", "output.path=out")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "RAY_AUTH_MODE=token" in done.stderr and "RAY_AUTH_TOKEN" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_relative_paths_work_against_a_cluster_started_in_another_folder(secured_cluster, tmp_path):
+    """The cluster runs from the repository; this driver runs from a folder of its own with relative paths."""
+    from caslie_core.io import store
+    from caslie_core.synthetic import write_catalog
+
+    write_catalog(tmp_path / "cat", 12, seed=5, tasks=["CC", "SA"])
+    done = _driver(
+        secured_cluster,
+        tmp_path,
+        secured_cluster["token"],
+        "input.path=cat/records.jsonl",
+        "output.path=out",
+        "output.report_per_task=0",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "local paths made absolute" in done.stdout + done.stderr
+    assert "connecting with RAY_AUTH_MODE=token" in done.stdout + done.stderr  # set by the job from the token
+    assert len(store.read_output(str(tmp_path / "out"), ["id"])) == 12

@@ -1,0 +1,108 @@
+"""Connecting a job's driver to Ray: join a running cluster or start a local one, with token auth."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("caslie")  # the jobs' logger (ray_jobs.common configures it)
+
+
+def verbose_mode() -> bool:
+    """Ray's own logs on the terminal: on unless `quiet()` was asked for (the `caslie` commands without
+    --verbose). A job submitted to a cluster (`python -m ray_jobs.<job>`) keeps them all, for `ray job logs`."""
+    return os.environ.get("CASLIE_VERBOSE", "1") != "0"
+
+
+def _answers(address: str, timeout: float = 1.0) -> bool:
+    """Does a GCS listen at host:port? (Ray's address file outlives a cluster that died without `ray stop`.)"""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def running_local_cluster() -> str | None:
+    """The address of the local cluster Ray's address file names (a `ray start` cluster), if it answers."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        address = read_ray_address()
+    except Exception:  # noqa: BLE001 - a private helper; without it we simply start our own cluster
+        return None
+    return address if address and _answers(address) else None
+
+
+def init_ray(ray_cfg, *, verbose: bool | None = None) -> bool:
+    """Connect to Ray; returns True when this call started the cluster (then the job shuts it down).
+
+    `ray.address` (else RAY_ADDRESS): `local` starts a cluster of our own with `ray.num_cpus` and
+    `ray.object_store_memory`; `auto` or host:port joins that cluster. Unset: join a running local
+    cluster when one answers (its resources are its own, so ours are not passed), else start one.
+    Workers must import our packages: the repo goes on PYTHONPATH (inherited by local workers).
+    """
+    token_client_mode(ray_cfg.address)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    verbose = verbose_mode() if verbose is None else verbose
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
+    kwargs = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if address is None and (found := running_local_cluster()):
+        address = found
+        log.info(f"[ray] joined the running local Ray cluster at {found} (set ray.address=local to start our own)")
+    elif address and address != "local":
+        log.info(f"[ray] joining the Ray cluster at {address}")
+    if address and address != "local":
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as e:
+            if os.environ.get("RAY_AUTH_MODE") == "token":
+                raise
+            from caslie_core.errors import CaslieError
+
+            raise CaslieError(
+                f"cannot connect to the Ray cluster at {address} ({str(e).strip().splitlines()[0][:160]}). If it "
+                "uses token authentication (Ray's default for clusters it starts, KubeRay's authOptions), set "
+                "RAY_AUTH_MODE=token in this process's environment and the cluster's token in RAY_AUTH_TOKEN (or "
+                "a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)"
+            ) from None
+        return False
+    ray.init(
+        address="local",
+        num_cpus=ray_cfg.num_cpus,
+        object_store_memory=ray_cfg.object_store_memory,
+        include_dashboard=False,
+        **kwargs,
+    )
+    if not verbose:
+        log.info(f"[ray] started a local Ray cluster; Ray's own logs: {_session_logs()}")
+    return True
+
+
+def token_client_mode(address: str | None) -> None:
+    """A driver joining a cluster with a token given to it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) but no
+    RAY_AUTH_MODE is joining a token-auth cluster: set the mode. Ray reads it when first imported, so this runs
+    where a job's config is loaded, before the job imports Ray (and again in init_ray for embedders)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address in (None, "local") or os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        log.info("[ray] a Ray auth token is set: connecting with RAY_AUTH_MODE=token")
+
+
+def _session_logs() -> str:
+    try:
+        import ray
+
+        return str(Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs")
+    except Exception:  # noqa: BLE001 - only for the message
+        return "/tmp/ray/session_latest/logs"
