@@ -210,9 +210,7 @@ def write_catalog(
     for i in range(n_records):
         abbr = abbrs[i % len(abbrs)]
         rec, draws = _record(g, abbr)
-        split = g.rng.choices(list(weights), weights=list(weights.values()))[0]
-        if split == "ood_test" and not TASKS[abbr].has_ood:
-            split = "test"
+        split = pick_split(g.rng, weights, abbr)
         urls = []
         for category, color in draws:
             fmt = g.rng.choice(["PNG", "JPEG"])
@@ -220,18 +218,7 @@ def write_catalog(
             draw_image(img_dir / name, category, color, g.rng, fmt=fmt, mode=g.rng.choice(modes))
             urls.append(f"{prefix}/{name}")
             image_count += 1
-        rows.append(
-            {
-                "id": f"syn-{seed}-{i:06d}",
-                "task": TASKS[abbr].name,
-                "split": split,
-                "instruction": INSTRUCTIONS[abbr],
-                "input": json.dumps(rec["input"]),
-                "options": json.dumps(rec["options"]),
-                "output": rec["output"],
-                "images": json.dumps(urls),
-            }
-        )
+        rows.append(catalog_row(f"syn-{seed}-{i:06d}", abbr, split, INSTRUCTIONS[abbr], rec, urls))
     broken = break_images(rows, img_dir, broken_images)
     write_records(out, rows)
     manifest = {
@@ -248,6 +235,26 @@ def write_catalog(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def pick_split(rng: random.Random, weights: dict[str, float], abbr: str) -> str:
+    """A record's split drawn with `weights`; `ood_test` only for tasks that have an OOD split."""
+    split = rng.choices(list(weights), weights=list(weights.values()))[0]
+    return "test" if split == "ood_test" and not TASKS[abbr].has_ood else split
+
+
+def catalog_row(rid: str, abbr: str, split: str, instruction: str, rec: dict, urls: list[str]) -> dict:
+    """One MMECInstruct-schema row of a synthetic catalog (input, options and images as JSON strings)."""
+    return {
+        "id": rid,
+        "task": TASKS[abbr].name,
+        "split": split,
+        "instruction": instruction,
+        "input": json.dumps(rec["input"]),
+        "options": json.dumps(rec["options"]),
+        "output": rec["output"],
+        "images": json.dumps(urls),
+    }
 
 
 def write_records(out: Path, rows: list[dict]) -> None:

@@ -214,6 +214,8 @@ def write_world_catalog(
     unknown = [a for a in abbrs if a not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; valid: {list(TASKS)}")
+    from ..synthetic import break_images, catalog_row, pick_split, write_records
+
     world = World(seed, uninformative)
     weights = splits or DEFAULT_SPLITS
     prefix = base_url.rstrip("/") if base_url else str(img_dir.resolve())
@@ -221,9 +223,7 @@ def write_world_catalog(
     for i in range(n_records):
         abbr = abbrs[i % len(abbrs)]
         rec, pictures = world.record(abbr)
-        split = world.rng.choices(list(weights), weights=list(weights.values()))[0]
-        if split == "ood_test" and not TASKS[abbr].has_ood:
-            split = "test"
+        split = pick_split(world.rng, weights, abbr)
         urls = []
         for look in pictures:
             data, ext = encode(draw(look, world.rng), world.rng)
@@ -232,19 +232,7 @@ def write_world_catalog(
             urls.append(f"{prefix}/{name}")
             looks[name] = look.caption
             n_images += 1
-        rows.append(
-            {
-                "id": f"w{seed}-{i:06d}",
-                "task": TASKS[abbr].name,
-                "split": split,
-                "instruction": INSTRUCTIONS[abbr],
-                "input": json.dumps(rec["input"]),
-                "options": json.dumps(rec["options"]),
-                "output": rec["output"],
-                "images": json.dumps(urls),
-            }
-        )
-    from ..synthetic import break_images, write_records
+        rows.append(catalog_row(f"w{seed}-{i:06d}", abbr, split, INSTRUCTIONS[abbr], rec, urls))
 
     broken = break_images(rows, img_dir, broken_images)
     write_records(out, rows)
