@@ -92,16 +92,18 @@ def thumbnail(url: str, policy, *, size: int = 112) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _request(row: dict, index: int) -> str:
+def _requests(row: dict, n: int) -> list[str]:
+    """The caption request of each of the row's `n` pictures (the record parsed once)."""
     from ..prompts import caption_request
     from ..records import parse_record
 
     try:
         raw = {k: row.get(k) for k in ("id", "task", "split", "instruction", "output", "images")}
         raw.update(input=row.get("original_input"), options=row.get("original_options"))
-        return caption_request(parse_record(raw), index)
+        record = parse_record(raw)
+        return [caption_request(record, i) for i in range(n)]
     except Exception as e:  # noqa: BLE001
-        return f"(no request: {e})"
+        return [f"(no request: {e})"] * n
 
 
 _CSS = """
@@ -145,7 +147,7 @@ def _record_rows(row: dict, thumbs: dict[str, str | None]) -> str:
     head = f'<td rowspan="{max(1, len(results))}"><b>{_e(row["id"])}</b><br>{_e(status)}{rec_err}</td>'
     if not results:
         return f'<tr class="record status-{_e(status)}" data-status="{_e(status)}">{head}<td colspan="5">no images judged</td></tr>'
-    out = []
+    out, requests = [], _requests(row, len(results))
     for i, res in enumerate(results):
         src = thumbs.get(res.get("url"))
         pic = f'<img class="thumb" alt="image {i}" src="{src}">' if src else '<span class="missing">no picture</span>'
@@ -155,7 +157,7 @@ def _record_rows(row: dict, thumbs: dict[str, str | None]) -> str:
         if e:
             kept += f'<div class="err">{_e(e["stage"])}: {_e(e["message"])}</div>'
         cells = (
-            f'<td>{pic}</td><td class="req">{_e(_request(row, i))}</td><td class="caption">{_e(res.get("caption"))}'
+            f'<td>{pic}</td><td class="req">{_e(requests[i])}</td><td class="caption">{_e(res.get("caption"))}'
             f'</td><td class="votes">{votes}</td><td>{kept}</td>'
         )
         out.append(

@@ -26,22 +26,12 @@ IMAGE_TASKS = ("CC", "MPC", "PSI")
 ALL_TASKS = ("CC", "MPC", "PSI", "SA", "AP", "PRP", "SR")
 
 
-def _record(abbr: str, rec: dict):
+def _record(abbr: str, rec: dict, n_images: int):
+    """The parsed record of a world draw (its pictures are not files: only their count matters here)."""
     from ..records import parse_record
-    from ..tasks import TASKS
+    from ..synthetic import catalog_row
 
-    images = ["x"] * (1 if abbr in ("CC", "MPC", "PSI", "SA", "AP") else 2 if abbr == "PRP" else 5)
-    raw = {
-        "id": "world",
-        "task": TASKS[abbr].name,
-        "split": "train",
-        "instruction": INSTRUCTIONS[abbr],
-        "input": json.dumps(rec["input"]),
-        "options": json.dumps(rec["options"]),
-        "output": rec["output"],
-        "images": json.dumps(images),
-    }
-    return parse_record(raw)
+    return parse_record(catalog_row("world", abbr, "train", INSTRUCTIONS[abbr], rec, ["x"] * n_images))
 
 
 def samples(seed: int, n: int, uninformative: float = 0.1) -> list[tuple[str, object, int, Look]]:
@@ -51,7 +41,7 @@ def samples(seed: int, n: int, uninformative: float = 0.1) -> list[tuple[str, ob
         abbr = ALL_TASKS[i % len(ALL_TASKS)]
         rec, looks = world.record(abbr)
         k = world.rng.randrange(len(looks))
-        out.append((abbr, _record(abbr, rec), k, looks[k]))
+        out.append((abbr, _record(abbr, rec, len(looks)), k, looks[k]))
     return out
 
 
