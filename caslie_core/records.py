@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import RecordError
-from .tasks import Task, get_task
+from .tasks import OPTION_LETTERS, Task, get_task
 
 SPLITS = ("train", "val", "test", "ood_test")
 _SPLIT_ALIASES = {
@@ -164,6 +164,10 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
+def _not_json(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _json_field(value: Any, name: str, expect: type | tuple[type, ...], err) -> Any:
     """Accept a JSON-encoded string or an already-structured value; check its type."""
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
@@ -172,9 +176,13 @@ def _json_field(value: Any, name: str, expect: type | tuple[type, ...], err) -> 
         value = value.decode("utf-8", errors="replace")
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = json.loads(value, parse_constant=_not_json)
         except json.JSONDecodeError as e:
             raise err(f"malformed JSON ({e.msg} at char {e.pos}): {value[:80]!r}", name) from None
+        except RecursionError:
+            raise err("malformed JSON (nested too deeply)", name) from None
+        except ValueError as e:  # NaN/Infinity, or an integer too long to convert
+            raise err(f"malformed JSON ({str(e)[:120]})", name) from None
     if not isinstance(value, expect):
         names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
         raise err(f"expected a JSON {names}, got {type(value).__name__}", name)
@@ -229,6 +237,10 @@ def parse_record(raw: Any, *, source: str | None = None, row: int | None = None)
     )
     if not all(isinstance(o, str) for o in options):
         raise err("expected a JSON list of strings", "options")
+    if len(options) > len(OPTION_LETTERS):
+        raise err(
+            f"{len(options)} options; at most {len(OPTION_LETTERS)} (answered with the letters A to Z)", "options"
+        )
     if task.label_kind == "option_letter" and not options:
         raise err(f"task {task.abbr} answers with an option letter, but the record has no options", "options")
 

@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -26,7 +28,6 @@ from ray import serve
 
 from caslie_core import serving as sv
 from caslie_core.config import ServeConfig
-from caslie_core.errors import ImageError
 from caslie_core.serving.spec import app_spec
 
 from .common import ROOT, init_ray, job_entry, job_main, requiet
@@ -35,7 +36,8 @@ from .serve_models import Captioner, Judge, predictor_deployment
 log = logging.getLogger("ray.serve")
 APP_NAME = "caslie"
 DESCRIPTION = "Context-conditioned captions, caption-quality votes and answers of a fine-tuned e-commerce model."
-api = FastAPI(title="CASLIE", version="1", description=DESCRIPTION)
+# The docs routes are the ingress's own (below): behind the API key when one is set.
+api = FastAPI(title="CASLIE", version="1", description=DESCRIPTION, docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.deployment
@@ -51,15 +53,34 @@ class Ingress:
         self.style = spec["style"]
         self.key_digest = spec["key_digest"]
         self.policy = cfg.fetch.policy()
+        f = cfg.fetch
+        self.intake = sv.ImageIntake(
+            self.policy,
+            fetch_threads=f.threads,
+            decode_threads=f.decode_threads,
+            per_request=f.per_request,
+            size=cfg.captioner.image_size,
+            max_pixels=f.max_pixels,
+            max_decoded_bytes=f.max_decoded_bytes,
+        )
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         self.retryable = (RayActorError, ActorUnavailableError)  # a replica died mid-request: retry elsewhere
 
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, request: Request, seconds: float) -> bytes:
+        """The body within `seconds` (408 after), at most `http.max_body_bytes` (413)."""
         limit = self.cfg.http.max_body_bytes
-        return await sv.read_body(request.stream(), limit, request.headers.get("content-length", ""))
+        try:
+            return await asyncio.wait_for(
+                sv.read_body(request.stream(), limit, request.headers.get("content-length", "")), seconds
+            )
+        except TimeoutError:
+            raise sv.ApiError(
+                408, f"the request body did not arrive within {seconds:g}s", {"Connection": "close"}, code="timeout"
+            ) from None
 
     def _authorize(self, request: Request) -> None:
+        sv.check_headers(request.headers.raw, self.cfg.http.max_header_bytes)
         if not sv.key_matches(request.headers, self.key_digest):  # Starlette headers: case-insensitive
             raise sv.unauthorized()
 
@@ -73,13 +94,16 @@ class Ingress:
     async def _handle(self, request: Request, model, work, *, openai: bool = False):
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        stage = {"name": "reading the request"}
+        http = self.cfg.http
+        start = time.monotonic()  # the deadline counts from here: reading the body is part of the request
+        stage = {"name": "reading the request", "deadline": start + http.request_timeout_s}
         try:
             self._authorize(request)
-            req = sv.parse_body(await self._body(request), model)
-            timeout = min(req.timeout_s or self.cfg.http.request_timeout_s, self.cfg.http.request_timeout_s)
+            req = sv.parse_body(await self._body(request, min(http.body_timeout_s, http.request_timeout_s)), model)
+            timeout = min(req.timeout_s or http.request_timeout_s, http.request_timeout_s)
+            stage["deadline"] = start + timeout
             try:
-                return await asyncio.wait_for(work(req, stage), timeout)
+                return await asyncio.wait_for(work(req, stage), max(0.0, stage["deadline"] - time.monotonic()))
             except TimeoutError:
                 raise sv.ApiError(
                     504, f"deadline of {timeout:g}s passed while {stage['name']}", code="timeout"
@@ -90,9 +114,10 @@ class Ingress:
             return self._error(self._overloaded(str(e)), openai)
         except DeploymentUnavailableError as e:
             return self._error(self._overloaded(f"a deployment is unavailable ({e})"), openai)
-        except Exception as e:  # a bug or a model crash: say so, keep serving
-            log.exception("request failed")
-            return self._error(sv.ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal"), openai)
+        except Exception:  # a bug or a model crash: logged with an id the client can quote, no internals sent
+            ref = uuid.uuid4().hex[:12]
+            log.exception("request failed (error id %s)", ref)
+            return self._error(sv.ApiError(500, f"internal error (error id {ref})", code="internal"), openai)
 
     async def _call(self, make):
         """Await a model call; a replica that died mid-request is retried on another (idempotent)."""
@@ -111,19 +136,7 @@ class Ingress:
     async def _images(self, slots: list[sv.ImageSlot], mode: str, stage: dict) -> None:
         stage["name"] = "fetching images"
         sv.check_image_count(slots, self.cfg.fetch.max_images)
-        size, max_pixels = self.cfg.captioner.image_size, self.cfg.fetch.max_pixels
-        failures: list[tuple[sv.ImageSlot, ImageError]] = []
-
-        async def one(slot: sv.ImageSlot) -> None:
-            try:
-                slot.pixels = await asyncio.to_thread(
-                    sv.load_image, slot.url, self.policy, size=size, max_pixels=max_pixels
-                )
-            except ImageError as e:
-                slot.error = {"stage": e.stage, "message": e.reason}
-                failures.append((slot, e))
-
-        await asyncio.gather(*(one(s) for s in slots))
+        failures = await self.intake.load(slots, deadline=stage["deadline"])
         if failures and mode == "fail":
             raise sv.image_failures_error(failures)
 
@@ -226,6 +239,23 @@ class Ingress:
             return self._error(e, True)
         return sv.models_list(list(self.models))
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        try:
+            self._authorize(request)
+        except sv.ApiError as e:
+            return self._error(e, False)
+        return api.openapi()
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        """Swagger UI without a key only; with a key set, read /openapi.json with the key instead."""
+        if self.key_digest is not None:
+            return JSONResponse({"detail": "docs are off when an API key is set; GET /openapi.json with the key"}, 404)
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="CASLIE")
+
     @staticmethod
     async def _ping(handle) -> str:
         # A method: the pickled ingress class missed a module-level helper (NameError in the replica).
@@ -312,21 +342,27 @@ def serving(cfg: ServeConfig):
 
 
 def run(cfg: ServeConfig) -> None:
-    """`caslie serve`: serve until interrupted (Ctrl-C or SIGTERM), then shut Serve down."""
-    stopped = {"flag": False}
+    """`caslie serve`: serve until interrupted (Ctrl-C or SIGTERM), then shut Serve down in order."""
+    stop = threading.Event()
+    started = init_ray(cfg.ray)
+    # Ray's driver handler turns SIGTERM into SystemExit wherever the main thread is (mid-deploy, inside
+    # gRPC calls) and the process then aborts on the way out; ours, set after Ray's, only asks the loop
+    # below to end, so Serve drains and stops (also when the signal comes while the app is deploying).
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with serving(cfg) as url:
+            print(f"CASLIE is serving at {url}; Ctrl-C stops it\n  curl {url}/healthz   {url}/v1/models", flush=True)
+            try:
+                while not stop.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                pass
+            print("shutting down", flush=True)
+    finally:
+        if started:
+            import ray
 
-    def on_signal(*_):
-        stopped["flag"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    with serving(cfg) as url:
-        print(f"CASLIE is serving at {url}; Ctrl-C stops it\n  curl {url}/healthz   {url}/v1/models   {url}/docs")
-        try:
-            while not stopped["flag"]:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        print("shutting down")
+            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,17 @@ class ServeHttpConfig(StrictModel):
     host: str = Field("127.0.0.1", description="address the HTTP proxy binds (0.0.0.0 exposes it: put auth on)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="seconds to receive the whole request body (a trickling client gets 408)"
+    )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="request headers larger than this get 431 (also limit them at the load balancer)",
+    )
+    allow_insecure: bool = Field(
+        False, description="allow binding beyond loopback without an API key (never on a shared network)"
+    )
     request_timeout_s: float = Field(
         60.0, gt=0, description="per-request deadline (clients may ask for less with timeout_s); on expiry 504"
     )
@@ -100,6 +111,27 @@ class ServeHttpConfig(StrictModel):
         default_factory=lambda: DeploymentSettings(num_cpus=0.25, batching=BatchingSettings(enabled=False)),
         description="the FastAPI ingress deployment (no model)",
     )
+
+    @model_validator(mode="after")
+    def _exposed_needs_a_key(self):
+        if not is_loopback(self.host) and self.api_key_env is None and not self.allow_insecure:
+            raise ValueError(
+                f"http.host={self.host!r} serves beyond this machine without an API key: set http.api_key_env "
+                "(the name of an environment variable holding the key), bind http.host: 127.0.0.1, or set "
+                "http.allow_insecure: true to accept the risk"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ServeFetchConfig(FetchRules):
@@ -120,6 +152,12 @@ class ServeFetchConfig(FetchRules):
     max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="byte cap per image (URLs and data: URIs)")
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: max width*height")
     max_images: int = Field(16, ge=1, description="images per request")
+    max_decoded_bytes: int = Field(
+        160_000_000, ge=1_000_000, description="memory budget of one decoded image (header checked before decoding)"
+    )
+    threads: int = Field(32, ge=1, le=1024, description="fetch threads per ingress replica (their own pool)")
+    decode_threads: int = Field(4, ge=1, le=64, description="decode threads per ingress replica")
+    per_request: int = Field(4, ge=1, description="images one request fetches at a time")
 
 
 class ServeCaptionerConfig(ModelRef):

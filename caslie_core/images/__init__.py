@@ -8,6 +8,8 @@ threads at once. Rules:
   deadline (`total_timeout`, from the first attempt: connecting, retries, backoff, Retry-After waits,
   response headers and body). Every socket read is given min(read_timeout, time left), so a server that
   drips one byte a second fails at the deadline ("... over the Ns total deadline ...", not retried);
+- a `FetchCancel` token given to `fetch_image` stops its fetch from another thread at once (a blocked read's
+  socket is shut down, a retry wait ends): a client request whose deadline passed frees its fetch threads;
 - retries with exponential backoff on transient errors (connection errors, timeouts, 429, 5xx); on 429
   and 503 a `Retry-After` (seconds or an HTTP-date) is waited instead, within the retry budget; one that
   asks for longer than the deadline leaves fails at once, naming the status and the header;
@@ -38,13 +40,14 @@ from __future__ import annotations
 from .connections import POOL_IDLE_SECONDS, POOL_MAX_IDLE, POOL_MAX_IDLE_PER_KEY, close_idle_connections, pool_stats
 from .decode import decode_image, letterbox, to_rgb
 from .fetch import digest, fetch_image, fetch_once
-from .policy import METADATA_ADDRESSES, FetchPolicy, address_refusal, retry_after_seconds
+from .policy import METADATA_ADDRESSES, FetchCancel, FetchPolicy, address_refusal, retry_after_seconds
 
 __all__ = [
     "METADATA_ADDRESSES",
     "POOL_IDLE_SECONDS",
     "POOL_MAX_IDLE",
     "POOL_MAX_IDLE_PER_KEY",
+    "FetchCancel",
     "FetchPolicy",
     "address_refusal",
     "close_idle_connections",

@@ -59,11 +59,18 @@ class _TimedReader(io.RawIOBase):
         timeout, by_deadline = self._deadline.timeout(self._read_timeout)
         self._sock.settimeout(timeout)
         try:
-            return self._raw.readinto(b)
+            n = self._raw.readinto(b)
         except TimeoutError:
-            if by_deadline:
+            if by_deadline or self._deadline.left() <= 0:
                 raise _DeadlineExceeded from None
             raise
+        except OSError:
+            if self._deadline.left() <= 0:  # cancelled: the socket was shut down under the read
+                raise _DeadlineExceeded from None
+            raise
+        if not n and self._deadline.left() <= 0:
+            raise _DeadlineExceeded
+        return n
 
     def close(self) -> None:
         if not self.closed:
@@ -225,6 +232,12 @@ def _connect(scheme: str, host: str, port: int, ips: list[str], policy: FetchPol
             break
         except OSError as e:
             last = e
+    if sock is not None and deadline.cancel is not None:
+        try:
+            deadline.cancel.watch(sock)  # from here on, a cancel shuts it down
+        except _DeadlineExceeded:
+            sock.close()
+            raise
     if sock is None:
         if isinstance(last, TimeoutError):
             if by_deadline:
@@ -244,7 +257,7 @@ def _connect(scheme: str, host: str, port: int, ips: list[str], policy: FetchPol
         raise ImageError("fetch", f"TLS certificate check failed for {host}: {e.verify_message or e}") from None
     except TimeoutError:
         sock.close()
-        if by_deadline:
+        if by_deadline or deadline.left() <= 0:
             raise _DeadlineExceeded from None
         raise ImageError(
             "fetch", f"TLS handshake timed out after {policy.read_timeout}s: {host}", transient=True
@@ -254,6 +267,8 @@ def _connect(scheme: str, host: str, port: int, ips: list[str], policy: FetchPol
         raise
     except OSError as e:
         sock.close()
+        if deadline.left() <= 0:
+            raise _DeadlineExceeded from None
         raise ImageError("fetch", f"TLS handshake with {host} failed: {e}", transient=True) from None
     conn = _Conn(host, port, timeout=policy.read_timeout)
     if scheme == "https":

@@ -14,6 +14,7 @@ from .connections import _POOL, _STALE_ERRORS, _Conn, _connect, _Stale, _timed_r
 from .policy import (
     DRAIN_BYTES,
     REDIRECTS,
+    FetchCancel,
     FetchPolicy,
     _Deadline,
     _DeadlineExceeded,
@@ -46,7 +47,10 @@ def _exchange(conn: _Conn, url: str, path: str, policy: FetchPolicy, deadline: _
     doing = ["waiting for the response"]
     resp = None
     reusable = False
+    cancel = deadline.cancel
     try:
+        if cancel is not None and conn.sock is not None:
+            cancel.watch(conn.sock)
         conn.response_class = functools.partial(_timed_response, deadline=deadline, read_timeout=policy.read_timeout)
         sent = {
             "User-Agent": policy.user_agent,
@@ -83,10 +87,16 @@ def _exchange(conn: _Conn, url: str, path: str, policy: FetchPolicy, deadline: _
     except _DeadlineExceeded:
         raise deadline.error(url, doing[0]) from None
     except TimeoutError:
+        if deadline.left() <= 0:
+            raise deadline.error(url, doing[0]) from None
         raise ImageError("fetch", f"read timed out after {policy.read_timeout}s: {url}", transient=True) from None
     except (http.client.HTTPException, OSError) as e:
+        if deadline.left() <= 0:
+            raise deadline.error(url, doing[0]) from None
         raise ImageError("fetch", f"{type(e).__name__}: {e}", transient=True) from None
     finally:
+        if cancel is not None and conn.sock is not None:
+            cancel.unwatch(conn.sock)
         # Back to the pool only after a complete response on a connection the server keeps open.
         keep = reusable and policy.pool and resp is not None and not resp.will_close and conn.sock is not None
         if resp is not None:
@@ -174,7 +184,15 @@ def fetch_once(url: str, policy: FetchPolicy) -> bytes:
 
 
 def _fetch_once(url: str, policy: FetchPolicy, deadline: _Deadline) -> bytes:
-    scheme = urlsplit(url).scheme.lower()
+    if deadline.left() <= 0:
+        raise deadline.error(url, "before starting")
+    try:
+        scheme = urlsplit(url).scheme.lower()
+        urlsplit(url).port  # noqa: B018 - a port out of range or a broken IPv6 literal raises here
+    except ValueError as e:
+        raise ImageError("fetch", f"malformed URL ({e})") from None
+    if scheme in ("http", "https") and not urlsplit(url).hostname:
+        raise ImageError("fetch", "malformed URL (no host)")
     if scheme in ("", "file") or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
         if not policy.allow_local_files:
             raise ImageError("fetch", f"refused: local file paths are not allowed here: {url}")
@@ -195,11 +213,22 @@ def _given_up(e: ImageError, attempt: int, why: str = "") -> ImageError:
     return e
 
 
-def fetch_image(url: str, policy: FetchPolicy | None = None, *, sleep=time.sleep) -> bytes:
+def fetch_image(
+    url: str,
+    policy: FetchPolicy | None = None,
+    *,
+    sleep=time.sleep,
+    cancel: FetchCancel | None = None,
+    timeout: float | None = None,
+) -> bytes:
     """Fetch with retries on transient errors (exponential backoff with jitter, or the server's
-    Retry-After on 429/503), all within `policy.total_timeout` seconds from the first attempt."""
+    Retry-After on 429/503), all within `policy.total_timeout` seconds from the first attempt (or `timeout`,
+    when shorter: what is left of a client's request). `cancel` stops it from another thread at once."""
     policy = policy or FetchPolicy()
-    deadline = _Deadline(policy.total_timeout)
+    total = policy.total_timeout if timeout is None else max(0.0, min(timeout, policy.total_timeout))
+    deadline = _Deadline(total, cancel)
+    if cancel is not None:
+        sleep = cancel.wait
     attempt = 0
     while True:
         try:
@@ -214,17 +243,18 @@ def fetch_image(url: str, policy: FetchPolicy | None = None, *, sleep=time.sleep
                     raise ImageError(
                         "fetch",
                         f"{e.reason}: the server asks to wait {retry_after:.0f}s, more than the "
-                        f"{max(left, 0):.1f}s left of the {policy.total_timeout:g}s total deadline; not retried",
+                        f"{max(left, 0):.1f}s left of the {deadline.total:g}s total deadline; not retried",
                         transient=True,
                     ) from None
                 wait = retry_after
             else:
                 wait = policy.backoff * (2**attempt) * (1 + random.random() * 0.25)
                 if wait >= left:
-                    why = f"no time left for a retry within the {policy.total_timeout:g}s total deadline"
+                    why = f"no time left for a retry within the {deadline.total:g}s total deadline"
                     raise _given_up(e, attempt, why) from None
         attempt += 1
-        sleep(wait)
+        if sleep(wait) is True:  # FetchCancel.wait: cancelled while waiting
+            raise deadline.error(url, "waiting to retry")
 
 
 def digest(data: bytes) -> str:

@@ -7,6 +7,7 @@ import email.utils
 import ipaddress
 import math
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timezone
@@ -48,8 +49,14 @@ def address_refusal(ip: str, allowlist: list[str] | None = None) -> str | None:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
         return f"not an IP address: {ip!r}"
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        # IPv4 carried inside IPv6 is judged as the IPv4 address it reaches: mapped, 6to4 (2002::/16), Teredo.
+        embedded = addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+        if embedded is not None:
+            why = address_refusal(str(embedded), allowlist)
+            return f"{addr} carries {why}" if why and addr.ipv4_mapped is None else why
+        if addr.is_site_local:  # fec0::/10, deprecated but still routed inside some networks
+            return f"{addr} is a site-local address"
     for entry in allowlist or []:
         try:
             if addr in ipaddress.ip_network(entry, strict=False):
@@ -74,6 +81,14 @@ def address_refusal(ip: str, allowlist: list[str] | None = None) -> str | None:
     return None
 
 
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 def _resolve_checked(host: str, port: int, policy: FetchPolicy) -> list[str]:
     """Resolve `host`; every address must pass the rules. Returns them (connect tries each in turn)."""
     host_allowed = host.lower() in {a.lower() for a in policy.allowlist}
@@ -85,9 +100,13 @@ def _resolve_checked(host: str, port: int, policy: FetchPolicy) -> list[str]:
     if not ips:
         raise ImageError("fetch", f"host {host!r} has no address")
     if policy.block_private and not host_allowed:
+        literal = _is_ip_literal(host)
         for ip in ips:
             why = address_refusal(ip, policy.allowlist)
             if why:
+                if not literal:  # the address a name resolved to is not told (no internal DNS oracle)
+                    why = why.partition(" is ")[2] or "a refused address"
+                    why = f"an address that is {why}"
                 raise ImageError("fetch", f"refused: {host} resolves to {why} (allowlist it to fetch from it)")
     return ips
 
@@ -99,15 +118,57 @@ class _DeadlineExceeded(Exception):
     """Raised inside a read or connect when the total deadline has passed (turned into an ImageError)."""
 
 
-class _Deadline:
-    """The total per-image deadline: `total` seconds from the first attempt."""
+class FetchCancel:
+    """Stops fetches from another thread: `cancel()` makes every fetch given this token fail at once, also one
+    blocked in a socket read (its socket is shut down), and ends their retry waits. One per client request."""
 
-    def __init__(self, total: float) -> None:
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._socks: set = set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._event.set()
+            socks, self._socks = list(self._socks), set()
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # a blocked recv/send returns at once
+            except OSError:
+                pass
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._socks.add(sock)
+                return
+        raise _DeadlineExceeded
+
+    def unwatch(self, sock) -> None:
+        with self._lock:
+            self._socks.discard(sock)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True if cancelled meanwhile."""
+        return self._event.wait(seconds)
+
+
+class _Deadline:
+    """The total per-image deadline: `total` seconds from the first attempt (or sooner when cancelled)."""
+
+    def __init__(self, total: float, cancel: FetchCancel | None = None) -> None:
         self.total = total
         self.start = time.monotonic()
         self.end = self.start + total
+        self.cancel = cancel
 
     def left(self) -> float:
+        if self.cancel is not None and self.cancel.cancelled:
+            return 0.0
         return self.end - time.monotonic()
 
     def elapsed(self) -> float:
@@ -121,6 +182,8 @@ class _Deadline:
         return (left, True) if left < cap else (cap, False)
 
     def error(self, url: str, doing: str) -> ImageError:
+        if self.cancel is not None and self.cancel.cancelled:
+            return ImageError("fetch", f"cancelled {doing} after {self.elapsed():.1f}s: {url}", transient=False)
         return ImageError(
             "fetch",
             f"gave up {doing} after {self.elapsed():.1f}s: over the {self.total:g}s total deadline: {url}",

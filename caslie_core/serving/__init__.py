@@ -13,6 +13,7 @@ from .api import (
     PredictRequest,
     chat_chunks,
     chat_completion,
+    check_headers,
     key_digest,
     key_matches,
     models_list,
@@ -43,6 +44,7 @@ from .flow import (
     shown_url,
     to_record,
 )
+from .intake import ImageIntake
 
 __all__ = [
     "BASE_MODEL_NAME",
@@ -54,7 +56,9 @@ __all__ = [
     "ImageSlot",
     "PredictRequest",
     "caption_outcome",
+    "ImageIntake",
     "chat_chunks",
+    "check_headers",
     "chat_completion",
     "chat_prompt",
     "chat_questions",

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 BASE_MODEL_NAME = "base"
 
@@ -57,6 +57,15 @@ def served_model(models: dict[str, str], name: str) -> tuple[str, str]:
     return name, models[name]
 
 
+def check_headers(raw_headers, limit: int) -> None:
+    """431 when the request's headers (names and values) add up to more than `limit` bytes."""
+    size = sum(len(k) + len(v) + 4 for k, v in raw_headers)
+    if size > limit:
+        raise ApiError(
+            431, f"request headers of {size} bytes are over the {limit}-byte limit", code="headers_too_large"
+        )
+
+
 async def read_body(chunks, limit: int, declared_length: str = "") -> bytes:
     """Read a request body from an async iterator of chunks; 413 past `limit` bytes (declared or read)."""
     if declared_length.isdigit() and int(declared_length) > limit:
@@ -75,15 +84,49 @@ def validation_detail(err: ValidationError) -> list[dict]:
     return [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in err.errors()]
 
 
+MAX_JSON_DEPTH = 64  # a request nests far less; deeper ones are refused before anything walks them
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_depth(value) -> int:
+    """How deep lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def parse_body(raw: bytes, model: type[BaseModel]):
-    """Bytes -> validated request, or ApiError(422) saying what is wrong and where."""
+    """Bytes -> validated request, or ApiError(422) saying what is wrong and where. Strict JSON: no NaN or
+    Infinity, integers of at most 4,300 digits, nesting at most `MAX_JSON_DEPTH` deep."""
+    bad = None
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        pos = getattr(e, "pos", 0)
         raise ApiError(
-            422, [{"loc": ["body", pos], "msg": f"malformed JSON: {getattr(e, 'msg', e)}", "type": "json_invalid"}]
+            422,
+            [
+                {
+                    "loc": ["body", getattr(e, "pos", 0)],
+                    "msg": f"malformed JSON: {getattr(e, 'msg', e)}",
+                    "type": "json_invalid",
+                }
+            ],
         ) from None
+    except RecursionError:
+        bad = f"JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+    except ValueError as e:  # NaN/Infinity, or an integer too long to convert
+        bad = f"malformed JSON: {str(e)[:200]}"
+    if bad is None and json_depth(data) > MAX_JSON_DEPTH:
+        bad = f"JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+    if bad is not None:
+        raise ApiError(422, [{"loc": ["body"], "msg": bad, "type": "json_invalid"}])
     if not isinstance(data, dict):
         raise ApiError(422, [{"loc": ["body"], "msg": "expected a JSON object", "type": "dict_type"}])
     try:
@@ -121,6 +164,13 @@ class ChatPart(BaseModel):
     type: Literal["text", "image_url"]
     text: str | None = None
     image_url: dict | str | None = None
+
+    @field_validator("image_url")
+    @classmethod
+    def _url_is_text(cls, v):
+        if isinstance(v, dict) and not isinstance(v.get("url"), str):
+            raise ValueError("image_url.url must be a string (an http(s) URL or a data: URI)")
+        return v
 
     def url(self) -> str | None:
         if self.image_url is None:
