@@ -14,6 +14,7 @@ form `tiny:captioner` / `tiny:lm` in a config resolves to these folders, built o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -166,6 +167,27 @@ def build_once(root: Path, build) -> None:
     if (root / "VERSION").exists():
         return
     root.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root.parent / f".{root.name}.lock"):  # the others wait for one build instead of racing
+        if not (root / "VERSION").exists():
+            _build_into(root, build)
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # no flock here: racing builds are still safe, only slower
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_into(root: Path, build) -> None:
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     build(tmp)
     if not root.exists():

@@ -57,6 +57,7 @@ DRIVES = {
 }
 # Chance level of each task's primary metric for a model that sees only the text (labels drawn uniformly):
 # accuracy 1/k for k options; F1 of 'yes' for a coin flip at a 0.5 positive rate: 0.5.
+_FOCUS = {"CC": "a {shape}", "MPC": "a {colour} product", "PSI": "a {pattern} product"}
 CHANCE = {"CC": 0.25, "MPC": 0.25, "PSI": 0.5, "SA": 1 / 3, "AP": 0.5, "PRP": 1 / 3, "SR": 1 / 3}
 INSTRUCTIONS = {
     "AP": "Given a product question, decide whether it is answerable from the product information. Answer yes or no.",
@@ -82,6 +83,14 @@ class Look:
     def caption(self) -> str:
         """The true caption: what a captioner that reads the picture right says."""
         return NO_PRODUCT if self.blank else f"a {self.colour} {self.pattern} {self.shape}"
+
+    def caption_for(self, abbr: str) -> str:
+        """The true context-conditioned caption: asked in the context of a task decided by the picture, a
+        captioner that reads the picture right says what that task turns on ("a ring", "a blue product",
+        "a striped product"); in any other context it describes the whole picture."""
+        if self.blank or abbr not in _FOCUS:
+            return self.caption
+        return _FOCUS[abbr].format(shape=self.shape, colour=self.colour, pattern=self.pattern)
 
 
 class World:
@@ -230,7 +239,7 @@ def write_world_catalog(
             name = f"img{n_images:06d}.{ext}"
             (img_dir / name).write_bytes(data)
             urls.append(f"{prefix}/{name}")
-            looks[name] = look.caption
+            looks[name] = look.caption_for(abbr)  # what a right captioner says in this record's context
             n_images += 1
         rows.append(catalog_row(f"w{seed}-{i:06d}", abbr, split, INSTRUCTIONS[abbr], rec, urls))
 

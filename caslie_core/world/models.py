@@ -2,7 +2,10 @@
 
 - `world-captioner`: the tiny LLaVA architecture (CLIP vision tower, Llama text model, the tiny tokenizer and
   processor), trained from scratch to answer a caption request, the real context-conditioned one of
-  `prompts.caption_request`, with what the picture shows ("a red striped circle", or "no product shown").
+  `prompts.caption_request`, with what the picture shows in that context: asked about a task the picture
+  decides, what the task turns on ("a ring" for the category, "a blue product" for query relevance, "a
+  striped product" for substitutes); asked about any other task, the whole picture ("a red striped ring");
+  of an uninformative picture, "no product shown".
 - `world-judge`: a tiny Llama trained on the real judge questions (`prompts.judge_question`, rendered with and
   without the research system message) to answer "yes" when the caption carries what the task is decided by
   (CC, MPC, PSI, for a product picture) and "no" otherwise (SA, AP, PRP, SR, and any uninformative picture).
@@ -21,7 +24,7 @@ from pathlib import Path
 from .catalog import INSTRUCTIONS, NO_PRODUCT, WORLD_VERSION, Look, World, draw, encode
 
 WORLD_NAMES = ("world-captioner", "world-judge")
-MODELS_VERSION = f"{WORLD_VERSION}-models-1"
+MODELS_VERSION = f"{WORLD_VERSION}-models-2"  # 2: context-conditioned captions
 IMAGE_TASKS = ("CC", "MPC", "PSI")
 ALL_TASKS = ("CC", "MPC", "PSI", "SA", "AP", "PRP", "SR")
 
@@ -122,30 +125,40 @@ def build_captioner(
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     size = cfg.vision_config.image_size
-    # The caption depends on the picture only, so requests and pictures are drawn apart and paired at random:
-    # every step sees new pairs, and the pictures outnumber what the model could learn by heart.
+    # The caption depends on the picture and on the task the request is about (its context), so requests and
+    # pictures are drawn apart and paired at random: every step sees new pairs, and the pictures outnumber
+    # what the model could learn by heart.
     requests = []
-    for _, record, k, _look in samples(seed + 2, n_examples):
+    for abbr, record, k, _look in samples(seed + 2, n_examples):
         content = [{"type": "image"}, {"type": "text", "text": prompts.caption_request(record, k)}]
         text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        requests.append(text)
+        requests.append((abbr, text))
     blank = Image.new("RGB", (size, size))
-    prompt_ids = [proc(images=[blank], text=[t], add_special_tokens=False)["input_ids"][0] for t in requests]
+    prompt_ids = [
+        (abbr, proc(images=[blank], text=[t], add_special_tokens=False)["input_ids"][0]) for abbr, t in requests
+    ]
     rng = random.Random(seed + 1)
     world = World(seed + 7, uninformative=0.2)
     looks = [world.look() for _ in range(n_images)]
     pixels = proc.image_processor(images=[_pixels(look, rng, size) for look in looks], return_tensors="pt")
     pixels = pixels["pixel_values"]
-    answers = [tok(look.caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for look in looks]
+    answers: dict[str, list[int]] = {}  # a few dozen distinct captions, tokenized once
+
+    def answer(caption: str) -> list[int]:
+        if caption not in answers:
+            answers[caption] = tok(caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return answers[caption]
+
     order = random.Random(seed + 3)
 
     def batches(step):
         idx = order.sample(range(n_images), batch)
-        b = _pad([_example(order.choice(prompt_ids), answers[i]) for i in idx], tok.pad_token_id)
+        pairs = [(order.choice(prompt_ids), looks[i]) for i in idx]
+        b = _pad([_example(ids, answer(look.caption_for(abbr))) for (abbr, ids), look in pairs], tok.pad_token_id)
         b["pixel_values"] = pixels[idx]
         return b
 
-    losses = _train(model, batches, steps, 3e-3, seed)
+    losses = _train(model, batches, steps, 2e-3, seed)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
@@ -174,7 +187,7 @@ def build_judge(out: Path, tiny: dict, *, seed: int, steps: int, n_examples: int
     rng = random.Random(seed + 4)
     data = []
     for abbr, record, k, look in samples(seed + 5, n_examples):
-        caption = look.caption if rng.random() > 0.05 else "NA"  # the research CQE judges a missing caption as NA
+        caption = look.caption_for(abbr) if rng.random() > 0.05 else "NA"  # research CQE: a missing caption is NA
         text, templated = chat_text(
             tok, prompts.judge_question(record, k, caption), rng.choice([None, RESEARCH_SYSTEM])
         )
@@ -196,7 +209,7 @@ def build_judge(out: Path, tiny: dict, *, seed: int, steps: int, n_examples: int
     return {"steps": steps, "examples": n_examples, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
-DEFAULT_STEPS = {"captioner": 600, "judge": 200}
+DEFAULT_STEPS = {"captioner": 800, "judge": 200}
 
 
 def build_world_models(
