@@ -69,7 +69,9 @@ def submit(
     )
     try:
         client = JobSubmissionClient(address)
-        sid = client.submit_job(
+        sid = _submit_when_an_agent_is_up(
+            client,
+            out,
             entrypoint=entrypoint(job, config, overrides),
             runtime_env=runtime_env(runtime_env_path, upload=upload),
             metadata={"caslie_job": job, "config": os.path.basename(config)},
@@ -100,6 +102,26 @@ def submit(
             tail = client.get_job_logs(sid).splitlines()[-20:]
             print("last log lines:\n  " + "\n  ".join(tail), file=out)
     return {"submission_id": sid, "status": status, "address": address}
+
+
+AGENT_WAIT_S = 60.0  # a cluster just started answers "No available agent" until its job agents are up
+
+
+def _submit_when_an_agent_is_up(client, out, **job) -> str:
+    """`submit_job`, retried while the Jobs API says no job agent is up yet (a cluster just started; Ray's
+    own words: "please try again later"), for up to `AGENT_WAIT_S`."""
+    deadline, wait, said = time.monotonic() + AGENT_WAIT_S, 1.0, False
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() + wait > deadline:
+                raise
+            if not said:
+                print("the cluster's job agents are not up yet; retrying the submission", file=out)
+                said = True
+            time.sleep(wait)
+            wait = min(wait * 2, 8.0)
 
 
 def stream_logs(client, sid: str, timeout_s: float, out) -> bool:
