@@ -29,6 +29,7 @@ from caslie_core.io import ledger, store
 from caslie_core.io.sources import raw_texts, reading_plan
 
 from .actors import best_effort_get, driver_actor
+from .capacity import pool_requests, wait_for_pools
 from .common import configure_data_context, init_ray, job_entry, job_main, log
 from .enrich_actors import CaptionActor, JudgeActor, ModelsActor
 
@@ -158,6 +159,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         cache = (f"caslie-caption-cache-{run_id}", "caslie") if cfg.dedup.enabled else None
         # On the driver's node (it lives as long as the job does); restarted empty if that fails anyway.
         cache_actor = driver_actor(ClaimTable, *cache, cfg.dedup.claim_ttl_s, cfg.dedup.max_entries) if cache else None
+        capacity_wait = wait_for_pools(pool_requests(cfg), can_grow=not started)
         done = done_ref if resumed else None
         ds = build_dataset(cfg, done_ref=done, cache=cache, chash=chash, run_id=run_id, factories=factories)
         limit = pipeline.ErrorRateLimit(cfg.limits, where=store.parts_root(cfg.output.path))
@@ -202,6 +204,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
             chash=chash,
             run_id=run_id,
         )
+        summary["capacity_wait_s"] = capacity_wait  # per pool: how long the cluster took to offer a first actor
         if cfg.output.report_per_task:  # a page to look at; a report that cannot be written never fails the job
             summary["report"] = cfg.output.path.rstrip("/") + "/report.html"
             try:

@@ -93,6 +93,12 @@ class PoolConfig(StrictModel):
         ge=1,
         description="rows per Ray batch handed to an actor; bigger = better GPU use, more memory and coarser retries",
     )
+    start_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="how long the job waits for the cluster to offer one actor's resources (an autoscaler "
+        "adding a GPU node takes minutes) before it fails naming the resource",
+    )
 
     @model_validator(mode="after")
     def _sizes(self):

@@ -415,3 +415,29 @@ def test_every_kind_of_bad_item_in_one_catalog(ray_session, tmp_path):
     assert {"images-not-a-list", "no-task"} <= {r["id"] for r in failed} and by_id["deep-field"]["status"] == "ok"
     assert summary["failed"] == len(failed) and summary["records"] == len(written)
     assert summary["errors_per_stage"]["decode"] == 5 and summary["errors_per_stage"]["fetch"] == 2
+
+
+def test_a_pool_the_cluster_cannot_offer_fails_at_its_start_timeout_naming_the_resource(ray_session, tmp_path):
+    """A GPU captioner pool on the suite's CPU-only cluster: the job fails after `start_timeout_s` naming the key
+    and the resource, having written nothing (before: it waited forever while the CPU stages ran ahead)."""
+    import time
+
+    from caslie_core.errors import CaslieError
+
+    m = write_catalog(tmp_path / "cat", 12, seed=14, tasks=["CC"])
+    cfg = config(m["jsonl"], tmp_path / "out", "captioner.pool.num_gpus=1", "captioner.pool.start_timeout_s=2")
+    t = time.monotonic()
+    with pytest.raises(CaslieError, match=r"captioner.pool asks \{CPU: .*GPU: 1\}") as e:
+        enrich.run(cfg)
+    assert "start_timeout_s=2s" in str(e.value) and "captioner.pool.num_gpus: 0" in str(e.value)
+    assert time.monotonic() - t < 30
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_a_cluster_that_cannot_grow_fails_at_once(ray_session):
+    from caslie_core.errors import CaslieError
+    from ray_jobs.capacity import wait_for_pools
+
+    with pytest.raises(CaslieError, match=r"cannot grow .* no node can ever offer \{GPU: 1\}"):
+        wait_for_pools([("judges.0.pool", {"CPU": 0.25, "GPU": 1.0}, 600.0)], can_grow=False)
+    assert wait_for_pools([("judges.0.pool", {"CPU": 0.25}, 600.0)], can_grow=False) == {"judges.0.pool": 0.0}
