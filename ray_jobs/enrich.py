@@ -28,6 +28,7 @@ from caslie_core.images import FetchPolicy
 from caslie_core.io import ledger, store
 from caslie_core.io.sources import raw_texts, reading_plan
 
+from . import metrics
 from .actors import best_effort_get, driver_actor
 from .capacity import pool_requests, wait_for_pools
 from .common import configure_data_context, init_ray, job_entry, job_main, log
@@ -66,10 +67,12 @@ def _done(done_ref) -> ledger.DoneIds | None:
 
 
 def prepare_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels: int, size: int, **kw):
-    done = _done(kw.pop("done_ref", None))
-    return stages.prepare(
+    done, t = _done(kw.pop("done_ref", None)), time.perf_counter()
+    out = stages.prepare(
         batch.to_pylist(), policy=policy, threads=threads, max_pixels=max_pixels, size=size, done=done, **kw
     )
+    metrics.observe("caslie_enrich_stage_seconds", time.perf_counter() - t, stage="fetch_decode")
+    return out
 
 
 COUNTS = pa.schema([("counts", pa.string())])
@@ -172,6 +175,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
                 for text in batch.column("counts").to_pylist():
                     counts = json.loads(text)
                     progress.add(counts)
+                    metrics.enrich_counts(counts)
                     limit.see(counts.get("records", 0), counts.get("failed", 0))
         except Exception as e:
             engine = find_error(e, EngineError)

@@ -6,10 +6,25 @@ split pools: a `CaptionActor` pool, then a `JudgeActor` pool per judge; shared (
 from __future__ import annotations
 
 import functools
+import time
 
 from caslie_core.enrichment import stages
 
+from . import metrics
 from .actors import CaptionCacheClient, actor_id
+
+
+class _Timed:
+    """Each batch's seconds into `caslie_enrich_stage_seconds{stage}`."""
+
+    metric_stage = "model"
+
+    def __call__(self, batch):
+        t = time.perf_counter()
+        try:
+            return super().__call__(batch)
+        finally:
+            metrics.observe("caslie_enrich_stage_seconds", time.perf_counter() - t, stage=self.metric_stage)
 
 
 def _caption_stage(captioner: dict, size: int, cache, wait_s: float, factory):
@@ -26,18 +41,24 @@ def _models_stage(caption: dict | None, judges: list[dict], factories: dict):
     return stages.Chain(chain + [stages.judge_stage(j, factories.get(j["name"])) for j in judges])
 
 
-class CaptionActor(stages.Deferred):  # `lazy` on a resume: a finished catalog never loads a model
+class CaptionActor(_Timed, stages.Deferred):  # `lazy` on a resume: a finished catalog never loads a model
+    metric_stage = "caption"
+
     def __init__(self, captioner: dict, size: int, cache, wait_s: float, factory=None, lazy=False) -> None:
         super().__init__(functools.partial(_caption_stage, captioner, size, cache, wait_s, factory), lazy=lazy)
 
 
-class JudgeActor(stages.Deferred):
+class JudgeActor(_Timed, stages.Deferred):
+    metric_stage = "judge"
+
     def __init__(self, judge: dict, factory=None, lazy=False) -> None:
         super().__init__(functools.partial(stages.judge_stage, judge, factory), lazy=lazy)
 
 
-class ModelsActor(stages.Deferred):
+class ModelsActor(_Timed, stages.Deferred):
     """`caption` (the CaptionActor's arguments, None when captions come from the records), then each judge."""
+
+    metric_stage = "caption_and_judges"
 
     def __init__(self, caption: dict | None, judges: list[dict], factories: dict | None = None, lazy=False) -> None:
         super().__init__(functools.partial(_models_stage, caption, judges, factories or {}), lazy=lazy)

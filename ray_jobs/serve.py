@@ -30,6 +30,7 @@ from caslie_core import serving as sv
 from caslie_core.config import ServeConfig
 from caslie_core.serving.spec import app_spec
 
+from . import metrics
 from .common import ROOT, init_ray, job_entry, job_main, requiet
 from .serve_models import Captioner, Judge, predictor_deployment
 
@@ -53,6 +54,7 @@ class Ingress:
         self.style = spec["style"]
         self.key_digest = spec["key_digest"]
         self.policy = cfg.fetch.policy()
+        self.in_flight = 0
         f = cfg.fetch
         self.intake = sv.ImageIntake(
             self.policy,
@@ -92,6 +94,20 @@ class Ingress:
         return sv.overloaded(why, self.cfg.http.retry_after_s)
 
     async def _handle(self, request: Request, model, work, *, openai: bool = False):
+        """`_respond`, counted: requests in flight on this replica, and each answer by route and status."""
+        self.in_flight += 1
+        metrics.set_gauge("caslie_serve_requests_in_flight", self.in_flight)
+        status = 500
+        try:
+            response = await self._respond(request, model, work, openai=openai)
+            status = getattr(response, "status_code", 200)
+            return response
+        finally:
+            self.in_flight -= 1
+            metrics.set_gauge("caslie_serve_requests_in_flight", self.in_flight)
+            metrics.inc("caslie_serve_requests_total", route=request.url.path, status=status)
+
+    async def _respond(self, request: Request, model, work, *, openai: bool = False):
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         http = self.cfg.http
@@ -177,6 +193,7 @@ class Ingress:
             t = time.perf_counter()
             await step()
             timings[name] = round((time.perf_counter() - t) * 1000, 1)
+            metrics.observe("caslie_serve_stage_seconds", time.perf_counter() - t, stage=name)
         return record, sv.enriched(record, slots)
 
     @api.post("/v1/enrich")
@@ -198,6 +215,7 @@ class Ingress:
             t = time.perf_counter()
             ans = await self._answer(sv.record_prompt_text(record, out, style=self.style), model_id, stage)
             timings["predict"] = round((time.perf_counter() - t) * 1000, 1)
+            metrics.observe("caslie_serve_stage_seconds", time.perf_counter() - t, stage="predict")
             timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
             return sv.predict_response(record, name, out, ans, timings)
 

@@ -24,6 +24,7 @@ from caslie_core.training.data import tokenize_batch
 from caslie_core.training.outputs import existing_checkpoints, train_summary, write_outputs
 from caslie_core.training.plan import TrainPlan, plan_training
 
+from . import metrics
 from .common import configure_data_context, init_ray, job_entry, job_main, log, read_inputs
 
 
@@ -49,6 +50,15 @@ def build_datasets(cfg: TrainConfig, plan: TrainPlan) -> dict:
             ds = ds.limit(cfg.data.limit)
         out[name] = ds.materialize() if cfg.data.materialize else ds
     return out
+
+
+def _step_metrics(m: dict) -> None:
+    """Each step into Ray's metrics: steps and loss once (rank 0), tokens/s per worker."""
+    if m["rank"] == 0:
+        metrics.inc("caslie_train_steps_total")
+        metrics.set_gauge("caslie_train_loss", m["train_loss"])
+    if m.get("tokens_per_s"):
+        metrics.set_gauge("caslie_train_tokens_per_second", m["tokens_per_s"])
 
 
 def train_loop_per_worker(c: dict) -> None:
@@ -80,6 +90,7 @@ def train_loop_per_worker(c: dict) -> None:
         wrap_ddp=ray.train.torch.prepare_model,
         progress_dir=c["progress_dir"],
         config_hash=c["config_hash"],
+        on_step=_step_metrics,
     )
     recipe.setup()
     checkpoint = ray.train.get_checkpoint()

@@ -117,6 +117,7 @@ def ray_session(tiny_models, s3_server):
         _temp_dir=temp_dir,
         logging_level="WARNING",
         log_to_driver=False,
+        _system_config={"metrics_report_interval_ms": 1000},  # our metrics reach the endpoint within a second
     )
     import ray.data
 

@@ -40,3 +40,23 @@ def steps_logged(run_dir: Path) -> int:
 def checkpoint_registered(run_dir: Path) -> bool:
     """Ray Train has registered a reported checkpoint of the run (its controller writes this snapshot)."""
     return (Path(run_dir) / "checkpoint_manager_snapshot.json").exists()
+
+
+def scrape_metrics(names: list[str], timeout: float = 30.0) -> dict[str, list[str]]:
+    """The Prometheus lines of the local Ray node's metrics endpoint for each of `names` (our metrics are
+    exported as `ray_<name>`), polled until every name has a sample or `timeout` passes."""
+    import time
+    import urllib.request
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    found: dict[str, list[str]] = {}
+    end = time.monotonic() + timeout
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        lines = [line for line in text.splitlines() if not line.startswith("#")]
+        found = {n: [line for line in lines if line.startswith(f"ray_{n}")] for n in names}
+        if all(found.values()) or time.monotonic() > end:
+            return found
+        time.sleep(1)

@@ -125,8 +125,10 @@ class LoRARecipe:
         wrap_ddp: Callable | None = None,
         progress_dir: str | None = None,
         config_hash: str = "",
+        on_step: Callable[[dict], None] | None = None,
     ) -> None:
         self.cfg, self.total_steps, self.report = cfg, total_steps, report
+        self.on_step = on_step  # every step's metrics (step, loss, tokens/s), e.g. to a metrics system
         self.rank, self.world, self.device, self.node_id = rank, world, device, node_id
         self.wrap_ddp = wrap_ddp or (lambda model: model.to(device))  # Ray Train passes prepare_model
         self.progress_dir = progress_dir
@@ -368,6 +370,8 @@ class LoRARecipe:
             "tokens": s["tokens"],
             "tokens_per_s": self._tokens_timed / (now - self._t_first) if now > self._t_first else None,
         }
+        if self.on_step is not None:
+            self.on_step(dict(metrics, rank=self.rank))
         every = cfg.eval.every_steps
         want_eval = cfg.eval.enabled and (done or (every and s["step"] % every == 0))
         want_ckpt = done or s["step"] % cfg.checkpoint.every_steps == 0

@@ -441,3 +441,25 @@ def test_a_cluster_that_cannot_grow_fails_at_once(ray_session):
     with pytest.raises(CaslieError, match=r"cannot grow .* no node can ever offer \{GPU: 1\}"):
         wait_for_pools([("judges.0.pool", {"CPU": 0.25, "GPU": 1.0}, 600.0)], can_grow=False)
     assert wait_for_pools([("judges.0.pool", {"CPU": 0.25}, 600.0)], can_grow=False) == {"judges.0.pool": 0.0}
+
+
+def test_enrichment_counts_and_stage_times_reach_rays_metrics_endpoint(ray_session, tmp_path):
+    from helpers import scrape_metrics
+
+    m = write_catalog(tmp_path / "cat", 12, seed=15, tasks=["CC"], broken_images=1)
+    summary = enrich.run(config(m["jsonl"], tmp_path / "out"))
+    assert summary["records"] == 12
+    names = [
+        "caslie_enrich_records_total",
+        "caslie_enrich_images_total",
+        "caslie_enrich_captions_kept_total",
+        "caslie_enrich_image_errors_total",
+        "caslie_enrich_stage_seconds_bucket",
+    ]
+    found = scrape_metrics(names)
+    assert all(found.values()), {n: len(v) for n, v in found.items()}
+    assert any('status="ok"' in line for line in found["caslie_enrich_records_total"])
+    assert any('status="partial"' in line for line in found["caslie_enrich_records_total"])
+    assert any('task="CC"' in line for line in found["caslie_enrich_images_total"])
+    stages = " ".join(found["caslie_enrich_stage_seconds_bucket"])
+    assert all(f'stage="{s}"' in stages for s in ("fetch_decode", "caption", "judge")), stages[:500]

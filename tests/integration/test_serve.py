@@ -133,6 +133,23 @@ def test_predict_and_enrich_with_http_and_data_uri_images(app, trained, images):
     assert [i["caption"] for i in e.json()["images"]] == [i["caption"] for i in out["images"]]
 
 
+def test_requests_and_stage_times_reach_rays_metrics_endpoint(app, trained):
+    from helpers import scrape_metrics
+
+    rec = _records(Path(trained["catalog"]), "category_classification", 1)[0]
+    assert post(app, "/v1/predict", _request(rec, [_data_uri(p) for p in json.loads(rec["images"])])).status_code == 200
+    assert post(app, "/v1/predict", {"task": "CC"}).status_code == 422
+    names = ["caslie_serve_requests_total", "caslie_serve_stage_seconds_bucket", "caslie_serve_requests_in_flight"]
+    found = scrape_metrics(names)
+    assert all(found.values()), {n: len(v) for n, v in found.items()}
+    requests_seen = " ".join(found["caslie_serve_requests_total"])
+    assert (
+        'route="/v1/predict"' in requests_seen and 'status="200"' in requests_seen and 'status="422"' in requests_seen
+    )
+    stages = " ".join(found["caslie_serve_stage_seconds_bucket"])
+    assert all(f'stage="{s}"' in stages for s in ("fetch", "caption", "judge", "predict"))
+
+
 def test_adapters_are_chosen_per_request(app, trained, second_adapter):
     """Each request is answered by the adapter it names: the served answers are exactly what that adapter
     gives offline (PEFT, merged) on the same enriched prompt, and the two adapters, trained differently,

@@ -143,3 +143,13 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, tra
     # at most the steps run after the checkpoint it resumed from (the last one Ray Train had registered when
     # the worker died; under load that can be one checkpoint before the newest reported one) + one in flight
     assert 0 <= repeated <= killed["after_steps"] - restart + 1, (killed, files, s["attempts"])
+
+
+def test_training_steps_loss_and_throughput_reach_rays_metrics_endpoint(trained):
+    from helpers import scrape_metrics
+
+    names = ["caslie_train_steps_total", "caslie_train_loss", "caslie_train_tokens_per_second"]
+    found = scrape_metrics(names)
+    assert all(found.values()), {n: len(v) for n, v in found.items()}
+    steps = sum(float(line.rsplit(" ", 1)[1]) for line in found["caslie_train_steps_total"])
+    assert steps >= trained["summary"]["steps"]
