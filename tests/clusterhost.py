@@ -7,11 +7,24 @@ Prints one JSON line {"dashboard", "gcs", "head", "workers"} (node ids) when rea
 """
 
 import json
+import socket
 import sys
 
 from ray.cluster_utils import Cluster
 
 MB = 1024 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(cluster):
+    # Each node's dashboard agent on a free port: the default (52365) is taken when another Ray runs on this
+    # machine (the suite's own session), and a node whose agent cannot listen takes no job submissions.
+    return cluster.add_node(num_cpus=2, object_store_memory=200 * MB, dashboard_agent_listen_port=_free_port())
 
 
 def main() -> None:
@@ -23,10 +36,11 @@ def main() -> None:
             "include_dashboard": True,
             "dashboard_port": port,
             "dashboard_host": "127.0.0.1",
+            "dashboard_agent_listen_port": _free_port(),
             "object_store_memory": 200 * MB,
         },
     )
-    workers = [cluster.add_node(num_cpus=2, object_store_memory=200 * MB)]
+    workers = [_worker(cluster)]
     print(
         json.dumps(
             {
@@ -42,7 +56,7 @@ def main() -> None:
         for line in sys.stdin:
             cmd, node = line.strip(), None
             if cmd == "add-worker":
-                workers.append(cluster.add_node(num_cpus=2, object_store_memory=200 * MB))
+                workers.append(_worker(cluster))
                 node = workers[-1].node_id
             elif cmd == "remove-worker" and workers:
                 gone = workers.pop()
