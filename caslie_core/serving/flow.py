@@ -5,7 +5,7 @@ captions are written into the text the model answers.
 Image intake is strict because it runs on behalf of strangers: only the configured URL schemes (no
 local files ever), `data:` URIs with a byte cap, the address rules of `caslie_core.images` (loopback,
 private, link-local and metadata addresses refused, also after redirects and DNS), and the
-decompression-bomb guard of `decode_image`.
+decompression-bomb guard of `decode_image`; `intake.ImageIntake` reads them in the service's own pools.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from urllib.parse import unquote_to_bytes
 
 from ..enrichment.assemble import SINGLE_KEY, assemble
 from ..errors import ImageError, RecordError
-from ..images import FetchPolicy, decode_image, fetch_image
 from ..items import ImageSlot, shown_url  # noqa: F401 - shown_url is part of this module's surface
 from ..prompts import (
     caption_request,
@@ -54,15 +53,6 @@ def read_data_uri(uri: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise ImageError("fetch", f"image exceeds the {max_bytes}-byte cap")
     return data
-
-
-def load_image(url: str, policy: FetchPolicy, *, size: int, max_pixels: int):
-    """A client's image URL or data: URI -> `size x size` RGB array. Raises ImageError (fetch or decode)."""
-    if url[:5].lower() == "data:":
-        data = read_data_uri(url, policy.max_bytes)
-    else:
-        data = fetch_image(url, policy)
-    return decode_image(data, max_pixels=max_pixels, size=size)
 
 
 def image_failure_status(err: ImageError) -> int:

@@ -59,13 +59,14 @@ class ImageIntake:
                         fetch = functools.partial(fetch_image, slot.url, self.policy, cancel=cancel, timeout=left)
                         data = await loop.run_in_executor(self.fetch_pool, fetch)
                     slot.pixels = await loop.run_in_executor(self.decode_pool, self.decode, data)
-            except ImageError as e:
-                failures.append((slot, e))
             except Exception as e:  # noqa: BLE001 - whatever goes wrong with one image is that image's error
-                failures.append((slot, ImageError("fetch", f"cannot read this image ({type(e).__name__})")))
-            if failures and failures[-1][0] is slot:
-                e = failures[-1][1]
-                slot.error = {"stage": e.stage, "message": e.reason}
+                err = (
+                    e
+                    if isinstance(e, ImageError)
+                    else ImageError("fetch", f"cannot read this image ({type(e).__name__})")
+                )
+                slot.error = {"stage": err.stage, "message": err.reason}
+                failures.append((slot, err))
 
         try:
             await asyncio.gather(*(one(s) for s in slots))
