@@ -24,11 +24,12 @@ def pool_requests(cfg) -> list[tuple[str, dict, float]]:
         pools.append(("captioner.pool", cfg.captioner.pool))
     if cfg.model_pools != "shared":
         pools += [(f"judges.{i}.pool", j.pool) for i, j in enumerate(cfg.judges)]
-    out = []
-    for key, pool in pools:
-        res = {"CPU": float(pool.num_cpus), **({"GPU": float(pool.num_gpus)} if pool.num_gpus else {})}
-        out.append((key, res, float(pool.start_timeout_s)))
-    return out
+    return [(key, actor_resources(pool), float(pool.start_timeout_s)) for key, pool in pools]
+
+
+def actor_resources(pool) -> dict:
+    """What one actor of a `PoolConfig` asks of the cluster (as `map_batches` is given it)."""
+    return {"CPU": float(pool.num_cpus), **({"GPU": float(pool.num_gpus)} if pool.num_gpus else {})}
 
 
 def _fmt(res: dict) -> str:

@@ -21,7 +21,7 @@ from caslie_core.evaluation.plan import EvalPlan, plan_evaluation
 from caslie_core.evaluation.report import write_report
 from caslie_core.io.store import EVAL_COLUMNS
 
-from .capacity import wait_for_pools
+from .capacity import actor_resources, wait_for_pools
 from .common import configure_data_context, init_ray, job_entry, job_main, log, read_inputs, to_table
 
 PROMPTS = {
@@ -126,9 +126,7 @@ def run(cfg: EvaluateConfig) -> dict:
         fs, root = fsspec.core.url_to_fs(cfg.output.path)
         fs.makedirs(root, exist_ok=True)
         write_resolved(cfg, cfg.output.path)
-        p = cfg.pool
-        res = {"CPU": float(p.num_cpus), **({"GPU": float(p.num_gpus)} if p.num_gpus else {})}
-        wait_for_pools([("pool", res, p.start_timeout_s)], can_grow=not started)
+        wait_for_pools([("pool", actor_resources(cfg.pool), cfg.pool.start_timeout_s)], can_grow=not started)
         rows, skipped = [], Counter()
         for batch in build_dataset(cfg, plan).iter_batches(batch_format="pyarrow", batch_size=None):
             for r in batch.to_pylist():

@@ -187,11 +187,12 @@ def _fetch_once(url: str, policy: FetchPolicy, deadline: _Deadline) -> bytes:
     if deadline.left() <= 0:
         raise deadline.error(url, "before starting")
     try:
-        scheme = urlsplit(url).scheme.lower()
-        urlsplit(url).port  # noqa: B018 - a port out of range or a broken IPv6 literal raises here
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port out of range or a broken IPv6 literal raises here
     except ValueError as e:
         raise ImageError("fetch", f"malformed URL ({e})") from None
-    if scheme in ("http", "https") and not urlsplit(url).hostname:
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https") and not parts.hostname:
         raise ImageError("fetch", "malformed URL (no host)")
     if scheme in ("", "file") or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
         if not policy.allow_local_files:
