@@ -34,7 +34,16 @@ log = logging.getLogger("caslie")
 
 from .connect import init_ray, running_local_cluster, token_client_mode, verbose_mode  # noqa: E402,F401
 
-if not log.handlers:
+
+def _ray_json_logging() -> bool:
+    """A Ray worker of a job started with `ray.log_format=json`: Ray's LoggingConfig gave the root logger a
+    JSON handler before our code was imported; our lines then go through it."""
+    return any(type(h.formatter).__name__ == "JSONFormatter" for h in logging.getLogger().handlers)
+
+
+if _ray_json_logging():
+    log.setLevel(logging.INFO)
+elif not log.handlers:
     _handler = _Stdout()
     _handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(_handler)

@@ -54,6 +54,10 @@ def init_ray(ray_cfg, *, verbose: bool | None = None) -> bool:
     verbose = verbose_mode() if verbose is None else verbose
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
     kwargs = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    if getattr(ray_cfg, "log_format", "text") == "json":
+        json_logs()
+        # Ray's workers and actors log JSON lines (their own files, `ray job logs`, a log collector)
+        kwargs["logging_config"] = ray.LoggingConfig(encoding="JSON", log_level="INFO")
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address is None and (found := running_local_cluster()):
         address = found
@@ -85,6 +89,14 @@ def init_ray(ray_cfg, *, verbose: bool | None = None) -> bool:
     if not verbose:
         log.info(f"[ray] started a local Ray cluster; Ray's own logs: {_session_logs()}")
     return True
+
+
+def json_logs() -> None:
+    """The jobs' own log lines (logger `caslie`) as JSON objects, one per line, in Ray's JSON shape."""
+    from ray._common.formatters import JSONFormatter
+
+    for handler in log.handlers:
+        handler.setFormatter(JSONFormatter())
 
 
 def token_client_mode(address: str | None) -> None:

@@ -32,6 +32,7 @@ from caslie_core.serving.spec import app_spec
 
 from . import metrics
 from .common import ROOT, init_ray, job_entry, job_main, requiet
+from .common import log as say  # the driver's own lines (`caslie serve`)
 from .serve_models import Captioner, Judge, predictor_deployment
 
 log = logging.getLogger("ray.serve")
@@ -337,9 +338,12 @@ def build_app(args: ServeConfig) -> serve.Application:
 
 def start(cfg: ServeConfig, *, name: str = APP_NAME) -> str:
     """Start Serve on `http.host:http.port` and deploy the app; returns the base URL once it is ready."""
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    # ray.log_format=json (or the file's logging_config encoding JSON): Serve's controller, proxies and our
+    # replicas write JSON lines too
+    logging = {"encoding": "JSON"} if cfg.ray.log_format == "json" else None
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port}, logging_config=logging)
     requiet()  # Serve sets its driver-side logger on start
-    serve.run(build_app(cfg), name=name, route_prefix="/")
+    serve.run(build_app(cfg), name=name, route_prefix="/", logging_config=logging)
     return f"http://{cfg.http.host}:{cfg.http.port}"
 
 
@@ -369,13 +373,13 @@ def run(cfg: ServeConfig) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         with serving(cfg) as url:
-            print(f"CASLIE is serving at {url}; Ctrl-C stops it\n  curl {url}/healthz   {url}/v1/models", flush=True)
+            say.info(f"CASLIE is serving at {url}; Ctrl-C stops it\n  curl {url}/healthz   {url}/v1/models")
             try:
                 while not stop.wait(0.5):
                     pass
             except KeyboardInterrupt:
                 pass
-            print("shutting down", flush=True)
+            say.info("shutting down")
     finally:
         if started:
             import ray

@@ -133,7 +133,7 @@ def run(cfg: TrainConfig) -> dict:
             train_loop_config={
                 "config": cfg.model_dump(mode="json"),
                 "total_steps": plan.total_steps,
-                "progress_dir": f"{run_dir}/progress" if "://" not in run_dir else None,
+                "progress_dir": f"{run_dir}/progress",  # any storage: local, s3://, ...
                 "config_hash": chash,
             },
             scaling_config=ray.train.ScalingConfig(

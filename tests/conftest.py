@@ -139,13 +139,27 @@ def train_catalog(tmp_path_factory, tiny_models):
 
 
 @pytest.fixture(scope="session")
-def trained(ray_session, train_catalog, tmp_path_factory):
-    """One fine-tune through the Ray Train job, shared by the train, evaluation and serving tests."""
+def trained(ray_session, train_catalog, tmp_path_factory, s3_server):
+    """One fine-tune through the Ray Train job, shared by the train, evaluation and serving tests. Its run storage
+    (checkpoints, Ray Train's run record, the step log) is an S3-compatible bucket, as on a real cluster; the
+    adapter is exported to a local folder."""
+    import uuid
+
+    import boto3
+
     from ray_jobs import train
 
+    bucket = f"caslie-runs-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     work = tmp_path_factory.mktemp("trained")
     cfg = train_config(
-        train_catalog, work, "run.name=learn", "optim.epochs=6", "checkpoint.every_steps=50", "eval.every_steps=54"
+        train_catalog,
+        work,
+        "run.name=learn",
+        f"run.storage_path=s3://{bucket}/runs",
+        "optim.epochs=6",
+        "checkpoint.every_steps=50",
+        "eval.every_steps=54",
     )
     summary = train.run(cfg)
     return {"summary": summary, "cfg": cfg, "work": work, "catalog": train_catalog}

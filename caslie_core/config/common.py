@@ -189,6 +189,11 @@ class RayConfig(StrictModel):
     progress_bars: bool | None = Field(
         None, description="Ray Data's progress display (bars on a terminal, log lines elsewhere); default on"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: one JSON object per log line from the job's driver, Ray's workers (Ray's LoggingConfig) "
+        "and Serve's replicas (Serve's logging_config), for a log collector",
+    )
 
 
 class JudgeBase(ModelRef):

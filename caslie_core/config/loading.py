@@ -252,7 +252,8 @@ SERVE_IMPORT_PATH = "ray_jobs.serve:build_app"
 
 
 def serve_app_args(data: dict, *, source: str | None = None) -> dict:
-    """The `args` of our application in a Ray Serve config file (`applications: [{import_path, args}]`)."""
+    """The `args` of our application in a Ray Serve config file (`applications: [{import_path, args}]`), with the
+    file's `http_options`, `deployments:` and `logging_config` folded in as Serve applies them (`serve_file`)."""
     apps = [
         a for a in data.get("applications") or [] if isinstance(a, dict) and a.get("import_path") == SERVE_IMPORT_PATH
     ]
@@ -264,7 +265,9 @@ def serve_app_args(data: dict, *, source: str | None = None) -> dict:
             ],
             source=source,
         )
-    return apps[0].get("args") or {}
+    from .serve_file import fold_serve_file
+
+    return fold_serve_file(data, apps[0], source=source)
 
 
 def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +33,7 @@ from ..config import TrainConfig
 from .data import IGNORE_INDEX, collate
 from .distributed import fsdp_full_state, fsdp_optim_to_load, trainable_state, unwrap, wrap_fsdp
 from .lora import apply_lora
+from .progress import ProgressLog
 
 
 def micro_batch_loss(model, batch: dict):
@@ -145,7 +146,7 @@ class LoRARecipe:
             "config_hash": config_hash,
         }
         self._resume_dir: str | None = None
-        self._progress: Path | None = None
+        self._progress: ProgressLog | None = None
 
     def setup(self) -> None:
         """Base model + LoRA (seeded), then load_checkpoint may run, then `_wrap` builds DDP/FSDP and the optimizer."""
@@ -188,7 +189,9 @@ class LoRARecipe:
         s = self.state
         s["attempts"].append({"start_step": s["step"], "world_size": self.world, "time": time.time(), "nodes": nodes})
         if self.rank == 0 and s["step"]:
-            print(f"[train] resuming at step {s['step']} (epoch {s['epoch']}, micro-batch {s['micro_in_epoch']})")
+            logging.getLogger("caslie").info(
+                f"[train] resuming at step {s['step']} (epoch {s['epoch']}, micro-batch {s['micro_in_epoch']})"
+            )
 
     def _wrap(self) -> None:
         import torch
@@ -205,13 +208,8 @@ class LoRARecipe:
             osd = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False)
             self.opt.load_state_dict(fsdp_optim_to_load(self.model, self.opt, osd) if self.fsdp else osd)
             self.sched.load_state_dict(torch.load(d / "scheduler.pt", map_location="cpu", weights_only=False))
-        if self.progress_dir:
-            # One file of step lines per worker-group start (rank 0 writes it): the audit trail of which
-            # optimizer steps ran in which attempt, and which process is which rank (operators, restart test).
-            folder = Path(self.progress_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            self._progress = folder / f"steps-{int(time.time() * 1000)}-from{self.state['step']}.jsonl"
-            (folder / f"worker-rank{self.rank}.pid").write_text(str(os.getpid()))
+        if self.progress_dir:  # the step log of this worker-group start, on the run's storage (any fsspec URL)
+            self._progress = ProgressLog(self.progress_dir, self.state["step"], rank=self.rank)
 
     def cleanup(self) -> None:
         """Drop the model and optimizer (a worker may run more than one recipe in its life)."""
@@ -254,6 +252,8 @@ class LoRARecipe:
         full = osd = None
         if with_checkpoint and self.fsdp:
             full, osd = fsdp_full_state(self.model, self.opt)  # collectives: every rank takes part
+        if self._progress:
+            self._progress.flush()  # object storage has no append: the step log goes up with each report
         if not (with_checkpoint and self.rank == 0):
             self.report(metrics, None)
             return
@@ -358,9 +358,8 @@ class LoRARecipe:
             "time": now,
         }
         s["history"].append(entry)
-        if self._progress and self.rank == 0:
-            with open(self._progress, "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
+        if self._progress:
+            self._progress.add(entry)
         done = s["step"] >= self.total_steps
         metrics = {
             "step": s["step"],

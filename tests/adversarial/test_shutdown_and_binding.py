@@ -3,6 +3,7 @@ service beyond loopback without an API key is refused at load time."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from caslie_core.errors import ConfigError
 
 
 @pytest.mark.slow
-def test_sigterm_drains_and_stops_the_service(ray_session):
+def test_sigterm_drains_and_stops_the_service_with_json_logs(ray_session):
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -40,6 +41,8 @@ def test_sigterm_drains_and_stops_the_service(ray_session):
             f"ray.address={ray_session}",
             "--set",
             "ray.num_cpus=null",
+            "--set",
+            "ray.log_format=json",
         ],
         cwd=ROOT,
         env=env,
@@ -65,7 +68,9 @@ def test_sigterm_drains_and_stops_the_service(ray_session):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    assert "shutting down" in out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    said = [line["message"] for line in lines if "message" in line]  # ray.log_format=json: JSON log lines
+    assert "shutting down" in said and any(m.startswith("CASLIE is serving at") for m in said), out[-3000:]
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
 

@@ -47,7 +47,18 @@ def test_the_adapter_learns_the_rules(trained):
     assert base_acc < 0.5, base_acc
 
 
-def test_output_is_a_standard_peft_adapter_and_the_checkpoint_gives_the_same_answers(trained):
+def test_training_steps_loss_and_throughput_reach_rays_metrics_endpoint(trained):
+    from helpers import scrape_metrics
+
+    names = ["caslie_train_steps_total", "caslie_train_loss", "caslie_train_tokens_per_second"]
+    found = scrape_metrics(names)
+    assert all(found.values()), {n: len(v) for n, v in found.items()}
+    # (before the rerun test: the gauges live with the training workers that set them)
+    steps = sum(float(line.rsplit(" ", 1)[1]) for line in found["caslie_train_steps_total"])
+    assert steps >= trained["summary"]["steps"]
+
+
+def test_output_is_a_standard_peft_adapter_and_the_checkpoint_gives_the_same_answers(trained, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -65,28 +76,49 @@ def test_output_is_a_standard_peft_adapter_and_the_checkpoint_gives_the_same_ans
     assert any("lora_A" in n for n, _ in model.named_parameters())
     out = Path(trained["cfg"].output.path)
     assert (out / "resolved_config.yaml").exists() and (out / "summary.json").exists()
-    # the latest checkpoint in the run's storage answers exactly as the exported adapter
+    # the latest checkpoint in the run's storage (the S3 bucket) answers exactly as the exported adapter
+    assert trained["cfg"].run.storage_path.startswith("s3://") and s["checkpoint"].startswith(_bucket(trained))
+    local = tmp_path / "checkpoint"
+    _s3().get(s["checkpoint"], str(local), recursive=True)
     examples = _held_out(trained["catalog"], 60)
     prompts = [e.prompt for e in examples]
-    ckpt = Path(s["checkpoint"]) / "adapter"
     a = [x.text for x in Predictor("tiny:lm", adapter=str(adapter), max_new_tokens=4).answer(prompts)]
-    b = [x.text for x in Predictor("tiny:lm", adapter=str(ckpt), max_new_tokens=4).answer(prompts)]
+    b = [x.text for x in Predictor("tiny:lm", adapter=str(local / "adapter"), max_new_tokens=4).answer(prompts)]
     assert a == b
-    state = json.loads((Path(s["checkpoint"]) / "trainer_state.json").read_text())
+    state = json.loads((local / "trainer_state.json").read_text())
     assert state["step"] == s["steps"] and state["finished"]
-    assert {"optimizer.pt", "scheduler.pt", "trainable.pt"} <= {p.name for p in Path(s["checkpoint"]).iterdir()}
+    assert {"optimizer.pt", "scheduler.pt", "trainable.pt"} <= {p.name for p in local.iterdir()}
+    assert _s3().exists(f"{_bucket(trained)}/runs/learn/checkpoint_manager_snapshot.json")  # Ray Train's record
+
+
+def _s3():
+    import fsspec
+
+    return fsspec.filesystem("s3", skip_instance_cache=True)
+
+
+def _bucket(trained) -> str:
+    return trained["cfg"].run.storage_path.removeprefix("s3://").split("/")[0]
+
+
+def test_the_step_log_reaches_object_storage(trained):
+    """Object storage has no append: rank 0's step log goes up with each report, whole, and at the end."""
+    logs = _s3().glob(f"{_bucket(trained)}/runs/learn/progress/steps-*.jsonl")
+    assert len(logs) == 1
+    steps = [json.loads(line)["step"] for line in _s3().cat(logs[0]).decode().splitlines()]
+    assert steps == list(range(1, trained["summary"]["steps"] + 1))
 
 
 def test_rerunning_the_same_run_name_resumes_instead_of_starting_over(trained):
     from ray_jobs import train
 
-    progress = Path(trained["summary"]["storage"]) / "progress"
-    before = sorted(progress.glob("steps-*.jsonl"))
+    pattern = f"{_bucket(trained)}/runs/learn/progress/steps-*.jsonl"
+    before = sorted(_s3().glob(pattern))
     s = train.run(trained["cfg"])
     assert s["resumed_existing_run"] and not trained["summary"]["resumed_existing_run"]
     assert s["steps"] == trained["summary"]["steps"] == s["planned_steps"]
     assert s["loss_curve"] == trained["summary"]["loss_curve"]
-    assert sorted(progress.glob("steps-*.jsonl")) == before  # picked up at the end: no step ran again
+    assert sorted(_s3().glob(pattern)) == before  # picked up at the end from the bucket: no step ran again
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, train_catalog, tmp_path):
@@ -143,13 +175,3 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, tra
     # at most the steps run after the checkpoint it resumed from (the last one Ray Train had registered when
     # the worker died; under load that can be one checkpoint before the newest reported one) + one in flight
     assert 0 <= repeated <= killed["after_steps"] - restart + 1, (killed, files, s["attempts"])
-
-
-def test_training_steps_loss_and_throughput_reach_rays_metrics_endpoint(trained):
-    from helpers import scrape_metrics
-
-    names = ["caslie_train_steps_total", "caslie_train_loss", "caslie_train_tokens_per_second"]
-    found = scrape_metrics(names)
-    assert all(found.values()), {n: len(v) for n, v in found.items()}
-    steps = sum(float(line.rsplit(" ", 1)[1]) for line in found["caslie_train_steps_total"])
-    assert steps >= trained["summary"]["steps"]
