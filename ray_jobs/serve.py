@@ -50,8 +50,7 @@ class Ingress:
         self.cfg = cfg
         self.captioner, self.predictor = captioner, predictor
         self.judges = dict(zip([j.name for j in cfg.judges], judges))
-        self.models: dict[str, str] = spec["models"]  # served name -> multiplexed id (adapter or "base")
-        self.default_model = next(iter(self.models))
+        self.catalog = sv.ServedModels(spec["models"])  # model ids -> multiplexed ids (adapter or "base")
         self.style = spec["style"]
         self.key_digest = spec["key_digest"]
         self.policy = cfg.fetch.policy()
@@ -88,8 +87,9 @@ class Ingress:
             raise sv.unauthorized()
 
     def _error(self, err: sv.ApiError, openai: bool) -> JSONResponse:
-        body = err.openai_body() if openai else {"detail": err.detail}
-        return JSONResponse(body, status_code=err.status, headers=err.headers)
+        if openai:  # OpenAI's error object; an invalid request is 400 there (422 on our own routes)
+            return JSONResponse(err.openai_body(), status_code=err.openai_status(), headers=err.headers)
+        return JSONResponse({"detail": err.detail}, status_code=err.status, headers=err.headers)
 
     def _overloaded(self, why: str) -> sv.ApiError:
         return sv.overloaded(why, self.cfg.http.retry_after_s)
@@ -147,8 +147,9 @@ class Ingress:
                     raise self._overloaded(f"a model replica was lost ({type(e).__name__})") from None
                 await asyncio.sleep(0.5 * 2**attempt)
 
-    def _model_id(self, name: str | None) -> tuple[str, str]:
-        return sv.served_model(self.models, name or self.default_model)
+    async def _model_id(self, name: str | None) -> tuple[str, str]:
+        """(listed id, multiplexed id); may list the adapter store, so off the event loop."""
+        return await asyncio.to_thread(self.catalog.resolve, name)
 
     async def _images(self, slots: list[sv.ImageSlot], mode: str, stage: dict) -> None:
         stage["name"] = "fetching images"
@@ -176,11 +177,23 @@ class Ingress:
 
         await asyncio.gather(*(one(i, n, h) for i in questions for n, h in self.judges.items()))
 
-    async def _answer(self, prompt: str, model_id: str, stage: dict, max_new_tokens: int | None = None) -> dict:
+    async def _answer(self, prompt: str, model_id: str, stage: dict, limit=None, sampling=None) -> dict:
         stage["name"] = "answering"
-        return await self._call(
-            lambda: self.predictor.options(multiplexed_model_id=model_id).predict.remote(prompt, max_new_tokens)
-        )
+        handle = self.predictor.options(multiplexed_model_id=model_id)
+        answer = await self._call(lambda: handle.predict.remote(prompt, limit, sampling))
+        if answer["error"]:
+            raise sv.ApiError(500, f"the model failed: {answer['error']}", code="model_error")
+        cap = min(limit or self.cfg.model.max_new_tokens, self.cfg.model.max_new_tokens)
+        answer["finish_reason"] = "length" if answer["n_new_tokens"] >= cap and not answer["stopped"] else "stop"
+        return answer
+
+    def _stream(self, chunks: sv.Chunks, prompt: str, model_id: str, req, stage: dict) -> StreamingResponse:
+        """Server-sent events of the answer as the predictor replica generates it (a Serve streaming call);
+        a client that goes away cancels the call, which stops the generation."""
+        handle = self.predictor.options(multiplexed_model_id=model_id, stream=True)
+        tokens = handle.stream.remote(prompt, req.limit(), sv.request_sampling(req))
+        events = sv.stream_events(chunks, tokens, include_usage=req.include_usage, deadline=stage["deadline"])
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _enrich(self, req: sv.EnrichRequest, stage: dict, timings: dict):
         stage["name"] = "validating the record"
@@ -211,7 +224,7 @@ class Ingress:
     async def predict(self, request: Request):
         async def work(req: sv.PredictRequest, stage: dict):
             t0, timings = time.perf_counter(), {}
-            name, model_id = self._model_id(req.adapter)
+            name, model_id = await self._model_id(req.adapter)
             record, out = await self._enrich(req, stage, timings)
             t = time.perf_counter()
             ans = await self._answer(sv.record_prompt_text(record, out, style=self.style), model_id, stage)
@@ -222,41 +235,66 @@ class Ingress:
 
         return await self._handle(request, sv.PredictRequest, work)
 
+    async def _chat_prompt(self, req: sv.ChatRequest, stage: dict) -> tuple[str, list]:
+        """The chat as one prompt: its images fetched, captioned in context and judged (CASLIE), kept captions in."""
+        text, urls = sv.chat_request_text(req)
+        slots = sv.chat_slots(text, urls)
+        await self._images(slots, "fail", stage)
+        await self._caption(slots, stage)
+        await self._judge(slots, sv.chat_questions(text, slots), stage)
+        return sv.chat_prompt(text, slots, style=self.style), slots
+
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         async def work(req: sv.ChatRequest, stage: dict):
-            name, model_id = self._model_id(req.model)
-            text, urls = sv.chat_request_text(req)
-            slots = sv.chat_slots(text, urls)
-            await self._images(slots, "fail", stage)
-            await self._caption(slots, stage)
-            await self._judge(slots, sv.chat_questions(text, slots), stage)
-            limit = req.max_completion_tokens or req.max_tokens
-            ans = await self._answer(sv.chat_prompt(text, slots, style=self.style), model_id, stage, limit)
-            if ans["error"]:
-                raise sv.ApiError(500, f"the model failed: {ans['error']}", code="model_error")
-            cap = min(limit or self.cfg.model.max_new_tokens, self.cfg.model.max_new_tokens)
-            done = sv.chat_completion(
+            req.check_supported()
+            name, model_id = await self._model_id(req.model)
+            prompt, slots = await self._chat_prompt(req, stage)
+            if req.stream:
+                return self._stream(sv.Chunks(name, chat=True), prompt, model_id, req, stage)
+            ans = await self._answer(prompt, model_id, stage, req.limit(), sv.request_sampling(req))
+            return sv.chat_completion(
                 name,
                 ans["text"],
                 prompt_tokens=ans["n_prompt_tokens"],
                 completion_tokens=ans["n_new_tokens"],
-                finish_reason="length" if ans["n_new_tokens"] >= cap else "stop",
+                finish_reason=ans["finish_reason"],
                 extra={"images": [s.report() for s in slots]},
             )
-            if req.stream:
-                return StreamingResponse(iter(sv.chat_chunks(done)), media_type="text/event-stream")
-            return done
 
         return await self._handle(request, sv.ChatRequest, work, openai=True)
 
-    @api.get("/v1/models")
-    async def models(self, request: Request):
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        """The prompt as it is (the model's own template, no images), one string or a list (a choice each)."""
+
+        async def work(req: sv.CompletionRequest, stage: dict):
+            req.check_supported()
+            name, model_id = await self._model_id(req.model)
+            if req.stream:
+                return self._stream(sv.Chunks(name, chat=False), req.prompts()[0], model_id, req, stage)
+            sampling = sv.request_sampling(req)
+            answers = await asyncio.gather(
+                *(self._answer(p, model_id, stage, req.limit(), sampling) for p in req.prompts())
+            )
+            return sv.text_completion(name, answers)
+
+        return await self._handle(request, sv.CompletionRequest, work, openai=True)
+
+    async def _open(self, request: Request, answer):
         try:
             self._authorize(request)
+            return await answer()
         except sv.ApiError as e:
             return self._error(e, True)
-        return sv.models_list(list(self.models))
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        return await self._open(request, lambda: asyncio.to_thread(lambda: sv.models_list(self.catalog.cards())))
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, request: Request, model_id: str):
+        return await self._open(request, lambda: asyncio.to_thread(self.catalog.card, model_id))
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request):
@@ -286,7 +324,7 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self, deep: bool = False):
         """Liveness (no auth). `?deep=true` also pings one replica of every model deployment."""
-        body: dict = {"status": "ok", "models": list(self.models)}
+        body: dict = {"status": "ok", "models": list(self.catalog.ids)}
         if deep:
             handles = {
                 "Captioner": self.captioner,

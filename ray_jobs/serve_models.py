@@ -7,6 +7,7 @@ so a tuning change reaches running replicas without reloading a model.
 
 import asyncio
 import dataclasses
+import uuid
 from typing import Any
 
 from ray import serve
@@ -116,6 +117,7 @@ def predictor_deployment(max_adapters: int):
 
             self.model = AdapterPredictor.from_spec(spec)
             self.paths: dict[str, str] = spec["adapters"]
+            self.store: str | None = spec.get("store")
 
         def reconfigure(self, user_config: dict) -> None:
             self._live(user_config, self._answer)
@@ -124,25 +126,64 @@ def predictor_deployment(max_adapters: int):
         async def adapter(self, name: str) -> _Loaded:
             from caslie_core.models.predictor import local_copy
 
-            path = await asyncio.to_thread(local_copy, self.paths[name])
+            path = self.paths.get(name) or f"{self.store.rstrip('/')}/{name}"  # the ingress checked the name
+            path = await asyncio.to_thread(local_copy, path)
             await asyncio.to_thread(self.model.load, name, path)
             return _Loaded(self.model, name)
 
-        async def predict(self, prompt: str, max_new_tokens: int | None = None) -> dict:
+        async def _chosen(self) -> str | None:
+            """The adapter this request names (Serve's multiplexed model id), loaded; None = the base model."""
             name = serve.get_multiplexed_model_id() or sv.BASE_MODEL_NAME
-            if name != sv.BASE_MODEL_NAME:
-                if name not in self.paths:
-                    raise KeyError(f"unknown adapter {name!r}")
-                await self.adapter(name)
-            return await self._answer(prompt, None if name == sv.BASE_MODEL_NAME else name, max_new_tokens)
+            if name == sv.BASE_MODEL_NAME:
+                return None
+            if name not in self.paths and not self.store:
+                raise KeyError(f"unknown adapter {name!r}")
+            await self.adapter(name)
+            return name
+
+        async def predict(self, prompt: str, max_new_tokens: int | None = None, sampling: dict | None = None) -> dict:
+            adapter = await self._chosen()
+            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (sampling or {}).items()))
+            if (sampling or {}).get("seed") is not None and (sampling or {}).get("temperature"):
+                key += (("solo", uuid.uuid4().hex),)  # a seeded draw is generated alone: the same answer every time
+            return await self._answer(prompt, adapter, max_new_tokens, key)
+
+        async def stream(self, prompt: str, max_new_tokens: int | None = None, sampling: dict | None = None):
+            """Tokens as they are generated (a Serve streaming call); the caller cancelling it (a client that
+            went away) stops the generation at the next token."""
+            import threading
+
+            from caslie_core.models.batching import error_text
+
+            adapter = await self._chosen()
+            loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+            def pump() -> None:
+                try:
+                    for event in self.model.stream(prompt, adapter, max_new_tokens, sampling, cancel):
+                        loop.call_soon_threadsafe(queue.put_nowait, event)
+                except Exception as e:  # noqa: BLE001 - the stream's error event
+                    loop.call_soon_threadsafe(queue.put_nowait, {"error": error_text(e)})
+                finally:
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
+
+            loop.run_in_executor(None, pump)
+            try:
+                while (event := await queue.get()) is not None:
+                    yield event
+            finally:
+                cancel.set()
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-        async def _answer(self, prompts: list[str], adapters: list, limits: list) -> list[dict]:
+        async def _answer(self, prompts: list[str], adapters: list, limits: list, samplings: list) -> list[dict]:
             out: list[Any] = [None] * len(prompts)
-            for (adapter, limit), idx in groups(zip(adapters, limits)).items():
+            for (adapter, limit, sampling), idx in groups(zip(adapters, limits, samplings)).items():
                 if adapter is not None and adapter not in self.model.loaded:  # evicted while queued
                     await self.adapter(adapter)
-                answers = await asyncio.to_thread(self.model.answer, [prompts[i] for i in idx], adapter, limit)
+                settings = {k: v for k, v in sampling if k != "solo"}
+                answers = await asyncio.to_thread(
+                    self.model.answer, [prompts[i] for i in idx], adapter, limit, settings
+                )
                 for i, a in zip(idx, answers):
                     out[i] = dataclasses.asdict(a)
             self._track([a["error"] for a in out])

@@ -181,7 +181,21 @@ class ServeModelConfig(StrictModel):
     dtype: Dtype = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     prompt_style: Literal["auto", "alpaca", "mistral"] = Field("auto", description="as in evaluation")
     trust_remote_code: bool = Field(False, description="run model code from the hub (only for trusted repos)")
-    name: str = Field("caslie", description="model id of `path` in the API (/v1/models, `model` of requests)")
+    name: str = Field(
+        "caslie",
+        description="the adapter name of `path`: its model id in the API is `BASE_ID:name` (Ray Serve LLM's "
+        "convention), and `name` alone stays accepted",
+    )
+    base_id: str | None = Field(
+        None,
+        description="the base model's id in the API (/v1/models, `model` of requests); default: its Hugging "
+        "Face id (a local folder: its name)",
+    )
+    adapter_store: str | None = Field(
+        None,
+        description="a folder (local or s3://) of PEFT adapters, one sub-folder each: `BASE_ID:SUBFOLDER` is "
+        "served from it, loaded on first use (no redeploy for a new adapter)",
+    )
     adapters: dict[str, str] = Field(
         default_factory=dict,
         description="more PEFT adapters served side by side, name -> folder (local or s3://); chosen per request",
@@ -200,6 +214,11 @@ class ServeModelConfig(StrictModel):
         names = [self.name, *self.adapters]
         if len(set(names)) != len(names) or "base" in names:
             raise ValueError(f"model names must be unique and not 'base': {names}")
+        import re
+
+        bad = [n for n in names if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", n)]
+        if bad:
+            raise ValueError(f"model names {bad}: letters, digits, '.', '_' and '-' only (they become BASE_ID:NAME)")
         return self
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .sampling import GREEDY, Sampling, cut_at_stop
+
 
 @dataclass
 class Answer:
@@ -17,6 +19,7 @@ class Answer:
     n_prompt_tokens: int = 0
     n_new_tokens: int = 0
     raw: str | None = None  # the generated text before the answer is read from it
+    stopped: bool = False  # the answer ended at the response marker or a stop string (not at the token cap)
 
 
 def read_text(path: str) -> str | None:
@@ -143,6 +146,7 @@ class Predictor:
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
         self.style = style  # the prompt template: its response marker ends an answer
+        self.sampling = GREEDY  # the method's decoding; AdapterPredictor sets a request's own per call
         self._torch = torch
 
     def _encode(self, prompts: list[str]):
@@ -160,17 +164,23 @@ class Predictor:
         mask = self._torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], dtype=self._torch.long)
         return ids.to(self.device), mask.to(self.device), [len(r) for r in rows]
 
-    def _batch(self, prompts: list[str]) -> list[Answer]:
-        from ..prompts import extract_response
+    def stops(self, sampling: Sampling) -> tuple[str, ...]:
+        """Where an answer ends: the template's response marker (`extract_response`), then the request's stops."""
+        from ..prompts import response_marker
 
+        return (response_marker(self.style), *sampling.stop)
+
+    def _batch(self, prompts: list[str]) -> list[Answer]:
+        sampling = self.sampling
         ids, mask, lengths = self._encode(prompts)
         with self._torch.inference_mode():
+            sampling.seed_rng(self._torch)
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=self.max_new_tokens,
-                do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
+                **sampling.generate_kwargs(),
             )
         new = out[:, ids.shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -179,7 +189,8 @@ class Predictor:
         for i, text in enumerate(texts):
             row = new[i].tolist()
             n_new = row.index(eos) + 1 if eos in row else len(row)
-            answers.append(Answer(extract_response(text, self.style), None, lengths[i], n_new, text))
+            answer, hit = cut_at_stop(text, self.stops(sampling))  # greedy, no stops: `extract_response`
+            answers.append(Answer(answer.strip(), None, lengths[i], n_new, text, hit or eos in row))
         return answers
 
     def answer(self, prompts: list[str]) -> list[Answer]:
@@ -251,20 +262,97 @@ class AdapterPredictor(Predictor):
                 self.peft.set_adapter(next(n for n in self.peft.peft_config if n != stale))
             self.peft.delete_adapter(stale)
 
-    def answer(self, prompts: list[str], adapter: str | None = None, max_new_tokens: int | None = None) -> list[Answer]:
-        """Answers with `adapter` (None = the base model); `max_new_tokens` may lower the configured cap."""
+    def _select(self, adapter: str | None):
+        """Point `self.model` at `adapter` (None = the base model); the context to generate in (lock held)."""
         import contextlib
 
+        if adapter is not None and adapter not in self.loaded:
+            raise KeyError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.loaded)})")
+        if self.peft is None:
+            self.model = self.base
+            return contextlib.nullcontext()
+        if adapter is None:
+            self.model = self.peft
+            return self.peft.disable_adapter()
+        self.peft.set_adapter(adapter)
+        self.model = self.peft
+        return contextlib.nullcontext()
+
+    def answer(
+        self,
+        prompts: list[str],
+        adapter: str | None = None,
+        max_new_tokens: int | None = None,
+        sampling: Sampling | dict | None = None,
+    ) -> list[Answer]:
+        """Answers with `adapter` (None = the base model); `max_new_tokens` may lower the configured cap;
+        `sampling` (default greedy, the method's) applies to every prompt of the call."""
         with self._lock:
             self.max_new_tokens = min(max_new_tokens or self.cap, self.cap)
-            if adapter is not None and adapter not in self.loaded:
-                raise KeyError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.loaded)})")
-            if self.peft is None:
-                self.model, ctx = self.base, contextlib.nullcontext()
-            elif adapter is None:
-                self.model, ctx = self.peft, self.peft.disable_adapter()
-            else:
-                self.peft.set_adapter(adapter)
-                self.model, ctx = self.peft, contextlib.nullcontext()
-            with ctx:
+            self.sampling = Sampling.of(sampling)
+            with self._select(adapter):
                 return super().answer(prompts)
+
+    def stream(self, prompt: str, adapter=None, max_new_tokens=None, sampling=None, cancel=None):
+        """One answer as it is generated: `{"delta": text}` events whose texts add up to what `answer` gives,
+        then `{"done": True, "n_prompt_tokens", "n_new_tokens", "finish_reason"}`. Setting `cancel` (a
+        threading.Event; a client that went away) stops the generation at the next token."""
+        import threading
+
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        from .sampling import StreamText
+
+        sampling, cancel = Sampling.of(sampling), cancel or threading.Event()
+        with self._lock:  # the adapter choice is the model's state: one generation at a time per replica
+            cap = min(max_new_tokens or self.cap, self.cap)
+            ctx = self._select(adapter)
+            ids, mask, lengths = self._encode([prompt])
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            made, failed = [0], []
+
+            class _Until(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs):
+                    made[0] = input_ids.shape[1] - ids.shape[1]
+                    return cancel.is_set()
+
+            def generate() -> None:
+                try:
+                    with ctx, self._torch.inference_mode():
+                        sampling.seed_rng(self._torch)
+                        self.model.generate(
+                            input_ids=ids,
+                            attention_mask=mask,
+                            max_new_tokens=cap,
+                            pad_token_id=self.tokenizer.pad_token_id,
+                            streamer=streamer,
+                            stopping_criteria=StoppingCriteriaList([_Until()]),
+                            **sampling.generate_kwargs(),
+                        )
+                except Exception as e:  # noqa: BLE001 - reported as the stream's error
+                    failed.append(e)
+                    streamer.end()
+
+            worker = threading.Thread(target=generate, name="caslie-stream", daemon=True)
+            worker.start()
+            text = StreamText(self.stops(sampling))
+            try:
+                for piece in streamer:
+                    if delta := text.feed(piece):
+                        yield {"delta": delta}
+                    if text.stopped:
+                        cancel.set()
+                if failed:
+                    raise failed[0]
+                if delta := text.finish():
+                    yield {"delta": delta}
+            finally:
+                cancel.set()
+                worker.join()
+        ended = text.stopped or made[0] < cap
+        yield {
+            "done": True,
+            "n_prompt_tokens": lengths[0],
+            "n_new_tokens": made[0],
+            "finish_reason": "stop" if ended else "length",
+        }

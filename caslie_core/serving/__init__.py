@@ -6,24 +6,19 @@ from __future__ import annotations
 from .api import (
     BASE_MODEL_NAME,
     ApiError,
-    ChatMessage,
-    ChatPart,
-    ChatRequest,
     EnrichRequest,
     PredictRequest,
-    chat_chunks,
-    chat_completion,
     check_headers,
     key_digest,
     key_matches,
-    models_list,
+    model_not_found,
     overloaded,
     parse_body,
     read_body,
-    served_model,
     unauthorized,
     validation_detail,
 )
+from .catalog import ServedModels
 from .flow import (
     ImageSlot,
     caption_outcome,
@@ -44,6 +39,19 @@ from .flow import (
     to_record,
 )
 from .intake import ImageIntake
+from .openai import (
+    ChatMessage,
+    ChatPart,
+    ChatRequest,
+    Chunks,
+    CompletionRequest,
+    chat_completion,
+    model_card,
+    models_list,
+    request_sampling,
+    stream_events,
+    text_completion,
+)
 
 __all__ = [
     "BASE_MODEL_NAME",
@@ -56,7 +64,14 @@ __all__ = [
     "PredictRequest",
     "caption_outcome",
     "ImageIntake",
-    "chat_chunks",
+    "Chunks",
+    "CompletionRequest",
+    "ServedModels",
+    "model_card",
+    "model_not_found",
+    "text_completion",
+    "stream_events",
+    "request_sampling",
     "check_headers",
     "chat_completion",
     "chat_prompt",
@@ -70,7 +85,6 @@ __all__ = [
     "models_list",
     "parse_body",
     "overloaded",
-    "served_model",
     "unauthorized",
     "predict_response",
     "read_body",

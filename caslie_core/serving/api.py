@@ -5,11 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import time
-import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 BASE_MODEL_NAME = "base"
 
@@ -17,21 +15,59 @@ BASE_MODEL_NAME = "base"
 class ApiError(Exception):
     """An HTTP error with a status, a JSON-able detail and optional headers."""
 
-    def __init__(self, status: int, detail: Any, headers: dict | None = None, *, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: Any,
+        headers: dict | None = None,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(str(detail))
         self.status = status
         self.detail = detail
         self.headers = headers or {}
         self.code = code
+        self.param = param
+
+    def openai_status(self) -> int:
+        """On the OpenAI routes an invalid request is 400 (our own routes keep FastAPI's 422)."""
+        return 400 if self.status == 422 else self.status
 
     def openai_body(self) -> dict:
-        msg = (
-            self.detail
-            if isinstance(self.detail, str)
-            else "; ".join(f"{'.'.join(str(x) for x in d.get('loc', [])[1:])}: {d.get('msg')}" for d in self.detail)
-        )
+        """OpenAI's error object: message, type, param (the request field at fault, as `messages[0].role`), code."""
+        param = self.param
+        if isinstance(self.detail, str):
+            msg = self.detail
+        else:
+            msg = "; ".join(_openai_message(d) for d in self.detail)
+            # the most specific location (a union field reports each branch: the deepest is the one meant)
+            deepest = max(self.detail, key=lambda d: len(d.get("loc", [])), default={})
+            param = param or _param_path(deepest.get("loc", [])[1:])
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": msg, "type": kind, "param": None, "code": self.code or str(self.status)}}
+        code = self.code or ("invalid_value" if self.status in (400, 422) else str(self.status))
+        return {"error": {"message": msg, "type": kind, "param": param, "code": code}}
+
+
+def _param_path(loc) -> str | None:
+    """A validation error's location as OpenAI writes a param: `messages[0].content[1].image_url`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("str", "list[", "dict[", "function-")):  # pydantic's union-branch labels
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def _openai_message(d: dict) -> str:
+    where = _param_path(d.get("loc", [])[1:])
+    if d.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {where}"
+    return f"{where}: {d.get('msg')}" if where else str(d.get("msg"))
 
 
 def unauthorized() -> ApiError:
@@ -50,11 +86,13 @@ def overloaded(why: str, retry_after_s: float) -> ApiError:
     )
 
 
-def served_model(models: dict[str, str], name: str) -> tuple[str, str]:
-    """(served name, multiplexed id) of a model a request names; 404 `model_not_found` otherwise."""
-    if name not in models:
-        raise ApiError(404, f"unknown model {name!r}; served: {sorted(models)}", code="model_not_found")
-    return name, models[name]
+def model_not_found(name: str, served) -> ApiError:
+    return ApiError(
+        404,
+        f"The model {name!r} does not exist; served: {sorted(served)}",
+        code="model_not_found",
+        param="model",
+    )
 
 
 def check_headers(raw_headers, limit: int) -> None:
@@ -156,102 +194,6 @@ class EnrichRequest(BaseModel):
 
 class PredictRequest(EnrichRequest):
     adapter: str | None = Field(None, description="model (adapter) name from /v1/models; default: the main one")
-
-
-class ChatPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: dict | str | None = None
-
-    @field_validator("image_url")
-    @classmethod
-    def _url_is_text(cls, v):
-        if isinstance(v, dict) and not isinstance(v.get("url"), str):
-            raise ValueError("image_url.url must be a string (an http(s) URL or a data: URI)")
-        return v
-
-    def url(self) -> str | None:
-        if self.image_url is None:
-            return None
-        return self.image_url if isinstance(self.image_url, str) else self.image_url.get("url")
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ChatPart] | None = None
-
-
-class ChatRequest(BaseModel):
-    """The OpenAI chat-completions request (the fields that apply; other sampling fields are ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=1, description="one choice (greedy decoding)")
-    stream: bool = False
-    timeout_s: float | None = Field(None, gt=0)
-
-
-def chat_completion(
-    model: str,
-    content: str,
-    *,
-    prompt_tokens: int,
-    completion_tokens: int,
-    finish_reason: str = "stop",
-    extra: dict | None = None,
-) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-        **({"caslie": extra} if extra else {}),
-    }
-
-
-def chat_chunks(completion: dict) -> list[str]:
-    """A finished completion as server-sent events: role, the whole content in one delta, stop, [DONE]."""
-    base = {
-        "id": completion["id"],
-        "object": "chat.completion.chunk",
-        "created": completion["created"],
-        "model": completion["model"],
-    }
-    choice = completion["choices"][0]
-    deltas = [{"role": "assistant", "content": ""}, {"content": choice["message"]["content"]}, {}]
-    events = []
-    for i, delta in enumerate(deltas):
-        finish = choice["finish_reason"] if i == len(deltas) - 1 else None
-        events.append(
-            json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
-        )
-    return [f"data: {e}\n\n" for e in events] + ["data: [DONE]\n\n"]
-
-
-def models_list(names: list[str], *, owner: str = "caslie") -> dict:
-    now = int(time.time())
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": owner} for n in names]}
 
 
 def key_digest(key: str) -> str:

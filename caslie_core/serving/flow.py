@@ -26,7 +26,8 @@ from ..prompts import (
     judge_question,
 )
 from ..records import Record, parse_record
-from .api import ApiError, ChatPart, ChatRequest, EnrichRequest
+from .api import ApiError, EnrichRequest
+from .openai import ChatPart, ChatRequest
 
 
 def to_record(req: EnrichRequest) -> Record:

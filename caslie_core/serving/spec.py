@@ -32,9 +32,13 @@ def app_spec(cfg: ServeConfig, *, root: Path | None = None) -> dict:
     ]
     if missing:
         raise ConfigError(missing)
-    models = {n: n for n in adapters}
-    if cfg.model.serve_base or not models:
-        models[BASE_MODEL_NAME if models else cfg.model.name] = BASE_MODEL_NAME
+    base_id = cfg.model.base_id or _base_id(source.base)
+    ids = {f"{base_id}:{n}": n for n in adapters}  # Ray Serve LLM's ids: BASE:ADAPTER
+    aliases = {n: f"{base_id}:{n}" for n in adapters}
+    if cfg.model.serve_base or not ids:
+        ids[base_id] = BASE_MODEL_NAME
+        aliases[BASE_MODEL_NAME if adapters else cfg.model.name] = base_id
+    store = _abs(cfg.model.adapter_store, root)
     digest = None
     if cfg.http.api_key_env:
         key = os.environ.get(cfg.http.api_key_env)
@@ -49,6 +53,13 @@ def app_spec(cfg: ServeConfig, *, root: Path | None = None) -> dict:
         "max_prompt_tokens": cfg.model.max_prompt_tokens,
         "trust_remote_code": cfg.model.trust_remote_code,
         "adapters": adapters,
+        "store": store,
         "style": source.style,
     }
+    models = {"base_id": base_id, "ids": ids, "aliases": aliases, "store": store}
     return {"predictor": predictor, "models": models, "style": source.style, "key_digest": digest}
+
+
+def _base_id(base: str) -> str:
+    """A hub id as it is; a local folder by its name (its path says nothing to a client)."""
+    return Path(base).name if os.path.isabs(base) or os.path.isdir(base) else base

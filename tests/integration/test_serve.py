@@ -18,6 +18,7 @@ from imageserver import ImageServer
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"
+IDS = {"rules": "tiny:lm:rules", "cc_only": "tiny:lm:cc_only", "base": "tiny:lm"}  # Ray Serve LLM's BASE:ADAPTER
 
 
 def _records(catalog: Path, task: str, n: int, split: str = "test") -> list[dict]:
@@ -69,7 +70,12 @@ def images(trained):
 
 
 @pytest.fixture(scope="module")
-def app(ray_session, trained, second_adapter, images):
+def adapter_store(tmp_path_factory):
+    return tmp_path_factory.mktemp("adapter-store")
+
+
+@pytest.fixture(scope="module")
+def app(ray_session, trained, second_adapter, images, adapter_store):
     from ray import serve
 
     from caslie_core.config import ServeConfig, load_config
@@ -88,6 +94,7 @@ def app(ray_session, trained, second_adapter, images):
             f"model.path={trained['cfg'].output.path}",
             "model.name=rules",
             f"model.adapters={{cc_only: {second_adapter}}}",
+            f"model.adapter_store={adapter_store}",
             "model.deployment.autoscaling={min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, "
             "upscale_delay_s: 1, downscale_delay_s: 4, look_back_period_s: 2, metrics_interval_s: 0.5}",
             "fetch.allowlist=[localhost]",
@@ -114,7 +121,7 @@ def test_predict_and_enrich_with_http_and_data_uri_images(app, trained, images):
     r = post(app, "/v1/predict", _request(rec, urls))
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["id"] == rec["id"] and out["model"] == "rules" and out["status"] == "ok"
+    assert out["id"] == rec["id"] and out["model"] == IDS["rules"] and out["status"] == "ok"
     assert len(out["images"]) == len(paths) and [i["index"] for i in out["images"]] == list(range(len(paths)))
     for img in out["images"]:
         assert set(img["votes"]) == {"judge_logits", "judge_generate"} and img["error"] is None
@@ -166,7 +173,7 @@ def test_adapters_are_chosen_per_request(app, trained, second_adapter):
                 app, "/v1/predict", _request(rec, [_data_uri(p) for p in json.loads(rec["images"])], adapter=adapter)
             )
             assert r.status_code == 200, r.text
-            assert r.json()["model"] == adapter
+            assert r.json()["model"] == IDS[adapter]  # asked by its short name, answered under its id
             served[adapter].append(r.json()["raw_output"])
         out = r.json()
         prompts.append(instruction_prompt(rec["instruction"], out["input"], out["options"], style="alpaca"))
@@ -181,14 +188,10 @@ def test_adapters_are_chosen_per_request(app, trained, second_adapter):
     assert sum(a != b for a, b in zip(served["rules"], served["cc_only"])) >= len(recs) // 2, served
 
 
-def test_openai_client(app, trained):
-    from openai import NotFoundError, OpenAI
-
-    client = OpenAI(base_url=app["url"] + "/v1", api_key=KEY)
-    assert {m.id for m in client.models.list()} == {"rules", "cc_only", "base"}
+def _chat(trained) -> list[dict]:
     rec = _records(Path(trained["catalog"]), "category_classification", 1)[0]
     img = _data_uri(json.loads(rec["images"])[0])
-    messages = [
+    return [
         {"role": "system", "content": "You classify products."},
         {
             "role": "user",
@@ -198,16 +201,221 @@ def test_openai_client(app, trained):
             ],
         },
     ]
-    done = client.chat.completions.create(model="rules", messages=messages, max_tokens=4)
-    assert done.model == "rules" and done.choices[0].message.role == "assistant"
+
+
+def _texts(trained, n: int) -> list[list[dict]]:
+    """Text-only chats (no images: they go straight to the model)."""
+    recs = _records(Path(trained["catalog"]), "answerability_prediction", n)
+    return [[{"role": "user", "content": f"{r['instruction']} {r['input']}"}] for r in recs]
+
+
+def _client(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=app["url"] + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_openai_sdk_lists_retrieves_answers_and_gets_openai_errors(app, trained):
+    from openai import BadRequestError, NotFoundError
+
+    client = _client(app)
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) >= set(IDS.values())
+    rules = client.models.retrieve(IDS["rules"])
+    assert rules.owned_by == "caslie" and rules.model_extra["parent"] == rules.model_extra["root"] == "tiny:lm"
+    assert "parent" not in client.models.retrieve("tiny:lm").model_extra
+    with pytest.raises(NotFoundError) as e:
+        client.models.retrieve("tiny:lm:nope")
+    assert e.value.code == "model_not_found"
+
+    messages = _chat(trained)
+    done = client.chat.completions.create(model=IDS["rules"], messages=messages, max_tokens=4)
+    assert done.model == IDS["rules"] and done.choices[0].message.role == "assistant"
     assert isinstance(done.choices[0].message.content, str)
     assert done.usage.completion_tokens <= 4 and done.usage.prompt_tokens > 0
     assert done.choices[0].finish_reason in ("stop", "length")
-    streamed = client.chat.completions.create(model="rules", messages=messages, max_tokens=4, stream=True)
-    text = "".join(c.choices[0].delta.content or "" for c in streamed)
-    assert text == done.choices[0].message.content  # greedy: the same answer, in one chunk
-    with pytest.raises(NotFoundError, match="unknown model"):
+    short = client.chat.completions.create(model="rules", messages=messages, max_completion_tokens=4)  # alias
+    assert short.model == IDS["rules"] and short.choices[0].message.content == done.choices[0].message.content
+
+    with pytest.raises(NotFoundError) as e:
         client.chat.completions.create(model="gpt-nope", messages=messages)
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+    refused = [
+        ({"tools": [tool]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"n": 2}, "n"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
+        ({"temperature": 5}, "temperature"),
+    ]
+    for kwargs, param in refused:
+        with pytest.raises(BadRequestError) as e:
+            client.chat.completions.create(model=IDS["rules"], messages=messages, **kwargs)
+        assert e.value.status_code == 400 and e.value.param == param, (kwargs, e.value.body)
+        assert e.value.type == "invalid_request_error"
+    with pytest.raises(BadRequestError) as e:
+        client.chat.completions.create(model=IDS["rules"], messages=[{"role": "robot", "content": "x"}])
+    assert e.value.param == "messages[0].role"
+
+
+def test_streaming_sends_tokens_as_they_come_with_usage_last(app, trained):
+    """The base model's 16-token answers, streamed: the pieces add up to the non-streamed answer, arrive in
+    several chunks (the replica streams tokens; before, one chunk carried the whole answer), finish once and end
+    with the usage chunk that `stream_options.include_usage` asks for (choices empty, as OpenAI sends it)."""
+    client = _client(app)
+    pieces = 0
+    for messages in _texts(trained, 4):
+        done = client.chat.completions.create(model=IDS["base"], messages=messages)
+        chunks = list(
+            client.chat.completions.create(
+                model=IDS["base"], messages=messages, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(deltas) == done.choices[0].message.content
+        pieces += len(deltas)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finishes == [done.choices[0].finish_reason]
+        assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == done.usage.model_dump()
+        assert len({c.id for c in chunks}) == 1
+        plain = list(client.chat.completions.create(model=IDS["base"], messages=messages, stream=True))
+        assert all(c.usage is None for c in plain)  # no usage chunk unless asked
+    assert pieces > 8, pieces  # 4 answers of 16 tokens: more than two pieces each on average
+
+
+def test_sampling_parameters_are_honoured(app, trained):
+    client = _client(app)
+    messages = _texts(trained, 1)[0]
+
+    def ask(**kw):
+        r = client.chat.completions.create(model=IDS["base"], messages=messages, **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+
+    greedy = ask()
+    assert ask() == greedy and ask(temperature=0) == greedy  # no temperature: the method's greedy decoding
+    assert ask(temperature=1.0, seed=7) == ask(temperature=1.0, seed=7)  # a seeded draw repeats
+    assert len({ask(temperature=1.5, seed=k)[0] for k in range(5)}) > 1  # sampling varies with the seed
+    assert ask(temperature=1.0, top_p=1e-6)[0] == greedy[0]  # only the likeliest token survives top_p
+    words = greedy[0].split()
+    assert len(words) >= 3, greedy
+    text, finish, _ = ask(stop=[words[1]])
+    assert text == greedy[0].split(words[1], 1)[0].strip() and finish == "stop"
+    text, finish, n = ask(max_tokens=3)
+    assert n <= 3 and greedy[0].startswith(text) and finish == ("length" if n == 3 else "stop")
+
+
+def test_text_completions(app, trained):
+    client = _client(app)
+    prompts = [m[0]["content"] + "\n\n### Response:\n" for m in _texts(trained, 3)]
+    one = client.completions.create(model=IDS["rules"], prompt=prompts[0], max_tokens=8)
+    assert one.object == "text_completion" and one.model == IDS["rules"] and len(one.choices) == 1
+    assert isinstance(one.choices[0].text, str) and one.usage.prompt_tokens > 0
+    many = client.completions.create(model=IDS["rules"], prompt=prompts, max_tokens=8)
+    assert [c.index for c in many.choices] == [0, 1, 2] and many.choices[0].text == one.choices[0].text
+    streamed = list(client.completions.create(model=IDS["rules"], prompt=prompts[0], max_tokens=8, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == one.choices[0].text
+
+
+def test_async_client_concurrent_and_streaming(app, trained):
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    chats = _texts(trained, 4)
+    sync = [
+        _client(app).chat.completions.create(model=IDS["base"], messages=m).choices[0].message.content for m in chats
+    ]
+
+    async def main():
+        client = AsyncOpenAI(base_url=app["url"] + "/v1", api_key=KEY, max_retries=0)
+        async with client:
+            answers = await asyncio.gather(
+                *(client.chat.completions.create(model=IDS["base"], messages=m) for m in chats)
+            )
+            stream = await client.chat.completions.create(model=IDS["base"], messages=chats[0], stream=True)
+            streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        return [a.choices[0].message.content for a in answers], streamed
+
+    answers, streamed = asyncio.run(main())
+    assert answers == sync and streamed == sync[0]
+
+
+def test_langchain_chat_openai_unmodified(app, trained):
+    import openai
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=IDS["rules"], base_url=app["url"] + "/v1", api_key=KEY, max_tokens=4, stream_usage=True, max_retries=0
+    )
+    chat = _chat(trained)
+    messages = [SystemMessage(chat[0]["content"]), HumanMessage(chat[1]["content"])]
+    msg = llm.invoke(messages)
+    assert isinstance(msg.content, str) and 0 < msg.usage_metadata["output_tokens"] <= 4
+    chunks = list(llm.stream(messages))
+    assert "".join(c.content for c in chunks) == msg.content
+    total = chunks[0]
+    for c in chunks[1:]:
+        total = total + c
+    assert total.usage_metadata == msg.usage_metadata  # token accounting from the usage chunk
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        llm.bind_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]).invoke("hi")
+
+
+def test_curl_streams_server_sent_events(app, trained):
+    import subprocess
+
+    body = {"model": IDS["base"], "messages": _texts(trained, 1)[0], "stream": True}
+    base = ["curl", "-sS", "-N", "-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json"]
+    out = subprocess.run(
+        [*base, "-d", json.dumps(body), app["url"] + "/v1/chat/completions"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    events = [line[len("data: ") :] for line in out.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 4
+    assert all(json.loads(e)["object"] == "chat.completion.chunk" for e in events[:-1])
+    out = subprocess.run(
+        [*base, "-w", "\n%{http_code}", "-d", json.dumps({**body, "n": 3}), app["url"] + "/v1/chat/completions"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    payload, code = out.rsplit("\n", 1)
+    assert code == "400" and json.loads(payload)["error"]["param"] == "n"
+
+
+def test_a_new_adapter_in_the_store_is_served_without_a_redeploy(app, trained, second_adapter, adapter_store):
+    import shutil
+
+    rec = _records(Path(trained["catalog"]), "answerability_prediction", 1)[0]
+    body = _request(rec, [_data_uri(p) for p in json.loads(rec["images"])])
+    known = post(app, "/v1/predict", {**body, "adapter": "cc_only"}).json()["raw_output"]
+    assert post(app, "/v1/predict", {**body, "adapter": "tiny:lm:fresh"}).status_code == 404
+    shutil.copytree(second_adapter, adapter_store / "fresh")  # the same weights as cc_only, under a new name
+    r = post(app, "/v1/predict", {**body, "adapter": "tiny:lm:fresh"})
+    assert r.status_code == 200 and r.json()["model"] == "tiny:lm:fresh" and r.json()["raw_output"] == known
+    card = _client(app).models.retrieve("tiny:lm:fresh")
+    assert card.model_extra["parent"] == "tiny:lm" and "tiny:lm:fresh" in {m.id for m in _client(app).models.list()}
+
+
+def test_a_client_that_leaves_mid_stream_does_not_hurt_the_service(app, trained):
+    body = {"model": IDS["base"], "messages": _texts(trained, 1)[0], "stream": True}
+    for _ in range(3):
+        with requests.post(
+            app["url"] + "/v1/chat/completions", json=body, headers=app["headers"], stream=True, timeout=60
+        ) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first event, then the client hangs up
+    done = _client(app).chat.completions.create(model=IDS["base"], messages=body["messages"])
+    assert done.choices[0].message.content is not None
+    assert requests.get(app["url"] + "/healthz?deep=true", timeout=30).json()["status"] == "ok"
 
 
 def test_bad_input_gets_clear_errors_and_the_service_stays_up(app, trained, images):
@@ -224,7 +432,7 @@ def test_bad_input_gets_clear_errors_and_the_service_stays_up(app, trained, imag
     r = post(app, "/v1/predict", {**good, "images": []})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "images"]
     r = post(app, "/v1/predict", {**good, "adapter": "nope"})
-    assert r.status_code == 404 and "unknown model" in r.json()["detail"]
+    assert r.status_code == 404 and "does not exist" in r.json()["detail"]
     r = post(app, "/v1/predict", {**good, "images": ["data:image/png;base64," + "A" * 100_000]})
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     r = post(app, "/v1/predict", {**good, "images": ["data:image/png;base64," + base64.b64encode(b"hello").decode()]})

@@ -163,19 +163,6 @@ def test_chat_requests_become_instruction_prompts():
         sv.chat_request_text(sv.ChatRequest(model="m", messages=[{"role": "system", "content": "x"}]))
 
 
-def test_openai_shapes():
-    done = sv.chat_completion("m", "B", prompt_tokens=10, completion_tokens=2)
-    assert done["usage"]["total_tokens"] == 12 and done["choices"][0]["message"]["content"] == "B"
-    events = sv.chat_chunks(done)
-    assert events[-1] == "data: [DONE]\n\n"
-    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "B"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    assert [m["id"] for m in sv.models_list(["a", "b"])["data"]] == ["a", "b"]
-    body = sv.ApiError(404, "unknown model 'x'", code="model_not_found").openai_body()
-    assert body["error"]["code"] == "model_not_found" and body["error"]["type"] == "invalid_request_error"
-
-
 def test_api_key_check():
     digest = sv.key_digest("s3cret")
     assert sv.key_matches({"authorization": "Bearer s3cret"}, digest)
@@ -271,6 +258,48 @@ def test_adapter_predictor_switches_adapters_like_separate_models(two_adapters):
     assert [x.raw for x in p.answer(prompts, "red")] == ref["red"] and list(p.peft.peft_config) == ["red"]
 
 
+def test_a_streamed_answer_is_the_answer_and_cancelling_stops_generation(two_adapters):
+    """Token streaming on the replica: the pieces add up to what `answer` gives (greedy, sampled with a seed,
+    with stop strings); setting the cancel event (the client went away) ends generation at the next token."""
+    import threading
+
+    from caslie_core.models.predictor import AdapterPredictor
+
+    p = AdapterPredictor("tiny:lm", max_new_tokens=48)
+    p.load("red", two_adapters["red"])
+    prompt = "### Instruction:\nDescribe the lamp.\n\n### Response:\n"
+    for adapter in (None, "red"):
+        whole = p.answer([prompt], adapter)[0]
+        events = list(p.stream(prompt, adapter))
+        assert "".join(e.get("delta", "") for e in events) == whole.text
+        assert events[-1] == {
+            "done": True,
+            "n_prompt_tokens": whole.n_prompt_tokens,
+            "n_new_tokens": whole.n_new_tokens,
+            "finish_reason": "stop" if whole.stopped else "length",
+        }
+    seeded = {"temperature": 1.2, "seed": 11}
+    drawn = p.answer([prompt], sampling=seeded)[0].text
+    assert drawn == p.answer([prompt], sampling=seeded)[0].text
+    assert "".join(e.get("delta", "") for e in p.stream(prompt, sampling=seeded)) == drawn
+    greedy = p.answer([prompt])[0]
+    stop = greedy.raw.split()[1]
+    cut = p.answer([prompt], sampling={"stop": [stop]})[0]
+    assert cut.stopped and cut.text == greedy.raw.split(stop, 1)[0].strip()
+    assert "".join(e.get("delta", "") for e in p.stream(prompt, sampling={"stop": [stop]})) == cut.text
+
+    cancel = threading.Event()
+    events = []
+    for event in p.stream(prompt, cancel=cancel):
+        events.append(event)
+        cancel.set()  # after the first piece
+    assert events[-1]["done"] and events[-1]["n_new_tokens"] < 48, events[-1]
+    stream = p.stream(prompt)
+    next(stream)
+    stream.close()  # a consumer that stops reading: the generation thread ends, the model is free again
+    assert p.answer([prompt])[0].text == greedy.text
+
+
 def test_the_builder_takes_the_config_files_args_as_serve_run_passes_them(tiny_models):
     """What `serve run configs/serve-demo.yaml` does with our import path and args (no cluster needed)."""
     import importlib
@@ -289,6 +318,7 @@ def test_the_builder_takes_the_config_files_args_as_serve_run_passes_them(tiny_m
     from caslie_core.serving.spec import app_spec
 
     spec = app_spec(ServeConfig.model_validate(args))
-    assert spec["models"] == {"caslie-demo": "base"} and spec["key_digest"] is None
+    assert spec["models"]["ids"] == {"tiny:lm": "base"} and spec["key_digest"] is None  # the base by its id
+    assert spec["models"]["aliases"] == {"caslie-demo": "tiny:lm"}  # and by the configured name
     with pytest.raises(Exception, match="judges"):
         call_user_app_builder_with_args_if_necessary(builder, {**args, "judges": []})
