@@ -1,21 +1,17 @@
 """`caslie serve CONFIG`: CASLIE online on Ray Serve (also `serve run configs/serve-demo.yaml`, `serve deploy`).
 
-Deployments (each with its own autoscaling, and `@serve.batch` where a model runs):
-    Captioner         context-conditioned captions of client images
-    Judge_<name>      one per judge model: yes/no on each caption
-    Predictor         base model + PEFT adapters side by side, chosen per request (model multiplexing)
-    Ingress           FastAPI: /v1/predict, /v1/enrich, /v1/chat/completions, /v1/models, /healthz
-
-The deployments are shims over `caslie_core` (`models.captioner`, `models.judge`, `models.predictor`,
-`serving`). The ingress fetches
-and decodes images itself (threads; SSRF-safe), fans the captions and votes out concurrently, and retries
-a model call whose replica died. Overload gives 503 with Retry-After (Serve's max_queued_requests), a
-passed deadline 504.
+Deployments by `layout` (each with its own autoscaling, `@serve.batch` where a model runs): split (GPUs):
+Captioner, Judge_<name> per judge, Predictor (base + PEFT adapters chosen per request: model multiplexing);
+panel: the judges together in one Panel; colocated (small models): one Models replica. Ingress (FastAPI):
+/v1/predict, /v1/enrich, /v1/chat/completions, /v1/completions, /v1/models, /healthz. Shims over
+`caslie_core`; the ingress fetches and decodes images itself (SSRF-safe), calls each model deployment once per
+request, retries a call whose replica died; overload gives 503 with Retry-After, a passed deadline 504.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real annotations (Request) on the routes.
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -33,7 +29,8 @@ from caslie_core.serving.spec import app_spec
 from . import metrics
 from .common import ROOT, init_ray, job_entry, job_main, requiet
 from .common import log as say  # the driver's own lines (`caslie serve`)
-from .serve_models import Captioner, Judge, predictor_deployment
+from .serve_models import Captioner, Judge, Panel
+from .serve_predictor import predictor_deployment
 
 log = logging.getLogger("ray.serve")
 APP_NAME = "caslie"
@@ -45,11 +42,14 @@ api = FastAPI(title="CASLIE", version="1", description=DESCRIPTION, docs_url=Non
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, spec: dict, captioner, judges: list, predictor) -> None:
+    def __init__(self, spec: dict, handles: dict) -> None:
         cfg = ServeConfig.model_validate(spec["config"])
         self.cfg = cfg
-        self.captioner, self.predictor = captioner, predictor
-        self.judges = dict(zip([j.name for j in cfg.judges], judges))
+        self.handles = handles  # deployment name -> handle (the layout's: Captioner, Panel or Judge_*, Predictor)
+        self.colocated = "Models" in handles  # one replica captions, judges and answers
+        self.predictor = handles["Models" if self.colocated else "Predictor"]
+        self.captioner = handles.get("Captioner")
+        self.voters = [h for n, h in handles.items() if n == "Panel" or n.startswith("Judge_")]
         self.catalog = sv.ServedModels(spec["models"])  # model ids -> multiplexed ids (adapter or "base")
         self.style = spec["style"]
         self.key_digest = spec["key_digest"]
@@ -158,24 +158,41 @@ class Ingress:
         if failures and mode == "fail":
             raise sv.image_failures_error(failures)
 
-    async def _caption(self, slots: list[sv.ImageSlot], stage: dict) -> None:
-        stage["name"] = "captioning"
-
-        async def one(slot: sv.ImageSlot) -> None:
-            sv.caption_outcome(slot, await self._call(lambda: self.captioner.caption.remote(slot.pixels, slot.prompt)))
-            slot.pixels = None
-
-        await asyncio.gather(*(one(s) for s in slots if s.error is None))
-
-    async def _judge(self, slots: list[sv.ImageSlot], questions: dict[int, str], stage: dict) -> None:
-        stage["name"] = "judging captions"
-        by_index = {s.index: s for s in slots}
-
-        async def one(index: int, name: str, handle) -> None:
-            reply = await self._call(lambda: handle.vote.remote(questions[index]))
-            by_index[index].votes[name] = reply["vote"]
-
-        await asyncio.gather(*(one(i, n, h) for i in questions for n, h in self.judges.items()))
+    async def _judged(self, slots: list[sv.ImageSlot], questions_of, stage: dict, timings: dict) -> list:
+        """The images captioned, then judged (`questions_of(slots)`: the core's questions): one call to the
+        captioner and one to the Panel or each judge, or one to the co-located Models replica."""
+        if not slots:  # a text-only chat: nothing to caption or judge
+            return slots
+        if self.colocated:
+            stage["name"] = "captioning and judging"
+            slots, times = await self._call(lambda: self.predictor.enrich.remote(slots, questions_of))
+        else:
+            t, stage["name"] = time.perf_counter(), "captioning"
+            live = [s for s in slots if s.error is None]
+            if live:
+                outs = await self._call(
+                    lambda: self.captioner.caption_many.remote([s.pixels for s in live], [s.prompt for s in live])
+                )
+                for slot, out in zip(live, outs):
+                    sv.caption_outcome(slot, out)
+                    slot.pixels = None
+            times = {"caption": time.perf_counter() - t}
+            t, stage["name"] = time.perf_counter(), "judging captions"
+            questions = questions_of(slots)
+            if questions:
+                asked = list(questions.values())
+                replies = await asyncio.gather(
+                    *(self._call(lambda h=h: h.vote_many.remote(asked)) for h in self.voters)
+                )
+                by_index = {s.index: s for s in slots}
+                for reply in replies:
+                    for index, votes in zip(questions, reply):
+                        by_index[index].votes.update(votes)
+            times["judge"] = time.perf_counter() - t
+        for name, seconds in times.items():
+            timings[name] = round(seconds * 1000, 1)
+            metrics.observe("caslie_serve_stage_seconds", seconds, stage=name)
+        return slots
 
     async def _answer(self, prompt: str, model_id: str, stage: dict, limit=None, sampling=None) -> dict:
         stage["name"] = "answering"
@@ -199,15 +216,11 @@ class Ingress:
         stage["name"] = "validating the record"
         record = sv.to_record(req)
         slots = sv.record_slots(record)
-        for name, step in (
-            ("fetch", lambda: self._images(slots, req.image_errors, stage)),
-            ("caption", lambda: self._caption(slots, stage)),
-            ("judge", lambda: self._judge(slots, sv.record_questions(record, slots), stage)),
-        ):
-            t = time.perf_counter()
-            await step()
-            timings[name] = round((time.perf_counter() - t) * 1000, 1)
-            metrics.observe("caslie_serve_stage_seconds", time.perf_counter() - t, stage=name)
+        t = time.perf_counter()
+        await self._images(slots, req.image_errors, stage)
+        timings["fetch"] = round((time.perf_counter() - t) * 1000, 1)
+        metrics.observe("caslie_serve_stage_seconds", time.perf_counter() - t, stage="fetch")
+        slots = await self._judged(slots, functools.partial(sv.record_questions, record), stage, timings)
         return record, sv.enriched(record, slots)
 
     @api.post("/v1/enrich")
@@ -240,8 +253,7 @@ class Ingress:
         text, urls = sv.chat_request_text(req)
         slots = sv.chat_slots(text, urls)
         await self._images(slots, "fail", stage)
-        await self._caption(slots, stage)
-        await self._judge(slots, sv.chat_questions(text, slots), stage)
+        slots = await self._judged(slots, functools.partial(sv.chat_questions, text), stage, {})
         return sv.chat_prompt(text, slots, style=self.style), slots
 
     @api.post("/v1/chat/completions")
@@ -326,12 +338,7 @@ class Ingress:
         """Liveness (no auth). `?deep=true` also pings one replica of every model deployment."""
         body: dict = {"status": "ok", "models": list(self.catalog.ids)}
         if deep:
-            handles = {
-                "Captioner": self.captioner,
-                "Predictor": self.predictor,
-                **{f"Judge_{n}": h for n, h in self.judges.items()},
-            }
-
+            handles = self.handles
             replies = await asyncio.gather(*[self._ping(h) for h in handles.values()])
             body["deployments"] = dict(zip(handles, replies))
             if any(r != "ok" for r in replies):
@@ -350,28 +357,37 @@ def build_app(args: ServeConfig) -> serve.Application:
     # not init arguments: a change to them is a light update (Serve reconfigures running replicas) and never
     # reloads a model. The init arguments are what a model needs to load.
     bare = {"deployment"}
-    captioner = Captioner.options(**c.deployment.options("Captioner", retry)).bind(
-        c.model_dump(mode="json", exclude=bare)
-    )
-    judges = [
-        Judge.options(**j.deployment.options(f"Judge_{j.name}", retry)).bind(j.model_dump(mode="json", exclude=bare))
-        for j in cfg.judges
-    ]
     m = cfg.model
-    predictor = (
-        predictor_deployment(m.max_adapters_per_replica)
-        .options(**m.deployment.options("Predictor", retry))
-        .bind(spec["predictor"])
-    )
+    judges = [j.model_dump(mode="json", exclude=bare) for j in cfg.judges]
+    if cfg.layout == "colocated":  # one replica for every model, sized by model.deployment
+        models = predictor_deployment(m.max_adapters_per_replica, colocated=True)
+        handles = {
+            "Models": models.options(**m.deployment.options("Models", retry)).bind(
+                spec["predictor"], c.model_dump(mode="json", exclude=bare), judges
+            )
+        }
+    else:
+        handles = {
+            "Captioner": Captioner.options(**c.deployment.options("Captioner", retry)).bind(
+                c.model_dump(mode="json", exclude=bare)
+            ),
+            "Predictor": predictor_deployment(m.max_adapters_per_replica)
+            .options(**m.deployment.options("Predictor", retry))
+            .bind(spec["predictor"]),
+        }
+        if cfg.layout == "panel":
+            handles["Panel"] = Panel.options(**cfg.panel.options("Panel", retry)).bind(judges)
+        else:
+            for j, args in zip(cfg.judges, judges):
+                name = f"Judge_{j.name}"
+                handles[name] = Judge.options(**j.deployment.options(name, retry)).bind(args)
     ingress_spec = {
         "config": cfg.model_dump(mode="json"),
         "models": spec["models"],
         "style": spec["style"],
         "key_digest": spec["key_digest"],
     }
-    return Ingress.options(**cfg.http.ingress.options("Ingress", retry, live=False)).bind(
-        ingress_spec, captioner, judges, predictor
-    )
+    return Ingress.options(**cfg.http.ingress.options("Ingress", retry, live=False)).bind(ingress_spec, handles)
 
 
 def start(cfg: ServeConfig, *, name: str = APP_NAME) -> str:

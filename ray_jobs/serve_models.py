@@ -1,4 +1,6 @@
-"""The model deployments of the service (`ray_jobs.serve` builds the app): Captioner, Judge_<name>, Predictor.
+"""The model deployments of the service (`ray_jobs.serve` builds the app, `ServeConfig.layout` picks which):
+Captioner, Judge_<name> (layout split), Panel (all judges in one replica, layout panel); the Predictor and the
+co-located Models replica are in `serve_predictor`.
 
 Each loads its model once, answers in `@serve.batch` batches, reports itself unhealthy when it fails every item of
 several batches in a row, and takes its live settings (batching) through Serve's `user_config` -> `reconfigure()`,
@@ -6,14 +8,10 @@ so a tuning change reaches running replicas without reloading a model.
 """
 
 import asyncio
-import dataclasses
-import uuid
-from typing import Any
 
 from ray import serve
 
-from caslie_core import serving as sv
-from caslie_core.models.batching import FailureStreak, groups
+from caslie_core.models.batching import FailureStreak
 
 
 def _batching(handler, settings) -> None:
@@ -43,46 +41,100 @@ class _Health:
     async def ping(self) -> str:
         return "ok"
 
-    def _live(self, user_config: dict, handler) -> None:
+    def _live(self, user_config: dict, *handlers) -> None:
         """The settings a Serve config may change on a running replica (`user_config`): batching."""
         from caslie_core.config.serve import BatchingSettings
 
         self.live = {"batching": BatchingSettings.model_validate(user_config.get("batching", {})).model_dump()}
-        _batching(handler, self.live["batching"])
-        if hasattr(getattr(self, "model", None), "batch_size"):
-            self.model.batch_size = self.live["batching"]["max_batch_size"]
+        for handler in handlers:
+            _batching(handler, self.live["batching"])
+        for model in [
+            getattr(self, "model", None),
+            getattr(self, "captioner", None),
+            *getattr(self, "judges", {}).values(),
+        ]:
+            if hasattr(model, "batch_size"):
+                model.batch_size = self.live["batching"]["max_batch_size"]
 
     async def state(self) -> dict:
         """This replica's id and live settings (tests: a tuning change reaches running replicas)."""
         return {"replica": serve.get_replica_context().replica_id.unique_id, **getattr(self, "live", {})}
 
 
-@serve.deployment
-class Captioner(_Health):
-    def __init__(self, cfg: dict) -> None:
+class CaptionerRole(_Health):
+    """Context-conditioned captions; all images of one request in one call (`caption_many`), batched with
+    other requests' images by `@serve.batch`."""
+
+    def _load_captioner(self, cfg: dict) -> None:
         from caslie_core.config.serve import ServeCaptionerConfig
         from caslie_core.models.captioner import Captioner as Model
 
         c = ServeCaptionerConfig.model_validate(cfg)
-        self.model = Model.from_config(c, batch_size=c.deployment.batching.max_batch_size)
+        self.captioner = Model.from_config(c, batch_size=c.deployment.batching.max_batch_size)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def caption(self, pixels: list, prompts: list[str]) -> list[dict]:
+        results = await asyncio.to_thread(self.captioner.caption, pixels, prompts)
+        self._track([r.error for r in results])
+        return [{"caption": r.caption, "error": r.error} for r in results]
+
+    async def caption_many(self, pixels: list, prompts: list[str]) -> list[dict]:
+        return list(await asyncio.gather(*(self.caption(p, q) for p, q in zip(pixels, prompts))))
+
+
+class PanelRole(_Health):
+    """The whole judge panel in one replica: every judge votes on each question of a batch, so one call per
+    request answers all its questions by all judges (`vote_many` -> one {judge: vote} per question)."""
+
+    def _load_judges(self, cfgs: list[dict]) -> None:
+        from caslie_core.config.serve import ServeJudgeConfig
+        from caslie_core.models.judge import Judge as Model
+
+        judges = [ServeJudgeConfig.model_validate(c) for c in cfgs]
+        self.judges = {j.name: Model.from_config(j, batch_size=j.deployment.batching.max_batch_size) for j in judges}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _votes(self, questions: list[str]) -> list[dict]:
+        out: list[dict] = [{} for _ in questions]
+        for name, judge in self.judges.items():
+            votes = await asyncio.to_thread(judge.vote, questions)
+            self._track([v.error for v in votes])
+            for row, v in zip(out, votes):
+                row[name] = v.vote
+        return out
+
+    async def vote_many(self, questions: list[str]) -> list[dict]:
+        return list(await asyncio.gather(*(self._votes(q) for q in questions)))
+
+
+@serve.deployment
+class Captioner(CaptionerRole):
+    def __init__(self, cfg: dict) -> None:
+        self._load_captioner(cfg)
 
     def reconfigure(self, user_config: dict) -> None:  # live settings: Serve calls this without a restart
         self._live(user_config, self.caption)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def caption(self, pixels: list, prompts: list[str]) -> list[dict]:
-        results = await asyncio.to_thread(self.model.caption, pixels, prompts)
-        self._track([r.error for r in results])
-        return [{"caption": r.caption, "error": r.error} for r in results]
+
+@serve.deployment
+class Panel(PanelRole):
+    def __init__(self, judges: list[dict]) -> None:
+        self._load_judges(judges)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self._live(user_config, self._votes)
 
 
 @serve.deployment
 class Judge(_Health):
+    """One judge of the panel (layout split: each judge sized and scaled on its own)."""
+
     def __init__(self, cfg: dict) -> None:
         from caslie_core.config.serve import ServeJudgeConfig
         from caslie_core.models.judge import Judge as Model
 
         j = ServeJudgeConfig.model_validate(cfg)
+        self.name = j.name
         self.model = Model.from_config(j, batch_size=j.deployment.batching.max_batch_size)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -94,99 +146,7 @@ class Judge(_Health):
         self._track([v.error for v in votes])
         return [{"vote": v.vote, "error": v.error} for v in votes]
 
-
-class _Loaded:
-    """What the multiplexer keeps per adapter; evicting it (LRU) unloads the adapter from the replica."""
-
-    def __init__(self, model, name: str) -> None:
-        self.model, self.name, self.done = model, name, False
-
-    def __del__(self) -> None:
-        if not self.done:
-            self.done = True
-            self.model.unload(self.name)
-
-
-def predictor_deployment(max_adapters: int):
-    """The Predictor deployment class (the multiplexer's capacity is fixed when the class is made)."""
-
-    @serve.deployment(name="Predictor")
-    class Predictor(_Health):
-        def __init__(self, spec: dict) -> None:
-            from caslie_core.models.predictor import AdapterPredictor
-
-            self.model = AdapterPredictor.from_spec(spec)
-            self.paths: dict[str, str] = spec["adapters"]
-            self.store: str | None = spec.get("store")
-
-        def reconfigure(self, user_config: dict) -> None:
-            self._live(user_config, self._answer)
-
-        @serve.multiplexed(max_num_models_per_replica=max_adapters)
-        async def adapter(self, name: str) -> _Loaded:
-            from caslie_core.models.predictor import local_copy
-
-            path = self.paths.get(name) or f"{self.store.rstrip('/')}/{name}"  # the ingress checked the name
-            path = await asyncio.to_thread(local_copy, path)
-            await asyncio.to_thread(self.model.load, name, path)
-            return _Loaded(self.model, name)
-
-        async def _chosen(self) -> str | None:
-            """The adapter this request names (Serve's multiplexed model id), loaded; None = the base model."""
-            name = serve.get_multiplexed_model_id() or sv.BASE_MODEL_NAME
-            if name == sv.BASE_MODEL_NAME:
-                return None
-            if name not in self.paths and not self.store:
-                raise KeyError(f"unknown adapter {name!r}")
-            await self.adapter(name)
-            return name
-
-        async def predict(self, prompt: str, max_new_tokens: int | None = None, sampling: dict | None = None) -> dict:
-            adapter = await self._chosen()
-            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (sampling or {}).items()))
-            if (sampling or {}).get("seed") is not None and (sampling or {}).get("temperature"):
-                key += (("solo", uuid.uuid4().hex),)  # a seeded draw is generated alone: the same answer every time
-            return await self._answer(prompt, adapter, max_new_tokens, key)
-
-        async def stream(self, prompt: str, max_new_tokens: int | None = None, sampling: dict | None = None):
-            """Tokens as they are generated (a Serve streaming call); the caller cancelling it (a client that
-            went away) stops the generation at the next token."""
-            import threading
-
-            from caslie_core.models.batching import error_text
-
-            adapter = await self._chosen()
-            loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-
-            def pump() -> None:
-                try:
-                    for event in self.model.stream(prompt, adapter, max_new_tokens, sampling, cancel):
-                        loop.call_soon_threadsafe(queue.put_nowait, event)
-                except Exception as e:  # noqa: BLE001 - the stream's error event
-                    loop.call_soon_threadsafe(queue.put_nowait, {"error": error_text(e)})
-                finally:
-                    loop.call_soon_threadsafe(queue.put_nowait, None)
-
-            loop.run_in_executor(None, pump)
-            try:
-                while (event := await queue.get()) is not None:
-                    yield event
-            finally:
-                cancel.set()
-
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-        async def _answer(self, prompts: list[str], adapters: list, limits: list, samplings: list) -> list[dict]:
-            out: list[Any] = [None] * len(prompts)
-            for (adapter, limit, sampling), idx in groups(zip(adapters, limits, samplings)).items():
-                if adapter is not None and adapter not in self.model.loaded:  # evicted while queued
-                    await self.adapter(adapter)
-                settings = {k: v for k, v in sampling if k != "solo"}
-                answers = await asyncio.to_thread(
-                    self.model.answer, [prompts[i] for i in idx], adapter, limit, settings
-                )
-                for i, a in zip(idx, answers):
-                    out[i] = dataclasses.asdict(a)
-            self._track([a["error"] for a in out])
-            return out
-
-    return Predictor
+    async def vote_many(self, questions: list[str]) -> list[dict]:
+        """All questions of a request in one call: one {name: vote} each, as the Panel answers."""
+        replies = await asyncio.gather(*(self.vote(q) for q in questions))
+        return [{self.name: r["vote"]} for r in replies]

@@ -229,6 +229,16 @@ class ServeConfig(StrictModel):
     model: ServeModelConfig
     captioner: ServeCaptionerConfig
     judges: list[ServeJudgeConfig] = Field(min_length=1, description="the judge panel; plurality of yes keeps")
+    layout: Literal["split", "panel", "colocated"] = Field(
+        "split",
+        description="where the models run. split: a deployment each (Captioner, Judge_<name>, Predictor), "
+        "each sized and scaled alone (GPUs); panel: the judges together in one Panel deployment (one call per "
+        "request for all votes); colocated: captioner, judges and predictor in one Models replica (small models: "
+        "two calls per request instead of one per model), sized by model.deployment",
+    )
+    panel: DeploymentSettings = Field(
+        default_factory=DeploymentSettings, description="the Panel deployment's replicas (layout: panel)"
+    )
     fetch: ServeFetchConfig = Field(default_factory=ServeFetchConfig, description="client image fetching")
     ray: RayConfig = Field(default_factory=RayConfig, description="cluster connection (caslie serve)")
 

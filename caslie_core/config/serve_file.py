@@ -35,6 +35,13 @@ def deployment_slots(args: dict) -> dict[str, tuple[str, ...]]:
         "Captioner": ("captioner", "deployment"),
         "Predictor": ("model", "deployment"),
     }
+    if args.get("layout") == "panel":
+        slots["Panel"] = ("panel",)
+    if args.get("layout") == "colocated":  # one Models replica: sized by the predictor's settings
+        slots = {"Ingress": slots["Ingress"], "Models": ("model", "deployment")}
+        return slots
+    if args.get("layout") == "panel":
+        return slots
     for i, judge in enumerate(args.get("judges") or []):
         if isinstance(judge, dict) and isinstance(judge.get("name"), str):
             slots[f"Judge_{judge['name']}"] = ("judges", i, "deployment")

@@ -296,63 +296,9 @@ class AdapterPredictor(Predictor):
     def stream(self, prompt: str, adapter=None, max_new_tokens=None, sampling=None, cancel=None):
         """One answer as it is generated: `{"delta": text}` events whose texts add up to what `answer` gives,
         then `{"done": True, "n_prompt_tokens", "n_new_tokens", "finish_reason"}`. Setting `cancel` (a
-        threading.Event; a client that went away) stops the generation at the next token."""
-        import threading
+        threading.Event; a client that went away) stops the generation at the next token. Several at once:
+        `streaming.stream_answers`."""
+        from .streaming import stream_answers
 
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        from .sampling import StreamText
-
-        sampling, cancel = Sampling.of(sampling), cancel or threading.Event()
-        with self._lock:  # the adapter choice is the model's state: one generation at a time per replica
-            cap = min(max_new_tokens or self.cap, self.cap)
-            ctx = self._select(adapter)
-            ids, mask, lengths = self._encode([prompt])
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            made, failed = [0], []
-
-            class _Until(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kwargs):
-                    made[0] = input_ids.shape[1] - ids.shape[1]
-                    return cancel.is_set()
-
-            def generate() -> None:
-                try:
-                    with ctx, self._torch.inference_mode():
-                        sampling.seed_rng(self._torch)
-                        self.model.generate(
-                            input_ids=ids,
-                            attention_mask=mask,
-                            max_new_tokens=cap,
-                            pad_token_id=self.tokenizer.pad_token_id,
-                            streamer=streamer,
-                            stopping_criteria=StoppingCriteriaList([_Until()]),
-                            **sampling.generate_kwargs(),
-                        )
-                except Exception as e:  # noqa: BLE001 - reported as the stream's error
-                    failed.append(e)
-                    streamer.end()
-
-            worker = threading.Thread(target=generate, name="caslie-stream", daemon=True)
-            worker.start()
-            text = StreamText(self.stops(sampling))
-            try:
-                for piece in streamer:
-                    if delta := text.feed(piece):
-                        yield {"delta": delta}
-                    if text.stopped:
-                        cancel.set()
-                if failed:
-                    raise failed[0]
-                if delta := text.finish():
-                    yield {"delta": delta}
-            finally:
-                cancel.set()
-                worker.join()
-        ended = text.stopped or made[0] < cap
-        yield {
-            "done": True,
-            "n_prompt_tokens": lengths[0],
-            "n_new_tokens": made[0],
-            "finish_reason": "stop" if ended else "length",
-        }
+        for rows in stream_answers(self, [prompt], adapter, max_new_tokens, sampling, [cancel] if cancel else None):
+            yield from rows[0]

@@ -418,6 +418,49 @@ def test_a_client_that_leaves_mid_stream_does_not_hurt_the_service(app, trained)
     assert requests.get(app["url"] + "/healthz?deep=true", timeout=30).json()["status"] == "ok"
 
 
+@pytest.mark.parametrize("layout", ["colocated", "panel"])
+def test_other_layouts_answer_exactly_as_the_split_one(app, trained, layout):
+    """The same app with the judges in one Panel replica, or every model in one Models replica (fewer calls per
+    request): the same captions, votes and answers as the split layout, for a record and for a chat."""
+    from ray import serve
+
+    from ray_jobs.serve import build_app
+
+    rec = _records(Path(trained["catalog"]), "category_classification", 1)[0]
+    body = _request(rec, [_data_uri(p) for p in json.loads(rec["images"])])
+    chat = {"model": IDS["rules"], "messages": _chat(trained)}
+    split = post(app, "/v1/predict", body).json()
+    split_chat = post(app, "/v1/chat/completions", chat).json()
+    cfg = app["cfg"].model_copy(
+        update={
+            "layout": layout,
+            "panel": app["cfg"].panel.model_copy(update={"num_cpus": 0.1}),
+            "model": app["cfg"].model.model_copy(
+                update={"deployment": app["cfg"].model.deployment.model_copy(update={"num_cpus": 0.1})}
+            ),
+        }
+    )
+    name = f"caslie-{layout}"
+    serve.run(build_app(cfg), name=name, route_prefix=f"/{layout}")
+    try:
+        other = post(app, f"/{layout}/v1/predict", body)
+        assert other.status_code == 200, other.text
+        other = other.json()
+        for key in ("answer", "raw_output", "status", "model", "n_kept", "input"):
+            assert other[key] == split[key], key
+        assert [(i["caption"], i["votes"], i["kept"]) for i in other["images"]] == [
+            (i["caption"], i["votes"], i["kept"]) for i in split["images"]
+        ]
+        c = post(app, f"/{layout}/v1/chat/completions", chat).json()
+        assert c["choices"][0]["message"] == split_chat["choices"][0]["message"]
+        assert c["caslie"]["images"] == split_chat["caslie"]["images"]
+        health = requests.get(f"{app['url']}/{layout}/healthz", params={"deep": "true"}, timeout=60).json()
+        expected = {"Models"} if layout == "colocated" else {"Captioner", "Panel", "Predictor"}
+        assert set(health["deployments"]) == expected and health["status"] == "ok"
+    finally:
+        serve.delete(name)
+
+
 def test_bad_input_gets_clear_errors_and_the_service_stays_up(app, trained, images):
     rec = _records(Path(trained["catalog"]), "category_classification", 1)[0]
     good = _request(rec, [_data_uri(json.loads(rec["images"])[0])])

@@ -80,4 +80,28 @@ def test_shipped_serve_configs_tune_in_deployments_not_in_args():
         assert all("deployment" not in args[k] for k in ("model", "captioner"))
         assert all("deployment" not in j for j in args["judges"])
         names = {d["name"] for d in app["deployments"]}
-        assert names == {"Ingress", "Predictor", "Captioner"} | {f"Judge_{j['name']}" for j in args["judges"]}
+        if args.get("layout") == "colocated":
+            assert names == {"Ingress", "Models"}
+        else:
+            assert names == {"Ingress", "Predictor", "Captioner"} | {f"Judge_{j['name']}" for j in args["judges"]}
+
+
+def test_the_deployments_section_follows_the_layout(tmp_path):
+    def colocated(data, app):
+        app["args"]["layout"] = "colocated"
+        app["deployments"] = [{"name": "Models", "ray_actor_options": {"num_cpus": 0.5}}]
+
+    cfg = load_config(ServeConfig, _file(tmp_path, colocated))
+    assert cfg.layout == "colocated" and cfg.model.deployment.num_cpus == 0.5
+
+    def panel(data, app):
+        app["args"]["layout"] = "panel"
+        app["deployments"] = [{"name": "Panel", "user_config": {"batching": {"max_batch_size": 3}}}]
+
+    assert load_config(ServeConfig, _file(tmp_path, panel)).panel.batching.max_batch_size == 3
+
+    def stale(data, app):
+        app["args"]["layout"] = "colocated"  # the split layout's Captioner is not a deployment of this app
+
+    with pytest.raises(ConfigError, match="deployments\\[1\\].name='Predictor' is not a deployment"):
+        load_config(ServeConfig, _file(tmp_path, stale))

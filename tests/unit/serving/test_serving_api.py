@@ -300,6 +300,38 @@ def test_a_streamed_answer_is_the_answer_and_cancelling_stops_generation(two_ada
     assert p.answer([prompt])[0].text == greedy.text
 
 
+def test_streams_generated_together_are_each_their_own_answer(two_adapters):
+    """Streams batched into one generation: each row's pieces add up to that prompt's own answer, rows end on
+    their own, and cancelling one row ends it while the others go on."""
+    import threading
+
+    from caslie_core.models.predictor import AdapterPredictor
+    from caslie_core.models.streaming import stream_answers
+
+    p = AdapterPredictor("tiny:lm", max_new_tokens=24)
+    p.load("red", two_adapters["red"])
+    prompts = [f"### Instruction:\n{q}\n\n### Response:\n" for q in ("Pick one.", "Describe the mug.", "Say yes.")]
+    for adapter in (None, "red"):
+        alone = p.answer(prompts, adapter)  # batched the same way, not streamed
+        rows: list[list] = [[] for _ in prompts]
+        for step in stream_answers(p, prompts, adapter):
+            assert len(step) == len(prompts)
+            for row, events in zip(rows, step):
+                row.extend(events)
+        for row, answer in zip(rows, alone):
+            assert "".join(e.get("delta", "") for e in row) == answer.text
+            assert [e for e in row if e.get("done")] == [row[-1]]
+    cancels = [threading.Event() for _ in prompts]
+    rows = [[] for _ in prompts]
+    for i, step in enumerate(stream_answers(p, prompts, cancels=cancels)):
+        for row, events in zip(rows, step):
+            row.extend(events)
+        if i == 1:
+            cancels[1].set()
+    made = [row[-1]["n_new_tokens"] for row in rows]
+    assert made[1] <= 3 and made[0] > made[1] and made[2] > made[1], made
+
+
 def test_the_builder_takes_the_config_files_args_as_serve_run_passes_them(tiny_models):
     """What `serve run configs/serve-demo.yaml` does with our import path and args (no cluster needed)."""
     import importlib

@@ -1,0 +1,177 @@
+"""The Predictor deployment (base model + adapters, multiplexed; answers batched, or streamed token by token) and
+the co-located Models replica (layout colocated: captioner, judge panel and predictor in one replica)."""
+
+import asyncio
+import dataclasses
+import uuid
+from typing import Any
+
+from ray import serve
+
+from caslie_core import serving as sv
+from caslie_core.models.batching import groups
+
+from .serve_models import CaptionerRole, PanelRole, _Health
+
+
+class _Loaded:
+    """What the multiplexer keeps per adapter; evicting it (LRU) unloads the adapter from the replica."""
+
+    def __init__(self, model, name: str) -> None:
+        self.model, self.name, self.done = model, name, False
+
+    def __del__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.model.unload(self.name)
+
+
+def predictor_deployment(max_adapters: int, *, colocated: bool = False):
+    """The Predictor deployment (the multiplexer's capacity is fixed when the class is made); `colocated`: the
+    Models deployment, which also captions and judges (`enrich`: one call for all of a request's images)."""
+
+    class Predictor(_Health):
+        def __init__(self, spec: dict) -> None:
+            from caslie_core.models.predictor import AdapterPredictor
+
+            self.model = AdapterPredictor.from_spec(spec)
+            self.paths: dict[str, str] = spec["adapters"]
+            self.store: str | None = spec.get("store")
+
+        def reconfigure(self, user_config: dict) -> None:
+            self._live(user_config, self._answer, self._streams)
+
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def adapter(self, name: str) -> _Loaded:
+            from caslie_core.models.predictor import local_copy
+
+            path = self.paths.get(name) or f"{self.store.rstrip('/')}/{name}"  # the ingress checked the name
+            path = await asyncio.to_thread(local_copy, path)
+            await asyncio.to_thread(self.model.load, name, path)
+            return _Loaded(self.model, name)
+
+        async def _chosen(self) -> str | None:
+            """The adapter this request names (Serve's multiplexed model id), loaded; None = the base model."""
+            name = serve.get_multiplexed_model_id() or sv.BASE_MODEL_NAME
+            if name == sv.BASE_MODEL_NAME:
+                return None
+            if name not in self.paths and not self.store:
+                raise KeyError(f"unknown adapter {name!r}")
+            await self.adapter(name)
+            return name
+
+        @staticmethod
+        def _key(sampling: dict | None) -> tuple:
+            """A request's decoding as a batch key: requests decoded alike share a batch; a seeded draw is
+            generated alone (the same answer every time)."""
+            sampling = sampling or {}
+            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in sampling.items()))
+            if sampling.get("seed") is not None and sampling.get("temperature"):
+                key += (("solo", uuid.uuid4().hex),)
+            return key
+
+        async def predict(self, prompt: str, max_new_tokens: int | None = None, sampling: dict | None = None) -> dict:
+            adapter = await self._chosen()
+            return await self._answer(prompt, adapter, max_new_tokens, self._key(sampling))
+
+        async def stream(self, prompt: str, max_new_tokens: int | None = None, sampling: dict | None = None):
+            """Tokens as they are generated (a Serve streaming call), generated together with the other streams
+            that arrive at once (`_streams`); the caller cancelling the call (a client that went away) ends this
+            row's generation at the next token."""
+            import threading
+
+            adapter = await self._chosen()
+            cancel = threading.Event()
+            try:
+                async for events in self._streams(prompt, adapter, max_new_tokens, self._key(sampling), cancel):
+                    for event in events:
+                        yield event
+            finally:
+                cancel.set()
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def _streams(self, prompts: list, adapters: list, limits: list, samplings: list, cancels: list):
+            """A batch of streams: each decoding step yields one list of events per request (Serve's streaming
+            batching); rows that decode differently (adapter, cap, sampling) run one group after another."""
+            from caslie_core.models.batching import error_text
+            from caslie_core.models.streaming import stream_answers
+
+            loop = asyncio.get_running_loop()
+            for (adapter, limit, sampling), idx in groups(zip(adapters, limits, samplings)).items():
+                if adapter is not None and adapter not in self.model.loaded:  # evicted while queued
+                    await self.adapter(adapter)
+                steps: asyncio.Queue = asyncio.Queue()
+                settings = {k: v for k, v in sampling if k != "solo"}
+
+                def pump(idx=idx, adapter=adapter, limit=limit, settings=settings, steps=steps) -> None:
+                    try:
+                        rows = stream_answers(
+                            self.model, [prompts[i] for i in idx], adapter, limit, settings, [cancels[i] for i in idx]
+                        )
+                        for step in rows:
+                            loop.call_soon_threadsafe(steps.put_nowait, step)
+                    except Exception as err:  # noqa: BLE001 - every row of the group gets the error
+                        failed = [[{"error": error_text(err)}]] * len(idx)
+                        loop.call_soon_threadsafe(steps.put_nowait, failed)
+                    finally:
+                        loop.call_soon_threadsafe(steps.put_nowait, None)
+
+                loop.run_in_executor(None, pump)
+                errors: dict[int, str] = {}
+                while (step := await steps.get()) is not None:
+                    out: list[Any] = [[] for _ in prompts]
+                    for i, events in zip(idx, step):
+                        out[i] = events
+                        if failed := [e["error"] for e in events if "error" in e]:
+                            errors[i] = failed[0]
+                    yield out
+                self._track([errors.get(i) for i in idx])
+                yield [StopIteration if i in idx else [] for i in range(len(prompts))]  # this group's rows end
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def _answer(self, prompts: list[str], adapters: list, limits: list, samplings: list) -> list[dict]:
+            out: list[Any] = [None] * len(prompts)
+            for (adapter, limit, sampling), idx in groups(zip(adapters, limits, samplings)).items():
+                if adapter is not None and adapter not in self.model.loaded:  # evicted while queued
+                    await self.adapter(adapter)
+                settings = {k: v for k, v in sampling if k != "solo"}
+                answers = await asyncio.to_thread(
+                    self.model.answer, [prompts[i] for i in idx], adapter, limit, settings
+                )
+                for i, a in zip(idx, answers):
+                    out[i] = dataclasses.asdict(a)
+            self._track([a["error"] for a in out])
+            return out
+
+    if not colocated:
+        return serve.deployment(name="Predictor")(Predictor)
+
+    class Models(Predictor, CaptionerRole, PanelRole):
+        def __init__(self, spec: dict, captioner: dict, judges: list[dict]) -> None:
+            super().__init__(spec)
+            self._load_captioner(captioner)
+            self._load_judges(judges)
+
+        def reconfigure(self, user_config: dict) -> None:
+            self._live(user_config, self._answer, self._streams, self.caption, self._votes)
+
+        async def enrich(self, slots: list, questions_of) -> tuple[list, dict]:
+            """Caption a request's images, ask the panel about the captions (`questions_of(slots)`: the
+            core's question builder for a record or a chat), in one call; the slots back, with stage times."""
+            import time
+
+            t = time.perf_counter()
+            live = [s for s in slots if s.error is None]
+            for slot, out in zip(live, await self.caption_many([s.pixels for s in live], [s.prompt for s in live])):
+                sv.caption_outcome(slot, out)
+                slot.pixels = None
+            times = {"caption": time.perf_counter() - t}
+            t = time.perf_counter()
+            questions = questions_of(slots)
+            by_index = {s.index: s for s in slots}
+            for index, votes in zip(questions, await self.vote_many(list(questions.values()))):
+                by_index[index].votes.update(votes)
+            times["judge"] = time.perf_counter() - t
+            return slots, times
+
+    return serve.deployment(name="Models")(Models)
