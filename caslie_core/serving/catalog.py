@@ -17,6 +17,7 @@ from .api import model_not_found
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STORE_TTL_S = 10.0
+STORE_MIN_RELIST_S = 1.0
 BASE = "base"  # the multiplexed id of the base model alone
 
 
@@ -45,12 +46,15 @@ class ServedModels:
         self._listed_at = float("-inf")
 
     def _store_names(self, *, fresh: bool = False) -> list[str]:
-        if self.store and (fresh or time.monotonic() - self._listed_at > STORE_TTL_S):
+        # A name not seen yet lists the store again, at most once a second (clients naming made-up adapters
+        # must not turn every request into a listing of the bucket)
+        age = time.monotonic() - self._listed_at
+        if self.store and (age > STORE_TTL_S or (fresh and age > STORE_MIN_RELIST_S)):
             self._stored, self._listed_at = store_adapters(self.store), time.monotonic()
         return self._stored
 
     def _stored_ids(self, *, fresh: bool = False) -> dict[str, str]:
-        taken = set(self.ids.values())
+        taken = {*self.ids.values(), BASE}  # configured adapters win; `base` is the base model's own id
         return {f"{self.base_id}:{n}": n for n in self._store_names(fresh=fresh) if n not in taken}
 
     def resolve(self, name: str | None) -> tuple[str, str]:
@@ -63,7 +67,7 @@ class ServedModels:
             for fresh in (False, True):
                 if name in (stored := self._stored_ids(fresh=fresh)):
                     return name, stored[name]
-        raise model_not_found(name, [*self.ids, *self._stored_ids()])
+        raise model_not_found(name, [*self.ids, *self._stored_ids()][:20])
 
     def cards(self) -> list[dict]:
         from .openai import model_card

@@ -399,6 +399,7 @@ def test_a_new_adapter_in_the_store_is_served_without_a_redeploy(app, trained, s
     known = post(app, "/v1/predict", {**body, "adapter": "cc_only"}).json()["raw_output"]
     assert post(app, "/v1/predict", {**body, "adapter": "tiny:lm:fresh"}).status_code == 404
     shutil.copytree(second_adapter, adapter_store / "fresh")  # the same weights as cc_only, under a new name
+    time.sleep(1.1)  # the store is listed again at most once a second
     r = post(app, "/v1/predict", {**body, "adapter": "tiny:lm:fresh"})
     assert r.status_code == 200 and r.json()["model"] == "tiny:lm:fresh" and r.json()["raw_output"] == known
     card = _client(app).models.retrieve("tiny:lm:fresh")

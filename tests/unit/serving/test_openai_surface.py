@@ -148,7 +148,15 @@ def test_model_ids_aliases_and_the_adapter_store(tmp_path):
     (store / "fresh").mkdir(parents=True)
     (store / "fresh" / "adapter_config.json").write_text("{}")
     (store / "not-an-adapter").mkdir()
+    with pytest.raises(sv.ApiError):  # listed again at most once a second: made-up names cannot flood the store
+        models.resolve("org/base:fresh")
+    models._listed_at -= 1.5  # a second later
     assert models.resolve("org/base:fresh") == ("org/base:fresh", "fresh")  # no redeploy, no wait for the TTL
+    (store / "base").mkdir()
+    (store / "base" / "adapter_config.json").write_text("{}")
+    models._listed_at = float("-inf")
+    with pytest.raises(sv.ApiError):  # a store folder named `base` never shadows the base model
+        models.resolve("org/base:base")
     assert [c["id"] for c in models.cards()] == ["org/base:rules", "org/base", "org/base:fresh"]
     for bad in ("org/base:../etc", "org/base:", "fresh", "org/base:a/b"):
         with pytest.raises(sv.ApiError):
