@@ -124,7 +124,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, tra
     """FSDP (sharded) on 2 CPU workers; one worker is SIGKILLed mid-run; FailureConfig restarts the group."""
     from ray_jobs import train
 
-    every, total = 10, 80
+    every, total = 10, 60
     cfg = train_config(
         train_catalog,
         tmp_path,
