@@ -148,8 +148,9 @@ class Ingress:
                 await asyncio.sleep(0.5 * 2**attempt)
 
     async def _model_id(self, name: str | None) -> tuple[str, str]:
-        """(listed id, multiplexed id); may list the adapter store, so off the event loop."""
-        return await asyncio.to_thread(self.catalog.resolve, name)
+        """(listed id, multiplexed id); with an adapter store it may list the store, so off the event loop."""
+        resolve = functools.partial(self.catalog.resolve, name)
+        return await asyncio.to_thread(resolve) if self.catalog.store else resolve()
 
     async def _images(self, slots: list[sv.ImageSlot], mode: str, stage: dict) -> None:
         stage["name"] = "fetching images"

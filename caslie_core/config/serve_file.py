@@ -28,20 +28,15 @@ _FIELDS = {
 _ACTOR_OPTIONS = {"num_cpus", "num_gpus"}
 
 
-def deployment_slots(args: dict) -> dict[str, tuple[str, ...]]:
-    """Deployment name -> the path of its `deployment` settings in the args (judges by their names)."""
-    slots: dict[str, tuple[str, ...]] = {
-        "Ingress": ("http", "ingress"),
-        "Captioner": ("captioner", "deployment"),
-        "Predictor": ("model", "deployment"),
-    }
-    if args.get("layout") == "panel":
-        slots["Panel"] = ("panel",)
-    if args.get("layout") == "colocated":  # one Models replica: sized by the predictor's settings
-        slots = {"Ingress": slots["Ingress"], "Models": ("model", "deployment")}
-        return slots
-    if args.get("layout") == "panel":
-        return slots
+def deployment_slots(args: dict) -> dict[str, tuple]:
+    """Deployment name -> the path of its settings in the args, for the args' `layout` (judges by name)."""
+    layout = args.get("layout", "split")
+    slots: dict[str, tuple] = {"Ingress": ("http", "ingress")}
+    if layout == "colocated":  # one Models replica, sized by the predictor's settings
+        return {**slots, "Models": ("model", "deployment")}
+    slots.update(Captioner=("captioner", "deployment"), Predictor=("model", "deployment"))
+    if layout == "panel":
+        return {**slots, "Panel": ("panel",)}
     for i, judge in enumerate(args.get("judges") or []):
         if isinstance(judge, dict) and isinstance(judge.get("name"), str):
             slots[f"Judge_{judge['name']}"] = ("judges", i, "deployment")
