@@ -257,6 +257,11 @@ def test_fuzzed_request_bodies_never_get_a_5xx(app, changes, drop):
     for k in drop:
         body.pop(k, None)
     r = post(app, "/v1/predict", body, timeout=30)
+    asked = body.get("timeout_s")
+    short = isinstance(asked, int | float) and not isinstance(asked, bool) and 0 < asked < 5
+    if short and r.status_code == 504:  # the client asked for a deadline too short to answer in: its own 504
+        assert "deadline" in r.json()["detail"]
+        return
     assert r.status_code < 500, (body, r.status_code, r.text[:300])
 
 
