@@ -168,28 +168,17 @@ class Ingress:
             stage["name"] = "captioning and judging"
             slots, times = await self._call(lambda: self.predictor.enrich.remote(slots, questions_of))
         else:
-            t, stage["name"] = time.perf_counter(), "captioning"
-            live = [s for s in slots if s.error is None]
-            if live:
-                outs = await self._call(
-                    lambda: self.captioner.caption_many.remote([s.pixels for s in live], [s.prompt for s in live])
-                )
-                for slot, out in zip(live, outs):
-                    sv.caption_outcome(slot, out)
-                    slot.pixels = None
-            times = {"caption": time.perf_counter() - t}
-            t, stage["name"] = time.perf_counter(), "judging captions"
-            questions = questions_of(slots)
-            if questions:
-                asked = list(questions.values())
+
+            async def caption_many(pixels, prompts):
+                return await self._call(lambda: self.captioner.caption_many.remote(pixels, prompts))
+
+            async def vote_many(questions):  # each judge (or the Panel) once; their votes merged per question
                 replies = await asyncio.gather(
-                    *(self._call(lambda h=h: h.vote_many.remote(asked)) for h in self.voters)
+                    *(self._call(lambda h=h: h.vote_many.remote(questions)) for h in self.voters)
                 )
-                by_index = {s.index: s for s in slots}
-                for reply in replies:
-                    for index, votes in zip(questions, reply):
-                        by_index[index].votes.update(votes)
-            times["judge"] = time.perf_counter() - t
+                return [{k: v for reply in replies for k, v in reply[i].items()} for i in range(len(questions))]
+
+            times = await sv.caption_and_judge(slots, questions_of, caption_many, vote_many, stage)
         for name, seconds in times.items():
             timings[name] = round(seconds * 1000, 1)
             metrics.observe("caslie_serve_stage_seconds", seconds, stage=name)

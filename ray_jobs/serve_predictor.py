@@ -158,20 +158,7 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
         async def enrich(self, slots: list, questions_of) -> tuple[list, dict]:
             """Caption a request's images, ask the panel about the captions (`questions_of(slots)`: the
             core's question builder for a record or a chat), in one call; the slots back, with stage times."""
-            import time
-
-            t = time.perf_counter()
-            live = [s for s in slots if s.error is None]
-            for slot, out in zip(live, await self.caption_many([s.pixels for s in live], [s.prompt for s in live])):
-                sv.caption_outcome(slot, out)
-                slot.pixels = None
-            times = {"caption": time.perf_counter() - t}
-            t = time.perf_counter()
-            questions = questions_of(slots)
-            by_index = {s.index: s for s in slots}
-            for index, votes in zip(questions, await self.vote_many(list(questions.values()))):
-                by_index[index].votes.update(votes)
-            times["judge"] = time.perf_counter() - t
+            times = await sv.caption_and_judge(slots, questions_of, self.caption_many, self.vote_many, {})
             return slots, times
 
     return serve.deployment(name="Models")(Models)

@@ -21,6 +21,7 @@ from .api import (
 from .catalog import ServedModels
 from .flow import (
     ImageSlot,
+    caption_and_judge,
     caption_outcome,
     chat_prompt,
     chat_questions,
@@ -62,6 +63,7 @@ __all__ = [
     "EnrichRequest",
     "ImageSlot",
     "PredictRequest",
+    "caption_and_judge",
     "caption_outcome",
     "ImageIntake",
     "Chunks",

@@ -165,3 +165,27 @@ def predict_response(record: Record, model: str, out: dict, ans: dict, timings: 
         "usage": {"prompt_tokens": ans["n_prompt_tokens"], "completion_tokens": ans["n_new_tokens"]},
         "timings_ms": timings,
     }
+
+
+async def caption_and_judge(slots: list[ImageSlot], questions_of, caption_many, vote_many, stage: dict) -> dict:
+    """A request's images captioned, then judged, in place; seconds per stage. `caption_many(pixels, prompts)`
+    answers one {caption, error} per image; `questions_of(slots)` is the question builder of a record or a chat
+    (index -> question); `vote_many(questions)` answers one {judge: vote} per question (a Panel, the judges
+    merged, or the co-located replica's own panel). `stage["name"]` says which step a passed deadline hit."""
+    import time
+
+    t, stage["name"] = time.perf_counter(), "captioning"
+    live = [s for s in slots if s.error is None]
+    if live:
+        for slot, out in zip(live, await caption_many([s.pixels for s in live], [s.prompt for s in live])):
+            caption_outcome(slot, out)
+            slot.pixels = None
+    times = {"caption": time.perf_counter() - t}
+    t, stage["name"] = time.perf_counter(), "judging captions"
+    questions = questions_of(slots)
+    if questions:
+        by_index = {s.index: s for s in slots}
+        for index, votes in zip(questions, await vote_many(list(questions.values()))):
+            by_index[index].votes.update(votes)
+    times["judge"] = time.perf_counter() - t
+    return times
