@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from .common import Dtype, FetchRules, JudgeBase, ModelRef, RayConfig, StrictModel
+
+# What an adapter may be called: it becomes part of a model id (`BASE_ID:NAME`) and a folder of the adapter store
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class AutoscalingSettings(StrictModel):
@@ -214,9 +218,7 @@ class ServeModelConfig(StrictModel):
         names = [self.name, *self.adapters]
         if len(set(names)) != len(names) or "base" in names:
             raise ValueError(f"model names must be unique and not 'base': {names}")
-        import re
-
-        bad = [n for n in names if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", n)]
+        bad = [n for n in names if not ADAPTER_NAME.match(n)]
         if bad:
             raise ValueError(f"model names {bad}: letters, digits, '.', '_' and '-' only (they become BASE_ID:NAME)")
         return self

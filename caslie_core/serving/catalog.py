@@ -10,13 +10,12 @@ adapter not seen yet, else at most every `STORE_TTL_S`.
 
 from __future__ import annotations
 
-import re
 import time
 
+from ..config.serve import ADAPTER_NAME as NAME
 from .api import BASE_MODEL_NAME as BASE  # the multiplexed id of the base model alone
 from .api import model_not_found
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STORE_TTL_S = 10.0
 STORE_MIN_RELIST_S = 1.0
 

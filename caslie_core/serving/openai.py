@@ -98,18 +98,21 @@ class _Generation(BaseModel):
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.seed, tuple(self.stop or ()))
 
+    def refusals(self) -> list[tuple[bool, str, str]]:
+        """(refused, parameter, why) of what this service cannot honour, in the order they are checked."""
+        return [
+            (self.n != 1, "n", f"one choice per request (got {self.n}); send the request again for another"),
+            (bool(self.presence_penalty), "presence_penalty", "penalties are not supported"),
+            (bool(self.frequency_penalty), "frequency_penalty", "penalties are not supported"),
+            (bool(self.logit_bias), "logit_bias", "not supported"),
+            (self.stream_options is not None and not self.stream, "stream_options", "only with stream: true"),
+        ]
+
     def check_supported(self) -> None:
         """400 naming the first parameter this service cannot honour."""
-        if self.n != 1:
-            raise unsupported("n", f"one choice per request (got {self.n}); send the request again for another")
-        if self.presence_penalty or self.frequency_penalty:
-            raise unsupported(
-                "presence_penalty" if self.presence_penalty else "frequency_penalty", "penalties are not supported"
-            )
-        if self.logit_bias:
-            raise unsupported("logit_bias", "not supported")
-        if self.stream_options is not None and not self.stream:
-            raise unsupported("stream_options", "only with stream: true")
+        for refused, param, why in self.refusals():
+            if refused:
+                raise unsupported(param, why)
 
     @property
     def include_usage(self) -> bool:
@@ -135,24 +138,20 @@ class ChatRequest(_Generation):
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.tools:
-            raise unsupported("tools", "this model does not call tools")
-        if self.functions:
-            raise unsupported("functions", "this model does not call functions")
-        if self.tool_choice not in (None, "none"):
-            raise unsupported("tool_choice", "this model does not call tools")
-        if self.function_call not in (None, "none"):
-            raise unsupported("function_call", "this model does not call functions")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", f"only type 'text' (got {self.response_format.get('type')!r})")
-        if self.logprobs or self.top_logprobs:
-            raise unsupported("logprobs" if self.logprobs else "top_logprobs", "log probabilities are not returned")
-        if self.modalities and set(self.modalities) != {"text"}:
-            raise unsupported("modalities", "text only")
-        if self.reasoning_effort is not None:
-            raise unsupported("reasoning_effort", "not a reasoning model")
+    def refusals(self) -> list[tuple[bool, str, str]]:
+        kind = (self.response_format or {}).get("type", "text")
+        return [
+            *super().refusals(),
+            (bool(self.tools), "tools", "this model does not call tools"),
+            (bool(self.functions), "functions", "this model does not call functions"),
+            (self.tool_choice not in (None, "none"), "tool_choice", "this model does not call tools"),
+            (self.function_call not in (None, "none"), "function_call", "this model does not call functions"),
+            (kind != "text", "response_format", f"only type 'text' (got {kind!r})"),
+            (bool(self.logprobs), "logprobs", "log probabilities are not returned"),
+            (bool(self.top_logprobs), "top_logprobs", "log probabilities are not returned"),
+            (bool(self.modalities) and set(self.modalities) != {"text"}, "modalities", "text only"),
+            (self.reasoning_effort is not None, "reasoning_effort", "not a reasoning model"),
+        ]
 
 
 class CompletionRequest(_Generation):
@@ -174,18 +173,15 @@ class CompletionRequest(_Generation):
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.echo:
-            raise unsupported("echo", "not supported")
-        if self.suffix:
-            raise unsupported("suffix", "insertion is not supported")
-        if self.best_of not in (None, 1):
-            raise unsupported("best_of", "one candidate per prompt")
-        if self.logprobs:
-            raise unsupported("logprobs", "log probabilities are not returned")
-        if self.stream and len(self.prompts()) > 1:
-            raise unsupported("prompt", "stream one prompt per request")
+    def refusals(self) -> list[tuple[bool, str, str]]:
+        return [
+            *super().refusals(),
+            (self.echo, "echo", "not supported"),
+            (bool(self.suffix), "suffix", "insertion is not supported"),
+            (self.best_of not in (None, 1), "best_of", "one candidate per prompt"),
+            (bool(self.logprobs), "logprobs", "log probabilities are not returned"),
+            (self.stream and len(self.prompts()) > 1, "prompt", "stream one prompt per request"),
+        ]
 
 
 def request_sampling(req: _Generation) -> dict | None:
