@@ -33,6 +33,7 @@ from .actors import best_effort_get, driver_actor
 from .capacity import pool_requests, wait_for_pools
 from .common import configure_data_context, init_ray, job_entry, job_main, log
 from .enrich_actors import CaptionActor, JudgeActor, ModelsActor
+from .timeline import JobTimeline
 
 
 def read_raw(cfg: EnrichConfig):
@@ -84,39 +85,48 @@ def write_batch(batch: pa.Table, output: str, provenance: dict, partition: bool)
     return pa.Table.from_pylist([{"counts": json.dumps(counts)}], schema=COUNTS)
 
 
-def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id: str, factories: dict | None = None):
+def build_dataset(
+    cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id: str, factories: dict | None = None, timeline=None
+):
     """The job's dataset. `factories` ({"captioner" or a judge's name: a callable that returns the model}) lets
-    tests and embedders hand the pools their own models (anything with the `CaptionModel`/`VoteModel` calls)."""
+    tests and embedders hand the pools their own models (anything with the `CaptionModel`/`VoteModel` calls);
+    `timeline` (a `JobTimeline.actor_ref`): the model actors report their batches there."""
     import ray.data
 
     factories, lazy = factories or {}, done_ref is not None  # a resumed run loads its models when rows come
     size = cfg.decode.image_size
-    ds = read_raw(cfg).map_batches(
-        prepare_batch,
-        batch_format="pyarrow",
-        batch_size=cfg.records_per_batch,
-        num_cpus=cfg.task_num_cpus,
-        fn_kwargs=dict(
-            policy=cfg.fetch.policy(),
-            threads=cfg.fetch.threads,
-            max_pixels=cfg.decode.max_pixels,
-            size=size,
-            done_ref=done_ref,
-            captions_from_record=cfg.captioner.source == "record",
-        ),
+    ds = (
+        read_raw(cfg)
+        .repartition(target_num_rows_per_block=cfg.records_per_batch)
+        .map_batches(
+            prepare_batch,
+            batch_format="pyarrow",
+            batch_size=cfg.records_per_batch,
+            num_cpus=cfg.task_num_cpus,
+            fn_kwargs=dict(
+                policy=cfg.fetch.policy(),
+                threads=cfg.fetch.threads,
+                max_pixels=cfg.decode.max_pixels,
+                size=size,
+                done_ref=done_ref,
+                captions_from_record=cfg.captioner.source == "record",
+            ),
+        )
     )
     cp, captioning = cfg.captioner.pool, cfg.captioner.source == "model"
     caption = dict(captioner=cfg.captioner.model_dump(), size=size, cache=cache, wait_s=cfg.dedup.claim_ttl_s)
-    pools = []  # (actor class, pool, constructor kwargs)
+    pools = []  # (actor class, pool, constructor kwargs), keyed as in the config (the timeline's names)
     if cfg.model_pools == "shared":
         judges = [j.model_dump() for j in cfg.judges]
-        pools.append(
-            (ModelsActor, cp, dict(caption=caption if captioning else None, judges=judges, factories=factories))
-        )
+        kw = dict(caption=caption if captioning else None, judges=judges, factories=factories)
+        pools.append((ModelsActor, cp, dict(kw, timeline=timeline and (timeline, "captioner.pool"))))
     else:
         if captioning:
-            pools.append((CaptionActor, cp, dict(caption, factory=factories.get("captioner"))))
-        pools += [(JudgeActor, j.pool, dict(judge=j.model_dump(), factory=factories.get(j.name))) for j in cfg.judges]
+            kw = dict(caption, factory=factories.get("captioner"))
+            pools.append((CaptionActor, cp, dict(kw, timeline=timeline and (timeline, "captioner.pool"))))
+        for i, j in enumerate(cfg.judges):
+            kw = dict(judge=j.model_dump(), factory=factories.get(j.name))
+            pools.append((JudgeActor, j.pool, dict(kw, timeline=timeline and (timeline, f"judges.{i}.pool"))))
     for actor, pool, kwargs in pools:
         ds = ds.map_batches(
             actor,
@@ -162,16 +172,21 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         cache = (f"caslie-caption-cache-{run_id}", "caslie") if cfg.dedup.enabled else None
         # On the driver's node (it lives as long as the job does); restarted empty if that fails anyway.
         cache_actor = driver_actor(ClaimTable, *cache, cfg.dedup.claim_ttl_s, cfg.dedup.max_entries) if cache else None
+        scaling = JobTimeline(run_id)
         capacity_wait = wait_for_pools(pool_requests(cfg), can_grow=not started)
         done = done_ref if resumed else None
-        ds = build_dataset(cfg, done_ref=done, cache=cache, chash=chash, run_id=run_id, factories=factories)
+        ds = build_dataset(
+            cfg, done_ref=done, cache=cache, chash=chash, run_id=run_id, factories=factories, timeline=scaling.actor_ref
+        )
         limit = pipeline.ErrorRateLimit(cfg.limits, where=store.parts_root(cfg.output.path))
         interval = 0 if sys.stdout.isatty() else cfg.progress_interval_s  # a terminal has Ray Data's bars
         progress = pipeline.Progress(interval, total=cfg.input.limit, say=log.info)
         if resumed:
             log.info(f"[enrich] resuming: {resumed:,} records already in {cfg.output.path} are skipped")
+        last_record = None
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                last_record = time.time()
                 for text in batch.column("counts").to_pylist():
                     counts = json.loads(text)
                     progress.add(counts)
@@ -188,6 +203,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
             cache_stats = best_effort_get(cache_actor.stats.remote(), fallback=None) if cache_actor else {}
             if cache_actor:
                 ray.kill(cache_actor)
+            timeline = scaling.finish(t0, last_record=last_record)
         dataset_seconds = time.time() - t0
         now = progress.counts
         # Duplicates come from this run's writes (a repeated id, a killed run's late writes) or an earlier run.
@@ -209,19 +225,8 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
             run_id=run_id,
         )
         summary["capacity_wait_s"] = capacity_wait  # per pool: how long the cluster took to offer a first actor
-        if cfg.output.report_per_task:  # a page to look at; a report that cannot be written never fails the job
-            summary["report"] = cfg.output.path.rstrip("/") + "/report.html"
-            try:
-                enrich_report.write_report(
-                    out,
-                    summary,
-                    cfg.fetch.policy(),
-                    per_task=cfg.output.report_per_task,
-                    fetch=cfg.captioner.source == "model",  # captions from the records: no picture was fetched
-                )
-            except Exception as e:  # noqa: BLE001
-                log.warning(f"[enrich] report.html not written: {type(e).__name__}: {e}")
-                summary.pop("report")
+        summary["timeline"] = timeline  # nodes added/removed during the job, each pool's actors at work
+        enrich_report.attach_report(cfg, summary, warn=log.warning)  # never fails the job
         with fsspec.open(cfg.output.path.rstrip("/") + "/summary.json", "wt") as fh:
             json.dump(summary, fh, indent=2)
         log.info(

@@ -12,19 +12,28 @@ from caslie_core.enrichment import stages
 
 from . import metrics
 from .actors import CaptionCacheClient, actor_id
+from .timeline import TimelineClient
 
 
 class _Timed:
-    """Each batch's seconds into `caslie_enrich_stage_seconds{stage}`."""
+    """Each batch's seconds into `caslie_enrich_stage_seconds{stage}`; each batch done told to the job's
+    timeline (`timeline`: the named actor and this pool's config key)."""
 
     metric_stage = "model"
+    timeline: TimelineClient | None = None
 
     def __call__(self, batch):
         t = time.perf_counter()
         try:
-            return super().__call__(batch)
+            out = super().__call__(batch)
         finally:
             metrics.observe("caslie_enrich_stage_seconds", time.perf_counter() - t, stage=self.metric_stage)
+        if self.timeline is not None and batch.num_rows:
+            self.timeline.batch(batch.num_rows)
+        return out
+
+    def follow(self, timeline) -> None:
+        self.timeline = TimelineClient.of(timeline[0], timeline[1]) if timeline else None
 
 
 def _caption_stage(captioner: dict, size: int, cache, wait_s: float, factory):
@@ -44,15 +53,17 @@ def _models_stage(caption: dict | None, judges: list[dict], factories: dict):
 class CaptionActor(_Timed, stages.Deferred):  # `lazy` on a resume: a finished catalog never loads a model
     metric_stage = "caption"
 
-    def __init__(self, captioner: dict, size: int, cache, wait_s: float, factory=None, lazy=False) -> None:
+    def __init__(self, captioner: dict, size: int, cache, wait_s: float, factory=None, lazy=False, timeline=None):
         super().__init__(functools.partial(_caption_stage, captioner, size, cache, wait_s, factory), lazy=lazy)
+        self.follow(timeline)
 
 
 class JudgeActor(_Timed, stages.Deferred):
     metric_stage = "judge"
 
-    def __init__(self, judge: dict, factory=None, lazy=False) -> None:
+    def __init__(self, judge: dict, factory=None, lazy=False, timeline=None) -> None:
         super().__init__(functools.partial(stages.judge_stage, judge, factory), lazy=lazy)
+        self.follow(timeline)
 
 
 class ModelsActor(_Timed, stages.Deferred):
@@ -60,5 +71,8 @@ class ModelsActor(_Timed, stages.Deferred):
 
     metric_stage = "caption_and_judges"
 
-    def __init__(self, caption: dict | None, judges: list[dict], factories: dict | None = None, lazy=False) -> None:
+    def __init__(
+        self, caption: dict | None, judges: list[dict], factories: dict | None = None, lazy=False, timeline=None
+    ):
         super().__init__(functools.partial(_models_stage, caption, judges, factories or {}), lazy=lazy)
+        self.follow(timeline)

@@ -203,3 +203,21 @@ def write_report(output: str, summary: dict, policy, *, per_task: int = 8, fetch
     with fsspec.open(path, "wt", encoding="utf-8") as fh:
         fh.write(page)
     return path
+
+
+def attach_report(cfg, summary: dict, *, warn) -> None:
+    """Write the job's report.html when `output.report_per_task` asks for one and name it in `summary`; a page
+    to look at, so a report that cannot be written is a warning (`warn`), never a failed job."""
+    if not cfg.output.report_per_task:
+        return
+    try:
+        summary["report"] = write_report(
+            cfg.output.path,
+            summary,
+            cfg.fetch.policy(),
+            per_task=cfg.output.report_per_task,
+            fetch=cfg.captioner.source == "model",  # captions from the records: no picture was fetched
+        )
+    except Exception as e:  # noqa: BLE001
+        summary.pop("report", None)
+        warn(f"[enrich] report.html not written: {type(e).__name__}: {e}")

@@ -1,0 +1,83 @@
+"""A job's scaling timeline on Ray (`caslie_core.enrichment.timeline` holds the logic).
+
+The driver samples `ray.nodes()` every second in a thread; the model actors tell a named helper actor on the
+driver's node (one clock) when they finish a batch, fire-and-forget. At the end the driver merges both, logs
+the events (`[timeline] +4.1s node ...01 added (CPU 1, GPU 1)`) and puts them in the job's summary.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from caslie_core.enrichment.timeline import Timeline
+
+from .actors import actor_id, best_effort_get, driver_actor
+from .common import log
+
+
+def alive_nodes() -> dict[str, dict]:
+    """{node id: its CPU and GPU} of the cluster's alive nodes."""
+    import ray
+
+    return {
+        n["NodeID"]: {k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU")}
+        for n in ray.nodes()
+        if n.get("Alive")
+    }
+
+
+class JobTimeline:
+    """Driver side: start before the pipeline, `finish()` after it; `actor_ref` goes to the model actors."""
+
+    def __init__(self, run_id: str, interval_s: float = 1.0) -> None:
+        self.timeline, self.interval_s = Timeline(), interval_s
+        self.actor_ref = (f"caslie-timeline-{run_id}", "caslie")
+        self.actor = driver_actor(Timeline, *self.actor_ref)
+        self._stop = threading.Event()
+        self.timeline.see_nodes(alive_nodes())
+        self._thread = threading.Thread(target=self._watch, name="caslie-timeline", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.timeline.see_nodes(alive_nodes())
+            except Exception as e:  # noqa: BLE001 - a missed sample is a coarser timeline, never a failed job
+                log.debug(f"[timeline] node sample failed: {e}")
+
+    def finish(self, t0: float, *, last_record: float | None) -> dict:
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.timeline.see_nodes(alive_nodes())
+        except Exception:  # noqa: BLE001, S110 - the summary keeps what was sampled
+            pass
+        self.timeline.merge(best_effort_get(self.actor.events.remote(), fallback=[], timeout_s=10))
+        ray.kill(self.actor)
+        summary = self.timeline.summary(t0, last_record=last_record)
+        for line in Timeline.lines(summary):
+            log.info(f"[timeline] {line}")
+        return summary
+
+
+class TimelineClient:
+    """In a model actor: says when a batch is done (one call per batch, never waited on)."""
+
+    def __init__(self, ref: tuple[str, str], pool: str) -> None:
+        import ray
+
+        self.pool, self.me, self.node = pool, actor_id(), ray.get_runtime_context().get_node_id()
+        try:
+            self.actor = ray.get_actor(ref[0], namespace=ref[1])
+        except ValueError:  # not there (a job run without one): no timeline
+            self.actor = None
+
+    @classmethod
+    def of(cls, ref, pool: str) -> TimelineClient | None:
+        return cls(tuple(ref), pool) if ref else None
+
+    def batch(self, rows: int) -> None:
+        if self.actor is not None:
+            self.actor.batch.remote(self.pool, self.me, self.node, rows)
