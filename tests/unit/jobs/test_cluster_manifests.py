@@ -90,38 +90,61 @@ def test_rayservice_serves_the_checked_in_serve_config():
     assert api_key_env in envs
 
 
-def _gpu_needs() -> dict[str, tuple[float, float, float]]:
-    """config -> (largest GPUs of one actor/worker, largest CPUs of one, GPUs needed at minimum scale)."""
+def _needs(actors: list[tuple[float, float, int, int]]) -> dict:
+    """From (GPUs, CPUs, fewest, most) per kind of actor/worker/replica: the largest one, and the GPUs and CPUs
+    of all of them at the least and at the most scale."""
+    return {
+        "gpus_one": max(a[0] for a in actors),
+        "cpus_one": max(a[1] for a in actors),
+        "gpus_min": sum(a[0] * a[2] for a in actors),
+        "gpus_max": sum(a[0] * a[3] for a in actors),
+        "cpus_max": sum(a[1] * a[3] for a in actors),
+    }
+
+
+def _gpu_needs() -> dict[str, dict]:
+    """config -> what its actors ask of the GPU worker group (`_needs`)."""
     needs = {}
     cfg = load_config(JOB_CONFIGS["enrich"], ROOT / "configs" / "enrich-mmecinstruct.yaml")
     pools = [cfg.captioner.pool] + [j.pool for j in cfg.judges]
-    needs["enrich-mmecinstruct"] = (
-        max(p.num_gpus for p in pools),
-        max(p.num_cpus for p in pools),
-        sum(p.num_gpus * p.min_size for p in pools),
-    )
+    needs["enrich-mmecinstruct"] = _needs([(p.num_gpus, p.num_cpus, p.min_size, p.max_size) for p in pools])
     for size in "sml":
         t = load_config(JOB_CONFIGS["train"], ROOT / "configs" / f"train-caslie-{size}.yaml")
         gpus = (t.scaling.resources_per_worker or {}).get("GPU", 1 if t.scaling.use_gpu else 0)
-        needs[f"train-caslie-{size}"] = (gpus, t.scaling.cpus_per_worker, gpus * t.scaling.num_workers)
+        n = t.scaling.num_workers
+        needs[f"train-caslie-{size}"] = _needs([(gpus, t.scaling.cpus_per_worker, n, n)])
         e = load_config(JOB_CONFIGS["evaluate"], ROOT / "configs" / f"evaluate-caslie-{size}.yaml")
-        needs[f"evaluate-caslie-{size}"] = (e.pool.num_gpus, e.pool.num_cpus, e.pool.num_gpus * e.pool.min_size)
+        needs[f"evaluate-caslie-{size}"] = _needs(
+            [(e.pool.num_gpus, e.pool.num_cpus, e.pool.min_size, e.pool.max_size)]
+        )
     s = load_config(JOB_CONFIGS["serve"], ROOT / "configs" / "serve-caslie-m.yaml")
     deps = [s.model.deployment, s.captioner.deployment, s.http.ingress] + [j.deployment for j in s.judges]
-    needs["serve-caslie-m"] = (
-        max(d.num_gpus for d in deps),
-        max(d.num_cpus for d in deps),
-        sum(d.num_gpus * d.autoscaling.min_replicas for d in deps),
+    needs["serve-caslie-m"] = _needs(
+        [(d.num_gpus, d.num_cpus, d.autoscaling.min_replicas, d.autoscaling.max_replicas) for d in deps]
     )
     return needs
 
 
 def test_resource_numbers_agree_with_the_cluster():
+    """Every actor fits a worker pod, the least scale fits the group, and so does the most: a pool or deployment
+    whose max_size the group can never hold would wait on capacity that cannot come."""
     g = _gpu_group(_load("raycluster.yaml")["spec"])
-    for name, (per_actor_gpus, per_actor_cpus, minimum) in _gpu_needs().items():
-        assert per_actor_gpus <= g["gpus"], f"{name}: one actor needs more GPUs than a worker pod has"
-        assert per_actor_cpus <= g["cpus"], f"{name}: one actor needs more CPUs than a worker pod has"
-        assert minimum <= g["max"] * g["gpus"], f"{name}: needs {minimum} GPUs at minimum scale"
+    for name, n in _gpu_needs().items():
+        assert n["gpus_one"] <= g["gpus"], f"{name}: one actor needs more GPUs than a worker pod has"
+        assert n["cpus_one"] <= g["cpus"], f"{name}: one actor needs more CPUs than a worker pod has"
+        assert n["gpus_min"] <= g["max"] * g["gpus"], f"{name}: needs {n['gpus_min']} GPUs at minimum scale"
+        assert n["gpus_max"] <= g["max"] * g["gpus"], f"{name}: {n['gpus_max']} GPUs at its largest scale"
+        assert n["cpus_max"] <= g["max"] * g["cpus"], f"{name}: {n['cpus_max']} CPUs at its largest scale"
+
+
+def test_batch_clusters_scale_to_zero_and_agree_on_the_idle_timeout():
+    """The KubeRay cluster and the launcher's: GPU nodes come with work and go after the same idle time."""
+    kuberay = _load("raycluster.yaml")["spec"]
+    launcher = yaml.safe_load((ROOT / "cluster" / "launcher" / "aws-gpu.yaml").read_text())
+    assert kuberay["enableInTreeAutoscaling"] is True
+    idle = kuberay["autoscalerOptions"]["idleTimeoutSeconds"]
+    assert idle == launcher["idle_timeout_minutes"] * 60
+    assert _gpu_group(kuberay)["min"] == launcher["available_node_types"]["gpu"]["min_workers"] == 0
 
 
 def test_launcher_matches_the_kuberay_worker_group():
