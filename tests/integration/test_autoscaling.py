@@ -7,7 +7,8 @@ scaled down: a head that runs the CPU stages (2 CPUs, no GPU) and a `gpu` worker
 2 of them, 15 s idle timeout. It is stopped by killing the processes that name its temp dir, never `ray stop`
 (which would kill every Ray process on the machine, the suite's own session included).
 
-`caslie enrich` runs against it as a user would (`--set ray.address=...`, the token in its environment) with a
+`caslie enrich` runs against it as a user would (`--set ray.address=...`, only the token in its environment, input
+and output paths relative to its own folder, which is not the cluster's) with a
 captioner pool asking `num_gpus: 1`, `min_size: 1`, `max_size: 2`. The tiny captioner is given 128 tokens per
 caption so that it is the pipeline's bottleneck, as a real VLM is: Ray Data then asks for a second GPU node and
 grows the pool to it. Meanwhile the test watches the cluster's nodes through the dashboard's state API.
@@ -171,8 +172,9 @@ def test_enrichment_grows_a_gpu_pool_on_new_nodes_and_the_nodes_go_after(autosca
     assert c["watch"].gpu_nodes() == 0
     overrides = {
         "ray.address": c["address"],
-        "input.path": tmp_path / "catalog" / "records.jsonl",
-        "output.path": out,
+        # relative to this driver's folder, not the cluster's (started from the repository)
+        "input.path": "catalog/records.jsonl",
+        "output.path": "enriched",
         "captioner.pool.num_gpus": 1,
         "captioner.pool.min_size": 1,
         "captioner.pool.max_size": 2,
@@ -188,7 +190,8 @@ def test_enrichment_grows_a_gpu_pool_on_new_nodes_and_the_nodes_go_after(autosca
         argv += ["--set", f"{k}={v}"]
     with c["watch"] as watch:
         t0 = time.time()
-        job = subprocess.run(argv, env=c["env"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        env = {k: v for k, v in c["env"].items() if k != "RAY_AUTH_MODE"}  # a user with only the token at hand
+        job = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
         ended = time.time()
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         deadline = ended + IDLE_S + 45
@@ -201,6 +204,8 @@ def test_enrichment_grows_a_gpu_pool_on_new_nodes_and_the_nodes_go_after(autosca
         f"+{ended - t0:.1f}s job ended (the test's clock); GPU nodes seen: {[(round(t - t0, 1), n) for t, n in watch.changes]}"
     )
 
+    said = job.stdout + job.stderr
+    assert "local paths made absolute" in said and "connecting with RAY_AUTH_MODE=token" in said
     # every record written once
     ids = [r["id"] for r in store.read_output(str(out), ["id"])]
     assert len(ids) == len(set(ids)) == RECORDS

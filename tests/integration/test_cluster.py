@@ -283,28 +283,11 @@ def _driver(cluster: dict, cwd, token: str | None, *overrides: str):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_a_driver_without_the_token_is_told_what_to_set(secured_cluster, tmp_path):
+def test_a_driver_without_the_token_is_told_what_to_set(secured_cluster, tmp_path, monkeypatch):
+    # Ray retries a refused GCS connection about once a second, 20 times by default (the ~20 s a user waits);
+    # two tries are enough to see what the job then says
+    monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", "2")
     done = _driver(secured_cluster, tmp_path, None, "input.path=x.jsonl", "output.path=out")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "RAY_AUTH_MODE=token" in done.stderr and "RAY_AUTH_TOKEN" in done.stderr
     assert "Traceback" not in done.stderr
-
-
-def test_relative_paths_work_against_a_cluster_started_in_another_folder(secured_cluster, tmp_path):
-    """The cluster runs from the repository; this driver runs from a folder of its own with relative paths."""
-    from caslie_core.io import store
-    from caslie_core.synthetic import write_catalog
-
-    write_catalog(tmp_path / "cat", 12, seed=5, tasks=["CC", "SA"])
-    done = _driver(
-        secured_cluster,
-        tmp_path,
-        secured_cluster["token"],
-        "input.path=cat/records.jsonl",
-        "output.path=out",
-        "output.report_per_task=0",
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "local paths made absolute" in done.stdout + done.stderr
-    assert "connecting with RAY_AUTH_MODE=token" in done.stdout + done.stderr  # set by the job from the token
-    assert len(store.read_output(str(tmp_path / "out"), ["id"])) == 12
