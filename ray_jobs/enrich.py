@@ -156,7 +156,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
     import ray
 
     started = init_ray(cfg.ray)
-    t0 = time.time()
+    t0, scaling = time.time(), None
     try:
         configure_data_context(cfg.ray.progress_bars)
         out = cfg.output.path
@@ -236,6 +236,8 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         )
         return summary
     finally:
+        if scaling:
+            scaling.stop()  # a job that failed before its pipeline ended: no sampler or helper actor left
         if started:
             ray.shutdown()
 

@@ -46,8 +46,6 @@ class JobTimeline:
                 log.debug(f"[timeline] node sample failed: {e}")
 
     def finish(self, t0: float, *, last_record: float | None) -> dict:
-        import ray
-
         self._stop.set()
         self._thread.join(timeout=5)
         try:
@@ -55,11 +53,24 @@ class JobTimeline:
         except Exception:  # noqa: BLE001, S110 - the summary keeps what was sampled
             pass
         self.timeline.merge(best_effort_get(self.actor.events.remote(), fallback=[], timeout_s=10))
-        ray.kill(self.actor)
+        self.stop()
         summary = self.timeline.summary(t0, last_record=last_record)
         for line in Timeline.lines(summary):
             log.info(f"[timeline] {line}")
         return summary
+
+    def stop(self) -> None:
+        """Stop sampling and remove the helper actor (again is a no-op)."""
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.actor is not None:
+            try:
+                ray.kill(self.actor)
+            except Exception:  # noqa: BLE001, S110 - already gone with its node or the job
+                pass
+            self.actor = None
 
 
 class TimelineClient:

@@ -432,6 +432,13 @@ def test_a_pool_the_cluster_cannot_offer_fails_at_its_start_timeout_naming_the_r
     assert "start_timeout_s=2s" in str(e.value) and "captioner.pool.num_gpus: 0" in str(e.value)
     assert time.monotonic() - t < 30
     assert not list((tmp_path / "out").rglob("*.parquet"))
+    # the failed job leaves neither its timeline's helper actor nor its node sampler behind
+    import threading
+
+    import ray
+
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("caslie-timeline")]
+    assert not [th for th in threading.enumerate() if th.name == "caslie-timeline" and th.is_alive()]
 
 
 def test_a_cluster_that_cannot_grow_fails_at_once(ray_session):
