@@ -23,10 +23,10 @@ def _fmt_resources(res: dict) -> str:
 class Timeline:
     def __init__(self, clock=time.time) -> None:
         self.clock = clock
-        self.nodes: dict[str, dict] = {}  # node id -> {"resources", "added", "removed"}; added None: there at start
-        self.actors: dict[
-            tuple[str, str], dict
-        ] = {}  # (pool, actor id) -> {"node", "first", "last", "batches", "rows"}
+        # node id -> {"resources", "added", "removed"} ("added" None: there at the start)
+        self.nodes: dict[str, dict] = {}
+        # (pool, actor id) -> {"node", "first", "last", "batches", "rows"}
+        self.actors: dict[tuple[str, str], dict] = {}
         self._sampled = False
 
     def see_nodes(self, alive: dict[str, dict], t: float | None = None) -> None:
