@@ -9,7 +9,7 @@ import sys
 import threading
 
 import pytest
-from helpers import ROOT, free_port, train_config
+from helpers import ROOT, free_port, kill_processes_under, train_config
 
 # Offline, quiet, small: set before anything imports Ray or transformers.
 for key, value in {
@@ -126,6 +126,7 @@ def ray_session(tiny_models, s3_server):
     ctx.print_on_execution_start = False
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    kill_processes_under(temp_dir)  # a worker its raylet left behind (seen: a ray::TrainController)
 
 
 @pytest.fixture(scope="session")

@@ -60,3 +60,44 @@ def scrape_metrics(names: list[str], timeout: float = 30.0) -> dict[str, list[st
         if all(found.values()) or time.monotonic() > end:
             return found
         time.sleep(1)
+
+
+def processes_under(folder: str) -> list[int]:
+    """Pids of the processes that name `folder` on their command line or hold a file under it open. Ray's workers
+    rename themselves (`ray::TrainController`), so only their open log files tell which cluster they belong to;
+    one left behind by its raylet is otherwise invisible to `pgrep -f`."""
+    import os
+
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if folder in fh.read().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry))
+                    continue
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}").startswith(folder) for fd in os.listdir(f"/proc/{entry}/fd")):
+                found.append(int(entry))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def kill_processes_under(folder: str, grace_s: float = 2.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`, to every process of `processes_under(folder)`."""
+    import os
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = processes_under(folder)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if not pids:
+            return
+        if sig == signal.SIGTERM:
+            time.sleep(grace_s)

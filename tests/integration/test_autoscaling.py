@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from helpers import ROOT, free_port
+from helpers import ROOT, free_port, kill_processes_under
 
 pytestmark = pytest.mark.slow
 
@@ -78,18 +77,6 @@ def _cluster_config(gcs_address: str) -> dict:
         "file_mounts": {},
         "file_mounts_sync_continuously": False,
     }
-
-
-def _kill_processes_under(folder: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = subprocess.run(["pgrep", "-f", folder], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), sig)
-            except (ProcessLookupError, ValueError):
-                pass
-        if pids and sig == signal.SIGTERM:
-            time.sleep(2)
 
 
 class NodeWatch:
@@ -159,7 +146,7 @@ def autoscaling_cluster():
             time.sleep(0.5)
         yield {"address": address, "token": token, "env": env, "folder": folder, "watch": watch}
     finally:
-        _kill_processes_under(folder)
+        kill_processes_under(folder)
 
 
 def test_enrichment_grows_a_gpu_pool_on_new_nodes_and_the_nodes_go_after(autoscaling_cluster, tmp_path):
