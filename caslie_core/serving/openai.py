@@ -200,6 +200,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def envelope(prefix: str, obj: str, model: str) -> dict:
+    """What every completion object and chunk starts with: a fresh id (`chatcmpl-...`, `cmpl-...`), its
+    `object`, `created` and `model`."""
+    return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": obj, "created": int(time.time()), "model": model}
+
+
 def chat_completion(
     model: str,
     content: str,
@@ -210,10 +216,7 @@ def chat_completion(
     extra: dict | None = None,
 ) -> dict:
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
+        **envelope("chatcmpl", "chat.completion", model),
         "choices": [
             {
                 "index": 0,
@@ -230,10 +233,7 @@ def chat_completion(
 def text_completion(model: str, answers: list[dict]) -> dict:
     """`answers`: per prompt {text, finish_reason, n_prompt_tokens, n_new_tokens}, in the request's order."""
     return {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
+        **envelope("cmpl", "text_completion", model),
         "choices": [
             {"index": i, "text": a["text"], "finish_reason": a["finish_reason"], "logprobs": None}
             for i, a in enumerate(answers)
@@ -249,12 +249,7 @@ class Chunks:
 
     def __init__(self, model: str, *, chat: bool) -> None:
         self.chat = chat
-        self.head = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": model,
-        }
+        self.head = envelope(*(("chatcmpl", "chat.completion.chunk") if chat else ("cmpl", "text_completion")), model)
 
     @staticmethod
     def sse(obj) -> str:
