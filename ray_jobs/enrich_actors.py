@@ -33,7 +33,7 @@ class _Timed:
         return out
 
     def follow(self, timeline) -> None:
-        self.timeline = TimelineClient.of(timeline[0], timeline[1]) if timeline else None
+        self.timeline = TimelineClient(tuple(timeline[0]), timeline[1]) if timeline else None
 
 
 def _caption_stage(captioner: dict, size: int, cache, wait_s: float, factory):

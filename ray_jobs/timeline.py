@@ -34,24 +34,28 @@ class JobTimeline:
         self.actor_ref = (f"caslie-timeline-{run_id}", "caslie")
         self.actor = driver_actor(Timeline, *self.actor_ref)
         self._stop = threading.Event()
-        self.timeline.see_nodes(alive_nodes())
+        self._sample()  # the cluster at the start: its nodes are not "added"
         self._thread = threading.Thread(target=self._watch, name="caslie-timeline", daemon=True)
         self._thread.start()
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.timeline.see_nodes(alive_nodes())
-            except Exception as e:  # noqa: BLE001 - a missed sample is a coarser timeline, never a failed job
-                log.debug(f"[timeline] node sample failed: {e}")
-
-    def finish(self, t0: float, *, last_record: float | None) -> dict:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def _sample(self) -> None:
         try:
             self.timeline.see_nodes(alive_nodes())
-        except Exception:  # noqa: BLE001, S110 - the summary keeps what was sampled
-            pass
+        except Exception as e:  # noqa: BLE001 - a missed sample is a coarser timeline, never a failed job
+            log.debug(f"[timeline] node sample failed: {e}")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _halt(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def finish(self, t0: float, *, last_record: float | None) -> dict:
+        """The job's timeline (logged too): the nodes as they are now, the actors' batches, then `stop()`."""
+        self._halt()
+        self._sample()
         self.timeline.merge(best_effort_get(self.actor.events.remote(), fallback=[], timeout_s=10))
         self.stop()
         summary = self.timeline.summary(t0, last_record=last_record)
@@ -63,8 +67,7 @@ class JobTimeline:
         """Stop sampling and remove the helper actor (again is a no-op)."""
         import ray
 
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._halt()
         if self.actor is not None:
             try:
                 ray.kill(self.actor)
@@ -84,10 +87,6 @@ class TimelineClient:
             self.actor = ray.get_actor(ref[0], namespace=ref[1])
         except ValueError:  # not there (a job run without one): no timeline
             self.actor = None
-
-    @classmethod
-    def of(cls, ref, pool: str) -> TimelineClient | None:
-        return cls(tuple(ref), pool) if ref else None
 
     def batch(self, rows: int) -> None:
         if self.actor is not None:
