@@ -106,6 +106,12 @@ def test_http_images_s3_records_and_output(ray_session, catalog, s3_bucket, tmp_
     written = store.read_output(out)
     ids = [r["id"] for r in written]
     assert sorted(ids) == sorted(r["id"] for r in rows)  # exactly one output row per input record
+    # the timeline: every record went through each pool (one actor each here), and no node came or went
+    timeline = summary["timeline"]
+    assert set(timeline["pools"]) == {"captioner.pool", "judges.0.pool", "judges.1.pool"} and not timeline["nodes"]
+    for pool in timeline["pools"].values():
+        assert sum(a["rows"] for a in pool["actors"]) == len(rows) and pool["peak_actors"] == 1
+    assert 0 < timeline["first_batch_s"] <= timeline["last_record_s"] <= summary["wall_seconds"]
     by_id = {r["id"]: r for r in written}
     for rid, (status, stage) in expected.items():
         row = by_id[rid]
