@@ -182,12 +182,18 @@ def instruction_prompt(instruction: str, input_value, options, *, style: str = "
     as `[]`, as in the research code); `options=None` (a free-form request) leaves it out."""
     if style not in _TEMPLATES:
         raise ValueError(f"unknown prompt style {style!r}; valid: {', '.join(PROMPT_STYLES)}")
-    head, tail, _ = _TEMPLATES[style]
-    body = f"{head}{_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n### Input:\n{serialise(input_value)}"
+    tail = _TEMPLATES[style][1]
+    body = f"{prompt_head(style)}{instruction}\n\n### Input:\n{serialise(input_value)}"
     opts = "" if options is None else serialise(options)
     if opts:
         body += f"\n\n### Options:\n{opts}"
     return body + tail
+
+
+def prompt_head(style: str) -> str:
+    """What every prompt of `style` begins with, whatever the request: the template's opening, the preamble and
+    the instruction heading (the prefix whose key/value cache the predictor computes once and reuses)."""
+    return f"{_TEMPLATES[style][0]}{_PREAMBLE}\n\n### Instruction:\n"
 
 
 def response_marker(style: str) -> str:

@@ -64,6 +64,7 @@ class PredictActor:
             max_prompt_tokens=gen.max_prompt_tokens,
             trust_remote_code=m.trust_remote_code,
             style=source["style"],
+            prefix_cache=gen.prefix_cache,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

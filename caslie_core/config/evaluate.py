@@ -46,6 +46,9 @@ class GenerationConfig(StrictModel):
     max_new_tokens: int = Field(100, ge=1, le=1024, description="answer length cap (method: 100)")
     micro_batch: int = Field(16, ge=1, description="prompts per generate() call")
     max_prompt_tokens: int = Field(2048, ge=16, description="longer prompts are cut in the middle, as in training")
+    prefix_cache: bool = Field(
+        True, description="reuse the key/value cache of the prompt template's head (the same in every prompt)"
+    )
 
 
 class EvalOutputConfig(StrictModel):

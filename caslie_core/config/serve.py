@@ -208,6 +208,11 @@ class ServeModelConfig(StrictModel):
     max_adapters_per_replica: int = Field(4, ge=1, description="adapters kept loaded per replica (LRU)")
     max_new_tokens: int = Field(100, ge=1, le=2048, description="answer length cap (method: 100)")
     max_prompt_tokens: int = Field(2048, ge=16, description="longer prompts are cut in the middle")
+    prefix_cache: bool = Field(
+        True,
+        description="compute the key/value cache of the prompt template's head (the same in every request) once "
+        "per adapter and reuse it: each prefill runs over the request's own tokens only",
+    )
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings, description="replicas")
 
     @model_validator(mode="after")

@@ -124,10 +124,12 @@ class Predictor:
         merge: bool = True,
         trust_remote_code: bool = False,
         style: str = "alpaca",
+        prefix_cache: bool = True,
     ) -> None:
         import torch
 
         from .loading import load_causal_lm
+        from .prefix import PrefixCache
 
         self.model, self.tokenizer, self.device = load_causal_lm(
             model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
@@ -147,9 +149,14 @@ class Predictor:
         self.max_prompt_tokens = max_prompt_tokens
         self.style = style  # the prompt template: its response marker ends an answer
         self.sampling = GREEDY  # the method's decoding; AdapterPredictor sets a request's own per call
+        self.prefix = PrefixCache(self.tokenizer, style) if prefix_cache else None
+        self.active: str | None = None  # the adapter generating now (None: the base or merged model)
         self._torch = torch
 
     def _encode(self, prompts: list[str]):
+        """Ids and attention mask of a batch, each prompt's length, and whether it shares the template's head:
+        left-padded, or laid out around the head when every prompt begins with it (`prefix.PrefixCache`; then
+        `_past` gives the head's cache)."""
         from .loading import cut_middle
 
         tok = self.tokenizer
@@ -160,9 +167,24 @@ class Predictor:
             rows.append(cut_middle(bos + tok(p, add_special_tokens=False)["input_ids"], self.max_prompt_tokens))
         longest = max(len(r) for r in rows)
         pad = tok.pad_token_id
-        ids = self._torch.tensor([[pad] * (longest - len(r)) + r for r in rows], dtype=self._torch.long)
-        mask = self._torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], dtype=self._torch.long)
-        return ids.to(self.device), mask.to(self.device), [len(r) for r in rows]
+        shared = self.prefix is not None and self.prefix.fits(rows)
+        if shared:
+            ids, mask = self.prefix.layout(rows, pad)
+        else:
+            ids = [[pad] * (longest - len(r)) + r for r in rows]
+            mask = [[0] * (longest - len(r)) + [1] * len(r) for r in rows]
+        as_tensor = self._torch.tensor
+        lengths = [len(r) for r in rows]
+        return as_tensor(ids).to(self.device), as_tensor(mask).to(self.device), lengths, shared
+
+    def _past(self, shared: bool, rows: int) -> dict:
+        """generate()'s cache for a batch that `_encode` laid out around the template's head: a copy of the head's
+        key/value cache for the adapter in use (computed on first use). Call it in inference mode with the
+        adapter selected."""
+        if not shared:
+            return {}
+        past = self.prefix.cache(self.model, self.active, rows, self.device)
+        return {"past_key_values": past} if past is not None else {}
 
     def stops(self, sampling: Sampling) -> tuple[str, ...]:
         """Where an answer ends: the template's response marker (`extract_response`), then the request's stops."""
@@ -172,7 +194,7 @@ class Predictor:
 
     def _batch(self, prompts: list[str]) -> list[Answer]:
         sampling = self.sampling
-        ids, mask, lengths = self._encode(prompts)
+        ids, mask, lengths, shared = self._encode(prompts)
         with self._torch.inference_mode():
             sampling.seed_rng(self._torch)
             out = self.model.generate(
@@ -180,6 +202,7 @@ class Predictor:
                 attention_mask=mask,
                 max_new_tokens=self.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
+                **self._past(shared, len(prompts)),
                 **sampling.generate_kwargs(),
             )
         new = out[:, ids.shape[1] :]
@@ -218,6 +241,7 @@ class AdapterPredictor(Predictor):
             max_prompt_tokens=spec["max_prompt_tokens"],
             trust_remote_code=spec["trust_remote_code"],
             style=spec.get("style", "alpaca"),
+            prefix_cache=spec.get("prefix_cache", True),
         )
 
     def __init__(self, model: str, **kwargs) -> None:
@@ -246,11 +270,15 @@ class AdapterPredictor(Predictor):
                 self.peft.load_adapter(path, adapter_name=name)
             self.loaded[name] = path
             self._drop_stale()
+            if self.prefix is not None:
+                self.prefix.saved.pop(name, None)
 
     def unload(self, name: str) -> None:
         with self._lock:
             self.loaded.pop(name, None)
             self._drop_stale()
+            if self.prefix is not None:
+                self.prefix.saved.pop(name, None)
 
     def _drop_stale(self) -> None:
         """Delete adapters no longer loaded; PEFT cannot delete its last one (nor unload it without keeping
@@ -268,6 +296,7 @@ class AdapterPredictor(Predictor):
 
         if adapter is not None and adapter not in self.loaded:
             raise KeyError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.loaded)})")
+        self.active = adapter
         if self.peft is None:
             self.model = self.base
             return contextlib.nullcontext()

@@ -113,7 +113,7 @@ def stream_answers(predictor, prompts: list[str], adapter=None, max_new_tokens=N
     with predictor._lock:  # the adapter choice is the model's state: one generation at a time per replica
         cap = min(max_new_tokens or predictor.cap, predictor.cap)
         ctx = predictor._select(adapter)
-        ids, mask, lengths = predictor._encode(prompts)
+        ids, mask, lengths, shared = predictor._encode(prompts)
         streamer = BatchTokenStreamer(predictor.tokenizer, n)
         texts = [StreamText(predictor.stops(sampling)) for _ in prompts]
         over, failed = [False] * n, []
@@ -134,6 +134,7 @@ def stream_answers(predictor, prompts: list[str], adapter=None, max_new_tokens=N
                         pad_token_id=predictor.tokenizer.pad_token_id,
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([_RowsOver()]),
+                        **predictor._past(shared, n),
                         **sampling.generate_kwargs(),
                     )
             except Exception as e:  # noqa: BLE001 - raised in the consumer's thread below

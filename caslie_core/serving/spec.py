@@ -55,6 +55,7 @@ def app_spec(cfg: ServeConfig, *, root: Path | None = None) -> dict:
         "adapters": adapters,
         "store": store,
         "style": source.style,
+        "prefix_cache": cfg.model.prefix_cache,
     }
     models = {"base_id": base_id, "ids": ids, "aliases": aliases, "store": store}
     return {"predictor": predictor, "models": models, "style": source.style, "key_digest": digest}

@@ -332,6 +332,46 @@ def test_streams_generated_together_are_each_their_own_answer(two_adapters):
     assert made[1] <= 3 and made[0] > made[1] and made[2] > made[1], made
 
 
+def test_the_template_heads_cache_changes_no_answer(two_adapters):
+    """Prefix caching: prompts in the method's template share its head, whose key/value cache is computed once per
+    adapter and reused. Batched (prompts of different lengths: padding between the head and each row), streamed,
+    per adapter and for the base model, the answers are token for token those of a full prefill, and a prompt that
+    does not begin with the head (or a predictor without the cache) is left-padded as before."""
+    from caslie_core.models.predictor import AdapterPredictor
+    from caslie_core.models.streaming import stream_answers
+    from caslie_core.prompts import instruction_prompt
+
+    prompts = [
+        instruction_prompt(q, {"title": t}, opts, style="alpaca")
+        for q, t, opts in (
+            ("Pick the category.", "Polar green mug", ["A: Kitchen", "B: Toys"]),
+            ("Is the review helpful?", "A lamp that is bright enough for a desk, with a long cable", None),
+            ("Describe it.", "Brass nozzle", []),
+        )
+    ]
+    cached, full = (AdapterPredictor("tiny:lm", max_new_tokens=12, prefix_cache=on) for on in (True, False))
+    for p in (cached, full):
+        p.load("red", two_adapters["red"])
+    ids, mask, _, shared = cached._encode(prompts)
+    head = len(cached.prefix.ids)
+    assert shared and head > 20 and (mask[:, :head] == 1).all() and (mask[:, head:] == 0).any()
+    assert not cached._encode(["### Instruction:\nSay yes.\n\n### Response:\n"])[3]
+    for adapter in ("red", None):
+        want = [(a.raw, a.n_new_tokens, a.n_prompt_tokens) for a in full.answer(prompts, adapter)]
+        assert [(a.raw, a.n_new_tokens, a.n_prompt_tokens) for a in cached.answer(prompts, adapter)] == want
+        assert [(a.raw, a.n_new_tokens) for a in cached.answer(prompts[1:2], adapter)] == [want[1][:2]]
+        rows: list[list] = [[] for _ in prompts]
+        for step in stream_answers(cached, prompts, adapter):
+            for row, events in zip(rows, step):
+                row.extend(events)
+        assert ["".join(e.get("delta", "") for e in row) for row in rows] == [
+            a.text for a in full.answer(prompts, adapter)
+        ]
+    assert set(cached.prefix.saved) == {"red", None} and not full.prefix
+    cached.unload("red")  # an adapter's cache goes with it
+    assert set(cached.prefix.saved) == {None}
+
+
 def test_the_builder_takes_the_config_files_args_as_serve_run_passes_them(tiny_models):
     """What `serve run configs/serve-demo.yaml` does with our import path and args (no cluster needed)."""
     import importlib
