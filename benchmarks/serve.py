@@ -10,9 +10,10 @@ All parts run on one local Ray, side by side, so the figures are ratios measured
   answer). Also where the time goes: the app's own per-stage times (`timings_ms`) and what is left for the
   proxy, the ingress and the HTTP round trip.
 - ttft: chat completions of 32 tokens with each `--ttft-sizes` predictor (default medium and large, random-weight
-  Llamas, see benchmarks/train.py), text only, layout colocated: time to the first content chunk streamed, against the
-  whole answer's latency streamed and not, at 1/8/32 clients.
-- batching: the medium predictor, `/v1/predict`, `@serve.batch` on vs off (batches of one) at the top client
+  Llamas, see benchmarks/train.py), text only, layout colocated, `batching.wait_timeout_s: 0` (a request that finds
+  the replica idle starts at once): time to the first content chunk streamed, against the whole answer's latency
+  streamed and not, at 1/8/32 clients.
+- batching: the medium predictor, `/v1/predict`, batching (`Gather`) on vs off (batches of one) at the top client
   count, layout split (`--batching-layout`); one replica per deployment.
 Targets (issue 18, this 2-core machine): ttft p50 at 1 client <= 0.2 of the full answer; colocated app >= 0.4
 of the echo's req/s at 32 clients; batching on/off >= 2x at 32 clients.
@@ -123,13 +124,21 @@ async def load(url: str, body: dict, clients: int, per_client: int, *, stream: b
     return out
 
 
-def app_config(*, layout: str, predictor: str, max_new_tokens: int, batching: bool = True, replicas: int = 1):
+def app_config(
+    *,
+    layout: str,
+    predictor: str,
+    max_new_tokens: int,
+    batching: bool = True,
+    replicas: int = 1,
+    wait_s: float = 0.01,
+):
     from caslie_core.config import ServeConfig, load_config
 
     dep = (
         "{num_cpus: 0.25, max_ongoing_requests: 256, max_queued_requests: -1, "
         f"autoscaling: {{min_replicas: {replicas}, max_replicas: {replicas}}}, "
-        f"batching: {{enabled: {str(batching).lower()}, max_batch_size: 32, wait_timeout_s: 0.01}}}}"
+        f"batching: {{enabled: {str(batching).lower()}, max_batch_size: 32, wait_timeout_s: {wait_s}}}}}"
     )
     return load_config(
         ServeConfig,
@@ -207,7 +216,8 @@ def part_hops(clients, per_client) -> dict:
 
 
 def part_ttft(clients, per_client, predictor: str) -> dict:
-    cfg = app_config(layout="colocated", predictor=predictor, max_new_tokens=32)
+    # latency tuning: a request that finds the replica idle starts at once (no batch window)
+    cfg = app_config(layout="colocated", predictor=predictor, max_new_tokens=32, wait_s=0.0)
     body = {"model": "bench", "messages": CHAT, "max_tokens": 32}
 
     def measure(url):

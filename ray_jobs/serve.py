@@ -1,6 +1,6 @@
 """`caslie serve CONFIG`: CASLIE online on Ray Serve (also `serve run configs/serve-demo.yaml`, `serve deploy`).
 
-Deployments by `layout` (each with its own autoscaling, `@serve.batch` where a model runs): split (GPUs):
+Deployments by `layout` (each with its own autoscaling, batched (`Gather`) where a model runs): split (GPUs):
 Captioner, Judge_<name> per judge, Predictor (base + PEFT adapters chosen per request: model multiplexing);
 panel: the judges together in one Panel; colocated (small models): one Models replica. Ingress (FastAPI):
 /v1/predict, /v1/enrich, /v1/chat/completions, /v1/completions, /v1/models, /healthz. Shims over

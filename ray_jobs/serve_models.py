@@ -2,7 +2,8 @@
 Captioner, Judge_<name> (layout split), Panel (all judges in one replica, layout panel); the Predictor and the
 co-located Models replica are in `serve_predictor`.
 
-Each loads its model once, answers in `@serve.batch` batches, reports itself unhealthy when it fails every item of
+Each loads its model once, answers in batches (`caslie_core.serving.gather.Gather`: a request that finds the model
+idle starts at once, the requests that queue while it is busy form the next batch), reports itself unhealthy when it fails every item of
 several batches in a row, and takes its live settings (batching) through Serve's `user_config` -> `reconfigure()`,
 so a tuning change reaches running replicas without reloading a model.
 """
@@ -12,10 +13,11 @@ import asyncio
 from ray import serve
 
 from caslie_core.models.batching import FailureStreak
+from caslie_core.serving.gather import Gather
 
 
 def _batching(handler, settings) -> None:
-    """Apply the configured batch size and wait to a `@serve.batch` method (off = batches of one)."""
+    """Apply the configured batch size and wait to a batcher (`Gather`; off = batches of one)."""
     if isinstance(settings, dict):
         from caslie_core.config.serve import BatchingSettings
 
@@ -63,7 +65,7 @@ class _Health:
 
 class CaptionerRole(_Health):
     """Context-conditioned captions; all images of one request in one call (`caption_many`), batched with
-    other requests' images by `@serve.batch`."""
+    other requests' images by `Gather`."""
 
     def _load_captioner(self, cfg: dict) -> None:
         from caslie_core.config.serve import ServeCaptionerConfig
@@ -71,15 +73,15 @@ class CaptionerRole(_Health):
 
         c = ServeCaptionerConfig.model_validate(cfg)
         self.captioner = Model.from_config(c, batch_size=c.deployment.batching.max_batch_size)
+        self.caption = Gather(self._captions)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def caption(self, pixels: list, prompts: list[str]) -> list[dict]:
+    async def _captions(self, pixels: list, prompts: list[str]) -> list[dict]:
         results = await asyncio.to_thread(self.captioner.caption, pixels, prompts)
         self._track([r.error for r in results])
         return [{"caption": r.caption, "error": r.error} for r in results]
 
     async def caption_many(self, pixels: list, prompts: list[str]) -> list[dict]:
-        return list(await asyncio.gather(*(self.caption(p, q) for p, q in zip(pixels, prompts))))
+        return list(await asyncio.gather(*(self.caption.call(p, q) for p, q in zip(pixels, prompts))))
 
 
 class PanelRole(_Health):
@@ -92,8 +94,8 @@ class PanelRole(_Health):
 
         judges = [ServeJudgeConfig.model_validate(c) for c in cfgs]
         self.judges = {j.name: Model.from_config(j, batch_size=j.deployment.batching.max_batch_size) for j in judges}
+        self.votes = Gather(self._votes)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _votes(self, questions: list[str]) -> list[dict]:
         out: list[dict] = [{} for _ in questions]
         for name, judge in self.judges.items():
@@ -104,7 +106,7 @@ class PanelRole(_Health):
         return out
 
     async def vote_many(self, questions: list[str]) -> list[dict]:
-        return list(await asyncio.gather(*(self._votes(q) for q in questions)))
+        return list(await asyncio.gather(*(self.votes.call(q) for q in questions)))
 
 
 @serve.deployment
@@ -122,7 +124,7 @@ class Panel(PanelRole):
         self._load_judges(judges)
 
     def reconfigure(self, user_config: dict) -> None:
-        self._live(user_config, self._votes)
+        self._live(user_config, self.votes)
 
 
 @serve.deployment
@@ -136,17 +138,17 @@ class Judge(_Health):
         j = ServeJudgeConfig.model_validate(cfg)
         self.name = j.name
         self.model = Model.from_config(j, batch_size=j.deployment.batching.max_batch_size)
+        self.vote = Gather(self._vote)
 
     def reconfigure(self, user_config: dict) -> None:
         self._live(user_config, self.vote)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def vote(self, questions: list[str]) -> list[dict]:
+    async def _vote(self, questions: list[str]) -> list[dict]:
         votes = await asyncio.to_thread(self.model.vote, questions)
         self._track([v.error for v in votes])
         return [{"vote": v.vote, "error": v.error} for v in votes]
 
     async def vote_many(self, questions: list[str]) -> list[dict]:
         """All questions of a request in one call: one {name: vote} each, as the Panel answers."""
-        replies = await asyncio.gather(*(self.vote(q) for q in questions))
+        replies = await asyncio.gather(*(self.vote.call(q) for q in questions))
         return [{self.name: r["vote"]} for r in replies]

@@ -10,6 +10,7 @@ from ray import serve
 
 from caslie_core import serving as sv
 from caslie_core.models.batching import groups
+from caslie_core.serving.gather import Gather
 
 from .serve_models import CaptionerRole, PanelRole, _Health
 
@@ -35,11 +36,12 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
             from caslie_core.models.predictor import AdapterPredictor
 
             self.model = AdapterPredictor.from_spec(spec)
+            self.answers, self.streams = Gather(self._answer), Gather(self._streams, streaming=True)
             self.paths: dict[str, str] = spec["adapters"]
             self.store: str | None = spec.get("store")
 
         def reconfigure(self, user_config: dict) -> None:
-            self._live(user_config, self._answer, self._streams)
+            self._live(user_config, self.answers, self.streams)
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
         async def adapter(self, name: str) -> _Loaded:
@@ -72,27 +74,25 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
 
         async def predict(self, prompt: str, max_new_tokens: int | None = None, sampling: dict | None = None) -> dict:
             adapter = await self._chosen()
-            return await self._answer(prompt, adapter, max_new_tokens, self._key(sampling))
+            return await self.answers.call(prompt, adapter, max_new_tokens, self._key(sampling))
 
         async def stream(self, prompt: str, max_new_tokens: int | None = None, sampling: dict | None = None):
             """Tokens as they are generated (a Serve streaming call), generated together with the other streams
-            that arrive at once (`_streams`); the caller cancelling the call (a client that went away) ends this
+            queued at the same time (`_streams`); the caller cancelling the call (a client that went away) ends this
             row's generation at the next token."""
             import threading
 
             adapter = await self._chosen()
             cancel = threading.Event()
             try:
-                async for events in self._streams(prompt, adapter, max_new_tokens, self._key(sampling), cancel):
+                async for events in self.streams.stream(prompt, adapter, max_new_tokens, self._key(sampling), cancel):
                     for event in events:
                         yield event
             finally:
                 cancel.set()
 
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
         async def _streams(self, prompts: list, adapters: list, limits: list, samplings: list, cancels: list):
-            """A batch of streams: each decoding step yields one list of events per request (Serve's streaming
-            batching); rows that decode differently (adapter, cap, sampling) run one group after another."""
+            """A batch of streams: each decoding step yields one list of events per request (`Gather.stream`); rows that decode differently (adapter, cap, sampling) run one group after another."""
             from caslie_core.models.batching import error_text
             from caslie_core.models.streaming import stream_answers
 
@@ -128,7 +128,6 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
                 self._track([errors.get(i) for i in idx])
                 yield [StopIteration if i in idx else [] for i in range(len(prompts))]  # this group's rows end
 
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
         async def _answer(self, prompts: list[str], adapters: list, limits: list, samplings: list) -> list[dict]:
             out: list[Any] = [None] * len(prompts)
             for (adapter, limit, sampling), idx in groups(zip(adapters, limits, samplings)).items():
@@ -153,7 +152,7 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
             self._load_judges(judges)
 
         def reconfigure(self, user_config: dict) -> None:
-            self._live(user_config, self._answer, self._streams, self.caption, self._votes)
+            self._live(user_config, self.answers, self.streams, self.caption, self.votes)
 
         async def enrich(self, slots: list, questions_of) -> tuple[list, dict]:
             """Caption a request's images, ask the panel about the captions (`questions_of(slots)`: the

@@ -49,11 +49,17 @@ class AutoscalingSettings(StrictModel):
 
 
 class BatchingSettings(StrictModel):
-    """Dynamic request batching (`@serve.batch`): requests arriving together share one model call."""
+    """Dynamic request batching (`caslie_core.serving.gather.Gather`): the requests that queue while a model
+    replica is busy share its next model call (as an LLM engine batches), up to `max_batch_size`."""
 
     enabled: bool = Field(True, description="off = one request per model call (for comparison)")
     max_batch_size: int = Field(8, ge=1, description="requests per model call; bigger = more throughput, more memory")
-    wait_timeout_s: float = Field(0.01, ge=0, description="how long a first request waits for company")
+    wait_timeout_s: float = Field(
+        0.01,
+        ge=0,
+        description="how long a request that finds the replica idle waits for others to share its model call "
+        "(0: it starts at once, lowest latency); requests that arrive while the replica is busy always wait for it",
+    )
 
 
 class DeploymentSettings(StrictModel):
