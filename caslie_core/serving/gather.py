@@ -28,7 +28,7 @@ class Gather:
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self.queue: deque = deque()
         self.worker: asyncio.Task | None = None
-        self.sizes: list[int] = []  # the batches run (their sizes), for tests and benchmarks
+        self.sizes: deque = deque(maxlen=256)  # the sizes of the latest batches run (tests, a replica's state)
 
     def set_max_batch_size(self, n: int) -> None:
         self.max_batch_size = n
