@@ -4,15 +4,15 @@
 
 All parts run on one local Ray, side by side, so the figures are ratios measured in one run:
 - hops: a bare Serve echo (FastAPI, one replica, through the same proxy) against the whole app, tiny models,
-  in layout `split` (a deployment per model) and `colocated` (one Models replica; and two of them, one per
-  core), at 1/8/32 clients. Each app
+  in layout `split` (a deployment per model), `colocated` (one Models replica; and two of them, one per core) and
+  `single` (the models in the ingress replica: no deployment call; one and two replicas), at 1/8/32 clients. Each app
   request is `/v1/predict` with a category-classification record and one image (decode, caption, two judges,
   answer). Also where the time goes: the app's own per-stage times (`timings_ms`) and what is left for the
   proxy, the ingress and the HTTP round trip.
 - ttft: chat completions of 32 tokens with each `--ttft-sizes` predictor (default medium and large, random-weight
-  Llamas, see benchmarks/train.py), text only, layout colocated, `batching.wait_timeout_s: 0` (a request that finds
-  the replica idle starts at once): time to the first content chunk streamed, against the whole answer's latency
-  streamed and not, at 1/8/32 clients.
+  Llamas, see benchmarks/train.py), text only, layout `--ttft-layout` (single), `batching.wait_timeout_s: 0` (a
+  request that finds the replica idle starts at once): time to the first content chunk streamed, against the
+  whole answer's latency streamed and not, at 1/8/32 clients.
 - batching: the medium predictor, `/v1/predict`, batching (`Gather`) on vs off (batches of one) at the top client
   count, layout split (`--batching-layout`); one replica per deployment.
 Targets (issue 18, this 2-core machine): ttft p50 at 1 client <= 0.2 of the full answer; colocated app >= 0.4
@@ -201,7 +201,13 @@ def part_hops(clients, per_client) -> dict:
     }
     serve.delete("echo")
     print("echo", json.dumps(out["echo"]), flush=True)
-    variants = {"split": ("split", 1), "colocated": ("colocated", 1), "colocated_2_replicas": ("colocated", 2)}
+    variants = {
+        "split": ("split", 1),
+        "colocated": ("colocated", 1),
+        "colocated_2_replicas": ("colocated", 2),
+        "single": ("single", 1),
+        "single_2_replicas": ("single", 2),
+    }
     for name, (layout, replicas) in variants.items():
         cfg = app_config(layout=layout, predictor="tiny:lm", max_new_tokens=16, replicas=replicas)
         out[name] = run_app(
@@ -215,9 +221,9 @@ def part_hops(clients, per_client) -> dict:
     return out
 
 
-def part_ttft(clients, per_client, predictor: str) -> dict:
+def part_ttft(clients, per_client, predictor: str, layout: str) -> dict:
     # latency tuning: a request that finds the replica idle starts at once (no batch window)
-    cfg = app_config(layout="colocated", predictor=predictor, max_new_tokens=32, wait_s=0.0)
+    cfg = app_config(layout=layout, predictor=predictor, max_new_tokens=32, wait_s=0.0)
     body = {"model": "bench", "messages": CHAT, "max_tokens": 32}
 
     def measure(url):
@@ -257,6 +263,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", type=int, default=6, help="requests per client")
     parser.add_argument("--ttft-sizes", default="medium,large", help="predictor sizes for the ttft part")
+    parser.add_argument("--ttft-layout", default="single", choices=["split", "panel", "colocated", "single"])
     parser.add_argument("--batching-size", default="medium", choices=["tiny", "small", "medium", "large"])
     parser.add_argument("--batching-layout", default="split", choices=["split", "panel", "colocated"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve-cpu-2core.json"))
@@ -287,7 +294,8 @@ def main() -> None:
             results["hops"] = part_hops(clients, args.requests)
         if "ttft" in parts:
             results["ttft"] = {
-                size: part_ttft(clients, args.requests, model(size)) for size in args.ttft_sizes.split(",")
+                size: part_ttft(clients, args.requests, model(size), args.ttft_layout)
+                for size in args.ttft_sizes.split(",")
             }
         if "batching" in parts:
             results["batching"] = part_batching(
@@ -298,8 +306,9 @@ def main() -> None:
         ray.shutdown()
     checks = {}
     if "hops" in results:
+        # the co-located modes: every model in one Models replica, or in the ingress's own (single); the best
         checks["colocated_over_echo_rps_at_32"] = max(
-            v for k, v in results["hops"]["at_top_clients"].items() if k.startswith("colocated")
+            v for k, v in results["hops"]["at_top_clients"].items() if k.startswith(("colocated", "single"))
         )
     if "ttft" in results:
         for size, res in results["ttft"].items():
@@ -321,6 +330,8 @@ def main() -> None:
             "requests_per_client": args.requests,
             "ttft_predictors": args.ttft_sizes,
             "batching_predictor": args.batching_size,
+            "ttft_layout": args.ttft_layout,
+            "batching_layout": args.batching_layout,
             "replicas_per_deployment": 1,
         },
         "results": results,

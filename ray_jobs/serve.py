@@ -2,7 +2,8 @@
 
 Deployments by `layout` (each with its own autoscaling, batched (`Gather`) where a model runs): split (GPUs):
 Captioner, Judge_<name> per judge, Predictor (base + PEFT adapters chosen per request: model multiplexing);
-panel: the judges together in one Panel; colocated (small models): one Models replica. Ingress (FastAPI):
+panel: the judges together in one Panel; colocated (small models): one Models replica; single: the models in the
+Ingress replica itself (no deployment call per request). Ingress (FastAPI):
 /v1/predict, /v1/enrich, /v1/chat/completions, /v1/completions, /v1/models, /healthz. Shims over
 `caslie_core`; the ingress fetches and decodes images itself (SSRF-safe), calls each model deployment once per
 request, retries a call whose replica died; overload gives 503 with Retry-After, a passed deadline 504.
@@ -30,7 +31,7 @@ from . import metrics
 from .common import ROOT, init_ray, job_entry, job_main, requiet
 from .common import log as say  # the driver's own lines (`caslie serve`)
 from .serve_models import Captioner, Judge, Panel
-from .serve_predictor import predictor_deployment
+from .serve_predictor import InProcess, predictor_deployment
 
 log = logging.getLogger("ray.serve")
 APP_NAME = "caslie"
@@ -45,8 +46,10 @@ class Ingress:
     def __init__(self, spec: dict, handles: dict) -> None:
         cfg = ServeConfig.model_validate(spec["config"])
         self.cfg = cfg
+        if isinstance(handles.get("Models"), list):  # layout single: the models live in this replica
+            handles = {"Models": InProcess.build(*handles["Models"])}
         self.handles = handles  # deployment name -> handle (the layout's: Captioner, Panel or Judge_*, Predictor)
-        self.colocated = "Models" in handles  # one replica captions, judges and answers
+        self.colocated = "Models" in handles  # one replica (or this one) captions, judges and answers
         self.predictor = handles["Models" if self.colocated else "Predictor"]
         self.captioner = handles.get("Captioner")
         self.voters = [h for n, h in handles.items() if n == "Panel" or n.startswith("Judge_")]
@@ -315,6 +318,13 @@ class Ingress:
 
         return get_swagger_ui_html(openapi_url="/openapi.json", title="CASLIE")
 
+    def check_health(self) -> None:  # layout single: the models in this replica report their own failures
+        if isinstance(self.predictor, InProcess):
+            self.predictor.target.check_health()
+
+    def reconfigure(self, user_config: dict) -> None:  # layout single: live batching of the models in here
+        self.predictor.target.reconfigure(user_config)
+
     @staticmethod
     async def _ping(handle) -> str:
         # A method: the pickled ingress class missed a module-level helper (NameError in the replica).
@@ -349,13 +359,12 @@ def build_app(args: ServeConfig) -> serve.Application:
     bare = {"deployment"}
     m = cfg.model
     judges = [j.model_dump(mode="json", exclude=bare) for j in cfg.judges]
-    if cfg.layout == "colocated":  # one replica for every model, sized by model.deployment
-        models = predictor_deployment(m.max_adapters_per_replica, colocated=True)
-        handles = {
-            "Models": models.options(**m.deployment.options("Models", retry)).bind(
-                spec["predictor"], c.model_dump(mode="json", exclude=bare), judges
-            )
-        }
+    models = [m.max_adapters_per_replica, spec["predictor"], c.model_dump(mode="json", exclude=bare), judges]
+    if cfg.layout == "single":  # the models in the ingress's own replica (built there), sized by model.deployment
+        handles = {"Models": models}
+    elif cfg.layout == "colocated":  # one replica for every model, sized by model.deployment
+        colocated = predictor_deployment(m.max_adapters_per_replica, colocated=True)
+        handles = {"Models": colocated.options(**m.deployment.options("Models", retry)).bind(*models[1:])}
     else:
         handles = {
             "Captioner": Captioner.options(**c.deployment.options("Captioner", retry)).bind(
@@ -377,7 +386,8 @@ def build_app(args: ServeConfig) -> serve.Application:
         "style": spec["style"],
         "key_digest": spec["key_digest"],
     }
-    return Ingress.options(**cfg.http.ingress.options("Ingress", retry, live=False)).bind(ingress_spec, handles)
+    ingress = m.deployment if cfg.layout == "single" else cfg.http.ingress
+    return Ingress.options(**ingress.options("Ingress", retry, live=cfg.layout == "single")).bind(ingress_spec, handles)
 
 
 def start(cfg: ServeConfig, *, name: str = APP_NAME) -> str:

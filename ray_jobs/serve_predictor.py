@@ -1,5 +1,6 @@
-"""The Predictor deployment (base model + adapters, multiplexed; answers batched, or streamed token by token) and
-the co-located Models replica (layout colocated: captioner, judge panel and predictor in one replica)."""
+"""The Predictor deployment (base model + adapters, multiplexed; answers batched, or streamed token by token), the
+co-located Models replica (layout colocated: captioner, judge panel and predictor in one replica) and the same
+Models object inside the ingress's own replica (layout single: `InProcess`, no deployment call at all)."""
 
 import asyncio
 import dataclasses
@@ -54,7 +55,7 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
 
         async def _chosen(self) -> str | None:
             """The adapter this request names (Serve's multiplexed model id), loaded; None = the base model."""
-            name = serve.get_multiplexed_model_id() or sv.BASE_MODEL_NAME
+            name = sv.CHOSEN_MODEL.get() or serve.get_multiplexed_model_id() or sv.BASE_MODEL_NAME
             if name == sv.BASE_MODEL_NAME:
                 return None
             if name not in self.paths and not self.store:
@@ -161,3 +162,52 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
             return slots, times
 
     return serve.deployment(name="Models")(Models)
+
+
+class InProcess:
+    """Layout single: the Models object built in the ingress's own replica, called with the shape of the handle it
+    replaces (`.options(multiplexed_model_id=..., stream=...)`, `.METHOD.remote(...)`: awaitable, or when
+    streaming an async iterator with `cancel()`), so that a request makes no deployment call at all."""
+
+    def __init__(self, target, model_id: str = "", stream: bool = False) -> None:
+        self.target, self.model_id, self.streaming = target, model_id, stream
+
+    @classmethod
+    def build(cls, max_adapters: int, spec: dict, captioner: dict, judges: list[dict]) -> "InProcess":
+        models = predictor_deployment(max_adapters, colocated=True).func_or_class
+        return cls(models(spec, captioner, judges))
+
+    def options(self, *, multiplexed_model_id: str = "", stream: bool = False) -> "InProcess":
+        return InProcess(self.target, multiplexed_model_id, stream)
+
+    def __getattr__(self, name: str):
+        method = getattr(self.target, name)
+        return _Call(method, self.model_id, self.streaming)
+
+
+class _Call:
+    def __init__(self, method, model_id: str, streaming: bool) -> None:
+        self.method, self.model_id, self.streaming = method, model_id, streaming
+        self.events = None
+
+    def remote(self, *args):
+        if not self.streaming:
+            return self._call(*args)
+        self.events = self._stream(*args)
+        return self
+
+    async def _call(self, *args):
+        sv.CHOSEN_MODEL.set(self.model_id)  # in the calling request's own context
+        return await self.method(*args)
+
+    async def _stream(self, *args):
+        sv.CHOSEN_MODEL.set(self.model_id)
+        async for event in self.method(*args):
+            yield event
+
+    def __aiter__(self):
+        return self.events
+
+    def cancel(self) -> None:
+        """The client went away: closing the stream ends its row of the generation at the next token."""
+        asyncio.ensure_future(self.events.aclose())

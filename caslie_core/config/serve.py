@@ -242,12 +242,14 @@ class ServeConfig(StrictModel):
     model: ServeModelConfig
     captioner: ServeCaptionerConfig
     judges: list[ServeJudgeConfig] = Field(min_length=1, description="the judge panel; plurality of yes keeps")
-    layout: Literal["split", "panel", "colocated"] = Field(
+    layout: Literal["split", "panel", "colocated", "single"] = Field(
         "split",
         description="where the models run. split: a deployment each (Captioner, Judge_<name>, Predictor), "
         "each sized and scaled alone (GPUs); panel: the judges together in one Panel deployment (one call per "
         "request for all votes); colocated: captioner, judges and predictor in one Models replica (small models: "
-        "two calls per request instead of one per model), sized by model.deployment",
+        "two calls per request instead of one per model), sized by model.deployment; single: the models inside "
+        "the Ingress replica itself (no deployment call per request; small models on CPUs), which is then sized, "
+        "scaled and batched by model.deployment (http.ingress does not apply)",
     )
     panel: DeploymentSettings = Field(
         default_factory=DeploymentSettings, description="the Panel deployment's replicas (layout: panel)"

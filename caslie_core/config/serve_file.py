@@ -34,6 +34,8 @@ def deployment_slots(args: dict) -> dict[str, tuple]:
     slots: dict[str, tuple] = {"Ingress": ("http", "ingress")}
     if layout == "colocated":  # one Models replica, sized by the predictor's settings
         return {**slots, "Models": ("model", "deployment")}
+    if layout == "single":  # the models in the ingress's replica: the predictor's settings size it
+        return {"Ingress": ("model", "deployment")}
     slots.update(Captioner=("captioner", "deployment"), Predictor=("model", "deployment"))
     if layout == "panel":
         return {**slots, "Panel": ("panel",)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .api import (
     BASE_MODEL_NAME,
+    CHOSEN_MODEL,
     ApiError,
     EnrichRequest,
     PredictRequest,
@@ -56,6 +57,7 @@ from .openai import (
 
 __all__ = [
     "BASE_MODEL_NAME",
+    "CHOSEN_MODEL",
     "ApiError",
     "ChatMessage",
     "ChatPart",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import json
@@ -10,6 +11,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 BASE_MODEL_NAME = "base"
+# Layout single: the model id the ingress chose for an in-process call to its models, where a deployment call
+# carries Serve's multiplexed model id (the ingress's own HTTP request may carry any header: this comes first).
+CHOSEN_MODEL: contextvars.ContextVar[str] = contextvars.ContextVar("caslie_chosen_model", default="")
 
 
 class ApiError(Exception):

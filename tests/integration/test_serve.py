@@ -419,10 +419,11 @@ def test_a_client_that_leaves_mid_stream_does_not_hurt_the_service(app, trained)
     assert requests.get(app["url"] + "/healthz?deep=true", timeout=30).json()["status"] == "ok"
 
 
-@pytest.mark.parametrize("layout", ["colocated", "panel"])
+@pytest.mark.parametrize("layout", ["colocated", "panel", "single"])
 def test_other_layouts_answer_exactly_as_the_split_one(app, trained, layout):
-    """The same app with the judges in one Panel replica, or every model in one Models replica (fewer calls per
-    request): the same captions, votes and answers as the split layout, for a record and for a chat."""
+    """The same app with the judges in one Panel replica, every model in one Models replica, or every model in the
+    ingress's own replica (fewer calls per request, none in `single`): the same captions, votes and answers as the
+    split layout, for a record and for a chat, streamed or not, with the adapter each request names."""
     from ray import serve
 
     from ray_jobs.serve import build_app
@@ -455,8 +456,16 @@ def test_other_layouts_answer_exactly_as_the_split_one(app, trained, layout):
         c = post(app, f"/{layout}/v1/chat/completions", chat).json()
         assert c["choices"][0]["message"] == split_chat["choices"][0]["message"]
         assert c["caslie"]["images"] == split_chat["caslie"]["images"]
+        for model in (IDS["rules"], IDS["cc_only"]):  # streamed, per adapter: the answer split gives
+            want = post(app, "/v1/chat/completions", {**chat, "model": model}).json()["choices"][0]["message"]
+            streamed = (
+                _client(app)
+                .with_options(base_url=f"{app['url']}/{layout}/v1")
+                .chat.completions.create(model=model, messages=chat["messages"], stream=True)
+            )
+            assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == want["content"]
         health = requests.get(f"{app['url']}/{layout}/healthz", params={"deep": "true"}, timeout=60).json()
-        expected = {"Models"} if layout == "colocated" else {"Captioner", "Panel", "Predictor"}
+        expected = {"Captioner", "Panel", "Predictor"} if layout == "panel" else {"Models"}
         assert set(health["deployments"]) == expected and health["status"] == "ok"
     finally:
         serve.delete(name)

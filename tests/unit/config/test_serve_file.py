@@ -100,6 +100,14 @@ def test_the_deployments_section_follows_the_layout(tmp_path):
 
     assert load_config(ServeConfig, _file(tmp_path, panel)).panel.batching.max_batch_size == 3
 
+    def single(data, app):  # the models live in the Ingress replica: its entry sizes and batches them
+        app["args"]["layout"] = "single"
+        app["deployments"] = [{"name": "Ingress", "ray_actor_options": {"num_cpus": 2}, "user_config": {}}]
+
+    cfg = load_config(ServeConfig, _file(tmp_path, single))
+    assert cfg.layout == "single" and cfg.model.deployment.num_cpus == 2
+    assert cfg.model.deployment.options("Ingress", 1)["user_config"]["batching"]["wait_timeout_s"] == 0.01
+
     def stale(data, app):
         app["args"]["layout"] = "colocated"  # the split layout's Captioner is not a deployment of this app
 
