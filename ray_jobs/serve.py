@@ -323,7 +323,8 @@ class Ingress:
             self.predictor.target.check_health()
 
     def reconfigure(self, user_config: dict) -> None:  # layout single: live batching of the models in here
-        self.predictor.target.reconfigure(user_config)
+        if isinstance(self.predictor, InProcess):
+            self.predictor.target.reconfigure(user_config)
 
     @staticmethod
     async def _ping(handle) -> str:

@@ -93,7 +93,8 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
                 cancel.set()
 
         async def _streams(self, prompts: list, adapters: list, limits: list, samplings: list, cancels: list):
-            """A batch of streams: each decoding step yields one list of events per request (`Gather.stream`); rows that decode differently (adapter, cap, sampling) run one group after another."""
+            """A batch of streams: each decoding step yields one list of events per request (`Gather.stream`);
+            rows that decode differently (adapter, cap, sampling) run one group after another."""
             from caslie_core.models.batching import error_text
             from caslie_core.models.streaming import stream_answers
 
@@ -201,9 +202,12 @@ class _Call:
         return await self.method(*args)
 
     async def _stream(self, *args):
+        import contextlib
+
         sv.CHOSEN_MODEL.set(self.model_id)
-        async for event in self.method(*args):
-            yield event
+        async with contextlib.aclosing(self.method(*args)) as events:  # closed at once when the client goes
+            async for event in events:
+                yield event
 
     def __aiter__(self):
         return self.events

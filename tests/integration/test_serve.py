@@ -464,6 +464,15 @@ def test_other_layouts_answer_exactly_as_the_split_one(app, trained, layout):
                 .chat.completions.create(model=model, messages=chat["messages"], stream=True)
             )
             assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == want["content"]
+        for _ in range(2):  # clients that hang up mid-stream: their generation ends, the next answer is intact
+            url = f"{app['url']}/{layout}/v1/chat/completions"
+            with requests.post(
+                url, json={**chat, "stream": True}, headers=app["headers"], stream=True, timeout=60
+            ) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())
+        again = post(app, f"/{layout}/v1/chat/completions", chat).json()
+        assert again["choices"][0]["message"] == split_chat["choices"][0]["message"]
         health = requests.get(f"{app['url']}/{layout}/healthz", params={"deep": "true"}, timeout=60).json()
         expected = {"Captioner", "Panel", "Predictor"} if layout == "panel" else {"Models"}
         assert set(health["deployments"]) == expected and health["status"] == "ok"
