@@ -7,7 +7,8 @@ enrichment  caslie_enrich_records_total{status}, caslie_enrich_images_total{task
             caslie_enrich_stage_seconds{stage} (one model batch or one fetch+decode batch)
 training    caslie_train_steps_total, caslie_train_loss, caslie_train_tokens_per_second
 serving     caslie_serve_requests_total{route, status}, caslie_serve_stage_seconds{stage},
-            caslie_serve_requests_in_flight (per ingress replica)
+            caslie_serve_requests_in_flight (per ingress replica),
+            caslie_serve_batch_size{model} (requests per model call: captioner, judge_<name>, panel, predictor)
 
 Metric objects are made once per process, on first use. Recording never fails a job: a metrics error is
 dropped (logged once).
@@ -32,7 +33,9 @@ _SPECS = {
     "caslie_serve_requests_total": ("Counter", "requests answered, by route and HTTP status", ("route", "status")),
     "caslie_serve_stage_seconds": ("Histogram", "seconds per request stage", ("stage",)),
     "caslie_serve_requests_in_flight": ("Gauge", "requests being handled by this ingress replica", ()),
+    "caslie_serve_batch_size": ("Histogram", "requests per model call of a replica, by model", ("model",)),
 }
+_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 _warned: set = set()
 
 
@@ -42,7 +45,8 @@ def _metric(name: str):
 
     kind, description, tags = _SPECS[name]
     if kind == "Histogram":
-        return metrics.Histogram(name, description=description, boundaries=_BOUNDARIES, tag_keys=tags)
+        bounds = _SIZE_BOUNDARIES if name.endswith("_size") else _BOUNDARIES
+        return metrics.Histogram(name, description=description, boundaries=bounds, tag_keys=tags)
     return getattr(metrics, kind)(name, description=description, tag_keys=tags)
 
 

@@ -15,6 +15,15 @@ from ray import serve
 from caslie_core.models.batching import FailureStreak
 from caslie_core.serving.gather import Gather
 
+from . import metrics
+
+
+def _gather(fn, model: str, *, streaming: bool = False) -> Gather:
+    """A replica's batcher for `fn`, its batch sizes recorded as caslie_serve_batch_size{model}."""
+    return Gather(
+        fn, streaming=streaming, on_batch=lambda n: metrics.observe("caslie_serve_batch_size", n, model=model)
+    )
+
 
 def _batching(handler, settings) -> None:
     """Apply the configured batch size and wait to a batcher (`Gather`; off = batches of one)."""
@@ -73,7 +82,7 @@ class CaptionerRole(_Health):
 
         c = ServeCaptionerConfig.model_validate(cfg)
         self.captioner = Model.from_config(c, batch_size=c.deployment.batching.max_batch_size)
-        self.caption = Gather(self._captions)
+        self.caption = _gather(self._captions, "captioner")
 
     async def _captions(self, pixels: list, prompts: list[str]) -> list[dict]:
         results = await asyncio.to_thread(self.captioner.caption, pixels, prompts)
@@ -94,7 +103,7 @@ class PanelRole(_Health):
 
         judges = [ServeJudgeConfig.model_validate(c) for c in cfgs]
         self.judges = {j.name: Model.from_config(j, batch_size=j.deployment.batching.max_batch_size) for j in judges}
-        self.votes = Gather(self._votes)
+        self.votes = _gather(self._votes, "panel")
 
     async def _votes(self, questions: list[str]) -> list[dict]:
         out: list[dict] = [{} for _ in questions]
@@ -138,7 +147,7 @@ class Judge(_Health):
         j = ServeJudgeConfig.model_validate(cfg)
         self.name = j.name
         self.model = Model.from_config(j, batch_size=j.deployment.batching.max_batch_size)
-        self.vote = Gather(self._vote)
+        self.vote = _gather(self._vote, f"judge_{self.name}")
 
     def reconfigure(self, user_config: dict) -> None:
         self._live(user_config, self.vote)

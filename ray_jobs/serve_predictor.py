@@ -11,9 +11,8 @@ from ray import serve
 
 from caslie_core import serving as sv
 from caslie_core.models.batching import groups
-from caslie_core.serving.gather import Gather
 
-from .serve_models import CaptionerRole, PanelRole, _Health
+from .serve_models import CaptionerRole, PanelRole, _gather, _Health
 
 
 class _Loaded:
@@ -37,7 +36,8 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
             from caslie_core.models.predictor import AdapterPredictor
 
             self.model = AdapterPredictor.from_spec(spec)
-            self.answers, self.streams = Gather(self._answer), Gather(self._streams, streaming=True)
+            self.answers = _gather(self._answer, "predictor")
+            self.streams = _gather(self._streams, "predictor", streaming=True)
             self.paths: dict[str, str] = spec["adapters"]
             self.store: str | None = spec.get("store")
 

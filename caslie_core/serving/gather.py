@@ -23,8 +23,10 @@ class Gather:
     batches of the calls made to it, one batch at a time. The batch is everything queued when `fn` is free, up to
     `max_batch_size`; `batch_wait_timeout_s` > 0 makes a request that finds it idle wait that long for company."""
 
-    def __init__(self, fn, *, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0, streaming: bool = False):
-        self.fn, self.streaming = fn, streaming
+    def __init__(
+        self, fn, *, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0, streaming: bool = False, on_batch=None
+    ):
+        self.fn, self.streaming, self.on_batch = fn, streaming, on_batch  # on_batch(size): each batch run (metrics)
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self.queue: deque = deque()
         self.worker: asyncio.Task | None = None
@@ -64,6 +66,8 @@ class Gather:
             first = False
             batch = [self.queue.popleft() for _ in range(min(self.max_batch_size, len(self.queue)))]
             live = [(a, o) for a, o in batch if not (isinstance(o, asyncio.Future) and o.done())]  # cancelled
+            if live and self.on_batch:
+                self.on_batch(len(live))
             if live:
                 await (self._run_stream(live) if self.streaming else self._run(live))
 

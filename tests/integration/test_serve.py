@@ -146,7 +146,12 @@ def test_requests_and_stage_times_reach_rays_metrics_endpoint(app, trained):
     rec = _records(Path(trained["catalog"]), "category_classification", 1)[0]
     assert post(app, "/v1/predict", _request(rec, [_data_uri(p) for p in json.loads(rec["images"])])).status_code == 200
     assert post(app, "/v1/predict", {"task": "CC"}).status_code == 422
-    names = ["caslie_serve_requests_total", "caslie_serve_stage_seconds_bucket", "caslie_serve_requests_in_flight"]
+    names = [
+        "caslie_serve_requests_total",
+        "caslie_serve_stage_seconds_bucket",
+        "caslie_serve_requests_in_flight",
+        "caslie_serve_batch_size_bucket",
+    ]
     found = scrape_metrics(names)
     assert all(found.values()), {n: len(v) for n, v in found.items()}
     requests_seen = " ".join(found["caslie_serve_requests_total"])
@@ -155,6 +160,8 @@ def test_requests_and_stage_times_reach_rays_metrics_endpoint(app, trained):
     )
     stages = " ".join(found["caslie_serve_stage_seconds_bucket"])
     assert all(f'stage="{s}"' in stages for s in ("fetch", "caption", "judge", "predict"))
+    batches = " ".join(found["caslie_serve_batch_size_bucket"])
+    assert all(f'model="{m}"' in batches for m in ("captioner", "predictor")) and 'model="judge_' in batches
 
 
 def test_adapters_are_chosen_per_request(app, trained, second_adapter):

@@ -32,7 +32,8 @@ async def _settle() -> None:
 def test_an_idle_model_starts_at_once_and_a_busy_one_gathers_what_queues():
     async def main():
         m = Model()
-        g = Gather(m.run, max_batch_size=4)
+        seen: list[int] = []
+        g = Gather(m.run, max_batch_size=4, on_batch=seen.append)
         first = asyncio.ensure_future(g.call(1, 10))
         await _settle()
         assert m.batches == [[1]]  # no window: a lone request does not wait for company
@@ -44,7 +45,7 @@ def test_an_idle_model_starts_at_once_and_a_busy_one_gathers_what_queues():
             await _settle()
         assert m.batches == [[1], [2, 3, 4, 5], [6, 7]]  # all that queued, up to max_batch_size
         assert [await f for f in [first, *rest]] == [10, 20, 30, 40, 50, 60, 70]
-        assert list(g.sizes) == [1, 4, 2]
+        assert list(g.sizes) == [1, 4, 2] == seen
 
     asyncio.run(main())
 
