@@ -35,7 +35,7 @@ _SPECS = {
     "caslie_serve_requests_in_flight": ("Gauge", "requests being handled by this ingress replica", ()),
     "caslie_serve_batch_size": ("Histogram", "requests per model call of a replica, by model", ("model",)),
 }
-_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+_OWN_BOUNDARIES = {"caslie_serve_batch_size": [1, 2, 4, 8, 16, 32, 64, 128, 256]}  # histograms not of seconds
 _warned: set = set()
 
 
@@ -45,7 +45,7 @@ def _metric(name: str):
 
     kind, description, tags = _SPECS[name]
     if kind == "Histogram":
-        bounds = _SIZE_BOUNDARIES if name.endswith("_size") else _BOUNDARIES
+        bounds = _OWN_BOUNDARIES.get(name, _BOUNDARIES)
         return metrics.Histogram(name, description=description, boundaries=bounds, tag_keys=tags)
     return getattr(metrics, kind)(name, description=description, tag_keys=tags)
 

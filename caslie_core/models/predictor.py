@@ -270,15 +270,18 @@ class AdapterPredictor(Predictor):
                 self.peft.load_adapter(path, adapter_name=name)
             self.loaded[name] = path
             self._drop_stale()
-            if self.prefix is not None:
-                self.prefix.saved.pop(name, None)
+            self._forget(name)
 
     def unload(self, name: str) -> None:
         with self._lock:
             self.loaded.pop(name, None)
             self._drop_stale()
-            if self.prefix is not None:
-                self.prefix.saved.pop(name, None)
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """The template head's cache for `name` is of weights that changed (loaded or unloaded): computed anew."""
+        if self.prefix is not None:
+            self.prefix.forget(name)
 
     def _drop_stale(self) -> None:
         """Delete adapters no longer loaded; PEFT cannot delete its last one (nor unload it without keeping

@@ -14,7 +14,7 @@ import copy
 
 class PrefixCache:
     """The shared prefix's token ids and its key/value cache per adapter (`key`: the adapter's name, None for the
-    base or merged model). `clear()` when the weights behind a key change (an adapter loaded or unloaded)."""
+    base or merged model). `forget(key)` when the weights behind a key change (an adapter loaded or unloaded)."""
 
     def __init__(self, tokenizer, style: str) -> None:
         from ..prompts import prompt_head
@@ -25,8 +25,8 @@ class PrefixCache:
         self.ids: list[int] = ids[:-1]
         self.saved: dict = {}
 
-    def clear(self) -> None:
-        self.saved.clear()
+    def forget(self, key) -> None:
+        self.saved.pop(key, None)
 
     def fits(self, rows: list[list[int]]) -> bool:
         """Every row begins with the prefix and has tokens of its own after it."""

@@ -30,7 +30,6 @@ class Gather:
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self.queue: deque = deque()
         self.worker: asyncio.Task | None = None
-        self.sizes: deque = deque(maxlen=256)  # the sizes of the latest batches run (tests, a replica's state)
 
     def set_max_batch_size(self, n: int) -> None:
         self.max_batch_size = n
@@ -66,13 +65,12 @@ class Gather:
             first = False
             batch = [self.queue.popleft() for _ in range(min(self.max_batch_size, len(self.queue)))]
             live = [(a, o) for a, o in batch if not (isinstance(o, asyncio.Future) and o.done())]  # cancelled
-            if live and self.on_batch:
-                self.on_batch(len(live))
             if live:
+                if self.on_batch:
+                    self.on_batch(len(live))
                 await (self._run_stream(live) if self.streaming else self._run(live))
 
     async def _run(self, batch: list) -> None:
-        self.sizes.append(len(batch))
         try:
             results = await self.fn(*(list(col) for col in zip(*(args for args, _ in batch))))
             if len(results) != len(batch):
@@ -87,7 +85,6 @@ class Gather:
                 done.set_result(result)
 
     async def _run_stream(self, batch: list) -> None:
-        self.sizes.append(len(batch))
         outs = [events for _, events in batch]
         over = [False] * len(batch)
         try:
