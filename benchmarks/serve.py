@@ -65,9 +65,38 @@ def pct(values: list[float], q: float) -> float:
     return round(s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))] * 1000, 1) if s else None
 
 
+def process_cpu() -> dict[str, float]:
+    """CPU seconds used so far by this machine's processes, summed by role: the Serve proxy, each deployment's
+    replicas (by deployment name), this process (the load generator) and the rest of Ray (Linux /proc; else {})."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) == os.getpid():
+            role = "client"
+        elif cmd.startswith("ray::ProxyActor"):
+            role = "proxy"
+        elif cmd.startswith("ray::ServeReplica:"):
+            role = cmd.split()[0].split(":")[-1]  # ray::ServeReplica:APP:DEPLOYMENT
+        elif "ray" in cmd:
+            role = "ray_other"
+        else:
+            continue
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
 async def load(url: str, body: dict, clients: int, per_client: int, *, stream: bool = False) -> dict:
     """`clients` concurrent clients, `per_client` requests each, after a warm-up. Streaming: the time to the
-    first content chunk too."""
+    first content chunk too. Also the CPU each role used per request (`process_cpu`) while it ran."""
     import aiohttp
 
     lat, first, codes, stages = [], [], {}, []
@@ -102,9 +131,10 @@ async def load(url: str, body: dict, clients: int, per_client: int, *, stream: b
     ) as session:
         await asyncio.gather(*(client(session) for _ in range(min(clients, 4))))  # warm-up
         lat.clear(), first.clear(), codes.clear(), stages.clear()
-        t0 = time.perf_counter()
+        cpu0, t0 = process_cpu(), time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(clients)))
         wall = time.perf_counter() - t0
+        cpu = {k: v - cpu0.get(k, 0.0) for k, v in process_cpu().items()}
     out = {
         "clients": clients,
         "requests": len(lat),
@@ -115,6 +145,11 @@ async def load(url: str, body: dict, clients: int, per_client: int, *, stream: b
     }
     if stream:
         out.update(ttft_p50_ms=pct(first, 0.5), ttft_p99_ms=pct(first, 0.99))
+    if cpu:
+        used = {k: v for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0}
+        out["cpu_ms_per_request"] = {k: round(v * 1000 / max(1, len(lat)), 2) for k, v in used.items()}
+        out["cpu_ms_per_request"]["all"] = round(sum(used.values()) * 1000 / max(1, len(lat)), 2)
+        out["cores_busy"] = round(sum(used.values()) / wall, 2)
     if stages:
         keys = stages[0].keys()
         out["stages_ms_mean"] = {k: round(sum(s[k] for s in stages) / len(stages), 1) for k in keys}
@@ -217,6 +252,13 @@ def part_hops(clients, per_client) -> dict:
     top = str(max(clients))
     out["at_top_clients"] = {
         f"{name}_over_echo_rps": round(out[name][top]["rps"] / out["echo"][top]["rps"], 3) for name in variants
+    }
+    # what the rest costs: CPU per request by process against what 0.4 of the echo's rate leaves on this machine
+    out["cpu_at_top_clients"] = {
+        "ms_per_request": {name: out[name][top].get("cpu_ms_per_request") for name in ("echo", *variants)},
+        "budget_ms_per_request_for_0.4_of_echo": round(
+            (os.cpu_count() or 1) * 1000 / (0.4 * out["echo"][top]["rps"]), 2
+        ),
     }
     return out
 
