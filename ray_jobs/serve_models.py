@@ -13,15 +13,20 @@ import asyncio
 from ray import serve
 
 from caslie_core.models.batching import FailureStreak
-from caslie_core.serving.gather import Gather
+from caslie_core.serving.gather import CAPTIONS, VOTES, Gather
 
 from . import metrics
 
 
-def _gather(fn, model: str, *, streaming: bool = False) -> Gather:
-    """A replica's batcher for `fn`, its batch sizes recorded as caslie_serve_batch_size{model}."""
+def _gather(fn, model: str, *, streaming: bool = False, turns=None, rank: int = 0) -> Gather:
+    """A replica's batcher for `fn`, its batch sizes recorded as caslie_serve_batch_size{model}; `turns`: shared
+    with the other models of a co-located replica (`gather.Turns`, `rank` the stage)."""
     return Gather(
-        fn, streaming=streaming, on_batch=lambda n: metrics.observe("caslie_serve_batch_size", n, model=model)
+        fn,
+        streaming=streaming,
+        on_batch=lambda n: metrics.observe("caslie_serve_batch_size", n, model=model),
+        turns=turns,
+        rank=rank,
     )
 
 
@@ -40,6 +45,7 @@ class _Health:
     batches in a row (a broken device or model) reports itself unhealthy, and Serve replaces it."""
 
     streak = None
+    turns = None  # the co-located Models replica's `gather.Turns`: its models take turns
 
     def _track(self, errors: list) -> None:
         self.streak = self.streak or FailureStreak()
@@ -82,7 +88,7 @@ class CaptionerRole(_Health):
 
         c = ServeCaptionerConfig.model_validate(cfg)
         self.captioner = Model.from_config(c, batch_size=c.deployment.batching.max_batch_size)
-        self.caption = _gather(self._captions, "captioner")
+        self.caption = _gather(self._captions, "captioner", turns=self.turns, rank=CAPTIONS)
 
     async def _captions(self, pixels: list, prompts: list[str]) -> list[dict]:
         results = await asyncio.to_thread(self.captioner.caption, pixels, prompts)
@@ -103,7 +109,7 @@ class PanelRole(_Health):
 
         judges = [ServeJudgeConfig.model_validate(c) for c in cfgs]
         self.judges = {j.name: Model.from_config(j, batch_size=j.deployment.batching.max_batch_size) for j in judges}
-        self.votes = _gather(self._votes, "panel")
+        self.votes = _gather(self._votes, "panel", turns=self.turns, rank=VOTES)
 
     async def _votes(self, questions: list[str]) -> list[dict]:
         out: list[dict] = [{} for _ in questions]

@@ -11,6 +11,7 @@ from ray import serve
 
 from caslie_core import serving as sv
 from caslie_core.models.batching import groups
+from caslie_core.serving.gather import ANSWERS, Turns
 
 from .serve_models import CaptionerRole, PanelRole, _gather, _Health
 
@@ -36,7 +37,7 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
             from caslie_core.models.predictor import AdapterPredictor
 
             self.model = AdapterPredictor.from_spec(spec)
-            self.answers = _gather(self._answer, "predictor")
+            self.answers = _gather(self._answer, "predictor", turns=self.turns, rank=ANSWERS)
             self.streams = _gather(self._streams, "predictor", streaming=True)
             self.paths: dict[str, str] = spec["adapters"]
             self.store: str | None = spec.get("store")
@@ -149,6 +150,7 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
 
     class Models(Predictor, CaptionerRole, PanelRole):
         def __init__(self, spec: dict, captioner: dict, judges: list[dict]) -> None:
+            self.turns = Turns()  # one model batch at a time, the stage furthest along first (streams apart)
             super().__init__(spec)
             self._load_captioner(captioner)
             self._load_judges(judges)

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from caslie_core.serving.gather import Gather
+from caslie_core.serving.gather import Gather, Turns
 
 
 class Model:
@@ -99,5 +99,71 @@ def test_streams_get_their_own_rows_end_on_their_own_and_share_a_failure():
         assert sizes == [3]  # calls made in the same turn of the event loop share the first batch
         outcomes = await asyncio.gather(read("c", True), read("short"), return_exceptions=True)
         assert isinstance(outcomes[0], RuntimeError) and outcomes[1] == [["short:0"]]
+
+    asyncio.run(main())
+
+
+def test_stages_taking_turns_never_overlap_and_move_their_requests_together():
+    """Clients arriving at different times, three stages per request (as captions, votes and answers in one
+    replica), a closed loop: taking turns by rank, one batch runs at a time and the cohorts merge, so the last
+    batches come to hold every client; without turns, stages overlap and batches stay split."""
+
+    async def run(turns):
+        running, most, sizes = [0], [0], {0: [], 1: [], 2: []}
+
+        def stage(rank):
+            async def fn(xs):
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+                sizes[rank].append(len(xs))
+                await asyncio.sleep(0.01)
+                running[0] -= 1
+                return xs
+
+            return Gather(fn, max_batch_size=64, turns=turns, rank=rank)
+
+        stages = [stage(r) for r in range(3)]
+
+        async def client(i):
+            await asyncio.sleep(0.003 * i)
+            for _ in range(6):
+                for s in stages:
+                    assert await s.call(i) == i
+
+        await asyncio.gather(*(client(i) for i in range(12)))
+        return most[0], sizes
+
+    most, sizes = asyncio.run(run(Turns()))
+    assert most == 1  # one batch at a time
+    assert all(max(sizes[r]) == 12 for r in range(3))  # the cohorts merged: every client in one batch
+    most_apart, apart = asyncio.run(run(None))
+    assert most_apart > 1  # left to themselves, the stages overlap ...
+    assert max(apart[0]) < 12 and len(apart[0]) > 2 * len(sizes[0])  # ... and their batches stay small
+
+
+def test_a_stage_passed_over_goes_next_after_patience_turns_and_a_cancelled_waiter_is_skipped():
+    async def main():
+        turns = Turns(patience=2)
+        order: list[str] = []
+        await turns.take(2)  # busy
+
+        async def wait(name, rank):
+            await turns.take(rank)
+            order.append(name)
+
+        asyncio.ensure_future(wait("low", 0))
+        gone = asyncio.ensure_future(wait("gone", 2))
+        await _settle()
+        gone.cancel()
+        for n in range(4):  # a higher-ranked stage keeps asking
+            asyncio.ensure_future(wait(f"high{n}", 2))
+            await _settle()
+            await turns.give()
+            await _settle()
+        assert order[:3] == ["high0", "high1", "low"]  # low passed over twice, then first
+        assert gone.cancelled() and "gone" not in order
+        while turns.busy:
+            await turns.give()
+        assert turns.waiting == [] and not turns.busy
 
     asyncio.run(main())
