@@ -7,8 +7,10 @@ All parts run on one local Ray, side by side, so the figures are ratios measured
   in layout `split` (a deployment per model), `colocated` (one Models replica; and two of them, one per core) and
   `single` (the models in the ingress replica: no deployment call; one and two replicas), at 1/8/32 clients. Each app
   request is `/v1/predict` with a category-classification record and one image (decode, caption, two judges,
-  answer). Also where the time goes: the app's own per-stage times (`timings_ms`) and what is left for the
-  proxy, the ingress and the HTTP round trip.
+  answer); the echo makes 10 times `--requests` per client and the app 3 times, so that each rate is measured over
+  a second or more. Also where the time goes: the app's own per-stage times (`timings_ms`), what is left for the
+  proxy, the ingress and the HTTP round trip, and the CPU per request of each process (proxy, each deployment's
+  replicas, the load generator, the rest of Ray; from /proc) against what 0.4 of the echo's rate leaves.
 - ttft: chat completions of 32 tokens with each `--ttft-sizes` predictor (default medium and large, random-weight
   Llamas, see benchmarks/train.py), text only, layout `--ttft-layout` (single), `batching.wait_timeout_s: 0` (a
   request that finds the replica idle starts at once): time to the first content chunk streamed, against the
@@ -43,6 +45,7 @@ for k, v in {
     os.environ.setdefault(k, v)
 
 PORT = 8123
+ECHO_MORE, APP_MORE = 10, 3  # hops: requests per client times these, so each rate is measured over a second or more
 RECORD = {
     "task": "CC",
     "instruction": "Given a product title, choose the product's category from the options.",
@@ -65,10 +68,10 @@ def pct(values: list[float], q: float) -> float:
     return round(s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))] * 1000, 1) if s else None
 
 
-def process_cpu() -> dict[str, float]:
-    """CPU seconds used so far by this machine's processes, summed by role: the Serve proxy, each deployment's
-    replicas (by deployment name), this process (the load generator) and the rest of Ray (Linux /proc; else {})."""
-    out: dict[str, float] = {}
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far by this machine's processes, by pid with its role: the Serve proxy, a deployment's
+    replica (by deployment name), this process (the load generator) or the rest of Ray (Linux /proc; else {})."""
+    out: dict[int, tuple[str, float]] = {}
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not pid.isdigit():
@@ -90,8 +93,17 @@ def process_cpu() -> dict[str, float]:
             role = "ray_other"
         else:
             continue
-        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        out[int(pid)] = (role, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
     return out
+
+
+def cpu_used(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds by role between two `process_cpu` snapshots (processes alive at both)."""
+    used: dict[str, float] = {}
+    for pid, (role, secs) in after.items():
+        if pid in before:
+            used[role] = used.get(role, 0.0) + secs - before[pid][1]
+    return used
 
 
 async def load(url: str, body: dict, clients: int, per_client: int, *, stream: bool = False) -> dict:
@@ -134,7 +146,7 @@ async def load(url: str, body: dict, clients: int, per_client: int, *, stream: b
         cpu0, t0 = process_cpu(), time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(clients)))
         wall = time.perf_counter() - t0
-        cpu = {k: v - cpu0.get(k, 0.0) for k, v in process_cpu().items()}
+        cpu = cpu_used(cpu0, process_cpu())
     out = {
         "clients": clients,
         "requests": len(lat),
@@ -232,7 +244,10 @@ def part_hops(clients, per_client) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(echo_app(), name="echo", route_prefix="/")
     out = {
-        "echo": {str(c): asyncio.run(load(f"http://127.0.0.1:{PORT}/v1/predict", body, c, per_client)) for c in clients}
+        "echo": {
+            str(c): asyncio.run(load(f"http://127.0.0.1:{PORT}/v1/predict", body, c, per_client * ECHO_MORE))
+            for c in clients
+        }
     }
     serve.delete("echo")
     print("echo", json.dumps(out["echo"]), flush=True)
@@ -246,7 +261,10 @@ def part_hops(clients, per_client) -> dict:
     for name, (layout, replicas) in variants.items():
         cfg = app_config(layout=layout, predictor="tiny:lm", max_new_tokens=16, replicas=replicas)
         out[name] = run_app(
-            cfg, lambda url: {str(c): asyncio.run(load(url + "/v1/predict", body, c, per_client)) for c in clients}
+            cfg,
+            lambda url: {
+                str(c): asyncio.run(load(url + "/v1/predict", body, c, per_client * APP_MORE)) for c in clients
+            },
         )
         print(name, json.dumps(out[name]), flush=True)
     top = str(max(clients))
