@@ -88,7 +88,7 @@ def process_cpu() -> dict[int, tuple[str, float]]:
         elif cmd.startswith("ray::ProxyActor"):
             role = "proxy"
         elif cmd.startswith("ray::ServeReplica:"):
-            role = cmd.split()[0].split(":")[-1]  # ray::ServeReplica:APP:DEPLOYMENT
+            role = cmd.split()[0].split(":")[-1].split(".")[0]  # ray::ServeReplica:APP:DEPLOYMENT[.method]
         elif "ray" in cmd:
             role = "ray_other"
         else:
