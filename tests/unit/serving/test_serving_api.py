@@ -394,3 +394,39 @@ def test_the_builder_takes_the_config_files_args_as_serve_run_passes_them(tiny_m
     assert spec["models"]["aliases"] == {"caslie-demo": "tiny:lm"}  # and by the configured name
     with pytest.raises(Exception, match="judges"):
         call_user_app_builder_with_args_if_necessary(builder, {**args, "judges": []})
+
+
+def test_a_colocated_replicas_models_take_turns_and_answer_concurrent_requests(tiny_models):
+    """The co-located Models object (layout single builds it in the ingress): captioner, panel and answers share
+    one `Turns`, ranked along a request's path, streams apart; the split Predictor takes no turns. Concurrent
+    requests through it (as the ingress calls it) all get their answer."""
+    import asyncio
+
+    from caslie_core.config import ServeConfig, apply_overrides, read_yaml
+    from caslie_core.serving.gather import ANSWERS, CAPTIONS, VOTES
+    from caslie_core.serving.spec import app_spec
+    from ray_jobs.serve_predictor import InProcess, predictor_deployment
+
+    args = apply_overrides(
+        read_yaml(ROOT / "configs" / "serve-demo.yaml")["applications"][0]["args"],
+        ["model.path=null", "model.model=tiny:lm", "layout=single"],
+    )
+    cfg = ServeConfig.model_validate(args)
+    spec = app_spec(cfg)
+    bare = {"deployment"}
+    captioner = cfg.captioner.model_dump(mode="json", exclude=bare)
+    judges = [j.model_dump(mode="json", exclude=bare) for j in cfg.judges]
+    models = InProcess.build(2, spec["predictor"], captioner, judges)
+    m = models.target
+    assert m.caption.turns is m.votes.turns is m.answers.turns is not None
+    assert (m.caption.rank, m.votes.rank, m.answers.rank) == (CAPTIONS, VOTES, ANSWERS)
+    assert m.streams.turns is None
+    assert predictor_deployment(2).func_or_class(spec["predictor"]).answers.turns is None
+
+    async def ask(n: int) -> list:
+        handle = models.options(multiplexed_model_id=sv.BASE_MODEL_NAME)
+        prompts = [f"### Instruction:\nName product {i}.\n\n### Response:\n" for i in range(n)]
+        return await asyncio.gather(*(handle.predict.remote(p) for p in prompts))
+
+    answers = asyncio.run(ask(6))
+    assert len(answers) == 6 and all(a["error"] is None and a["n_new_tokens"] > 0 for a in answers)
