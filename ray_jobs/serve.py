@@ -31,7 +31,7 @@ from . import metrics
 from .common import ROOT, init_ray, job_entry, job_main, requiet
 from .common import log as say  # the driver's own lines (`caslie serve`)
 from .serve_models import Captioner, Judge, Panel
-from .serve_predictor import InProcess, predictor_deployment
+from .serve_predictor import InProcess, models_args, predictor_deployment
 
 log = logging.getLogger("ray.serve")
 APP_NAME = "caslie"
@@ -357,10 +357,9 @@ def build_app(args: ServeConfig) -> serve.Application:
     # A deployment's own settings (replicas, autoscaling, queue limits, batching through user_config) are options,
     # not init arguments: a change to them is a light update (Serve reconfigures running replicas) and never
     # reloads a model. The init arguments are what a model needs to load.
-    bare = {"deployment"}
     m = cfg.model
-    judges = [j.model_dump(mode="json", exclude=bare) for j in cfg.judges]
-    models = [m.max_adapters_per_replica, spec["predictor"], c.model_dump(mode="json", exclude=bare), judges]
+    models = models_args(cfg, spec)  # [max adapters, predictor spec, captioner section, judge sections]
+    captioner, judges = models[2], models[3]
     if cfg.layout == "single":  # the models in the ingress's own replica (built there), sized by model.deployment
         handles = {"Models": models}
     elif cfg.layout == "colocated":  # one replica for every model, sized by model.deployment
@@ -368,9 +367,7 @@ def build_app(args: ServeConfig) -> serve.Application:
         handles = {"Models": colocated.options(**m.deployment.options("Models", retry)).bind(*models[1:])}
     else:
         handles = {
-            "Captioner": Captioner.options(**c.deployment.options("Captioner", retry)).bind(
-                c.model_dump(mode="json", exclude=bare)
-            ),
+            "Captioner": Captioner.options(**c.deployment.options("Captioner", retry)).bind(captioner),
             "Predictor": predictor_deployment(m.max_adapters_per_replica)
             .options(**m.deployment.options("Predictor", retry))
             .bind(spec["predictor"]),

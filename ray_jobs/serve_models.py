@@ -4,8 +4,8 @@ co-located Models replica are in `serve_predictor`.
 
 Each loads its model once, answers in batches (`caslie_core.serving.gather.Gather`: a request that finds the model
 idle starts at once, the requests that queue while it is busy form the next batch), reports itself unhealthy when
-it fails every item of several batches in a row, and takes its live settings (batching) through Serve's `user_config` -> `reconfigure()`,
-so a tuning change reaches running replicas without reloading a model.
+it fails every item of several batches in a row, and takes its live settings (batching) through Serve's
+`user_config` -> `reconfigure()`, so a tuning change reaches running replicas without reloading a model.
 """
 
 import asyncio

@@ -3,6 +3,7 @@ co-located Models replica (layout colocated: captioner, judge panel and predicto
 Models object inside the ingress's own replica (layout single: `InProcess`, no deployment call at all)."""
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from typing import Any
@@ -167,6 +168,16 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
     return serve.deployment(name="Models")(Models)
 
 
+def models_args(cfg, spec: dict) -> list:
+    """The Models object's init arguments (layouts colocated and single), from the service's config and `app_spec`:
+    the multiplexer's capacity, the predictor's spec, the captioner's and the judges' sections without their
+    deployment settings (options of the deployment, never init arguments: a change to them reloads no model)."""
+    bare = {"deployment"}
+    captioner = cfg.captioner.model_dump(mode="json", exclude=bare)
+    judges = [j.model_dump(mode="json", exclude=bare) for j in cfg.judges]
+    return [cfg.model.max_adapters_per_replica, spec["predictor"], captioner, judges]
+
+
 class InProcess:
     """Layout single: the Models object built in the ingress's own replica, called with the shape of the handle it
     replaces (`.options(multiplexed_model_id=..., stream=...)`, `.METHOD.remote(...)`: awaitable, or when
@@ -204,8 +215,6 @@ class _Call:
         return await self.method(*args)
 
     async def _stream(self, *args):
-        import contextlib
-
         sv.CHOSEN_MODEL.set(self.model_id)
         async with contextlib.aclosing(self.method(*args)) as events:  # closed at once when the client goes
             async for event in events:

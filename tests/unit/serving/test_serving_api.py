@@ -405,7 +405,7 @@ def test_a_colocated_replicas_models_take_turns_and_answer_concurrent_requests(t
     from caslie_core.config import ServeConfig, apply_overrides, read_yaml
     from caslie_core.serving.gather import ANSWERS, CAPTIONS, VOTES
     from caslie_core.serving.spec import app_spec
-    from ray_jobs.serve_predictor import InProcess, predictor_deployment
+    from ray_jobs.serve_predictor import InProcess, models_args, predictor_deployment
 
     args = apply_overrides(
         read_yaml(ROOT / "configs" / "serve-demo.yaml")["applications"][0]["args"],
@@ -413,10 +413,7 @@ def test_a_colocated_replicas_models_take_turns_and_answer_concurrent_requests(t
     )
     cfg = ServeConfig.model_validate(args)
     spec = app_spec(cfg)
-    bare = {"deployment"}
-    captioner = cfg.captioner.model_dump(mode="json", exclude=bare)
-    judges = [j.model_dump(mode="json", exclude=bare) for j in cfg.judges]
-    models = InProcess.build(2, spec["predictor"], captioner, judges)
+    models = InProcess.build(*models_args(cfg, spec))  # as the ingress of layout single builds them
     m = models.target
     assert m.caption.turns is m.votes.turns is m.answers.turns is not None
     assert (m.caption.rank, m.votes.rank, m.answers.rank) == (CAPTIONS, VOTES, ANSWERS)
