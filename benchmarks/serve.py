@@ -9,9 +9,10 @@ All parts run on one local Ray, side by side, so the figures are ratios measured
   request is `/v1/predict` with a category-classification record and one image (decode, caption, two judges,
   answer); the echo makes 10 times `--requests` per client and the app 3 times, so that each rate is measured over
   a second or more, and the echo is measured again after the apps at the top client count (its rate moves from
-  run to run: 460-710 req/s here): the ratios use the faster of the two. Also where the time goes: the app's own per-stage times (`timings_ms`), what is left for the
-  proxy, the ingress and the HTTP round trip, and the CPU per request of each process (proxy, each deployment's
-  replicas, the load generator, the rest of Ray; psutil) against what 0.4 of the echo's rate leaves.
+  run to run: 460-710 req/s here): the ratios use the faster of the two. Also where the time goes: the app's own
+  per-stage times (`timings_ms`), what is left for the proxy, the ingress and the HTTP round trip, and the CPU per
+  request of each process (proxy, each deployment's replicas, the load generator, the rest of Ray; psutil) against
+  what 0.4 of the echo's rate leaves.
 - ttft: chat completions of 32 tokens with each `--ttft-sizes` predictor (default medium and large, random-weight
   Llamas, see benchmarks/train.py), text only, layout `--ttft-layout` (single), `batching.wait_timeout_s: 0` (a
   request that finds the replica idle starts at once): time to the first content chunk streamed, against the
