@@ -98,7 +98,7 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
             """A batch of streams: each decoding step yields one list of events per request (`Gather.stream`);
             rows that decode differently (adapter, cap, sampling) run one group after another."""
             from caslie_core.models.batching import error_text
-            from caslie_core.models.streaming import stream_answers
+            from caslie_core.models.streaming import generate_streams
 
             loop = asyncio.get_running_loop()
             for (adapter, limit, sampling), idx in groups(zip(adapters, limits, samplings)).items():
@@ -108,12 +108,16 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
                 settings = {k: v for k, v in sampling if k != "solo"}
 
                 def pump(idx=idx, adapter=adapter, limit=limit, settings=settings, steps=steps) -> None:
-                    try:
-                        rows = stream_answers(
-                            self.model, [prompts[i] for i in idx], adapter, limit, settings, [cancels[i] for i in idx]
+                    try:  # each step goes from the generating thread straight to this loop
+                        generate_streams(
+                            self.model,
+                            [prompts[i] for i in idx],
+                            lambda step: loop.call_soon_threadsafe(steps.put_nowait, step),
+                            adapter,
+                            limit,
+                            settings,
+                            [cancels[i] for i in idx],
                         )
-                        for step in rows:
-                            loop.call_soon_threadsafe(steps.put_nowait, step)
                     except Exception as err:  # noqa: BLE001 - every row of the group gets the error
                         failed = [[{"error": error_text(err)}]] * len(idx)
                         loop.call_soon_threadsafe(steps.put_nowait, failed)

@@ -59,11 +59,11 @@ class StreamText:
 
 class BatchTokenStreamer:
     """A `generate(streamer=...)` target for a batch: after each decoding step, every row's new text (transformers'
-    own streamers take one row and wait for a space; a run of tokens without one would arrive at once). A token
-    that ends inside a UTF-8 character waits for the next. Iterate it from another thread."""
+    own streamers take one row and wait for a space; a run of tokens without one would arrive at once), handed to
+    `on_pieces` in the generating thread. A token that ends inside a UTF-8 character waits for the next."""
 
-    def __init__(self, tokenizer, rows: int) -> None:
-        self.tokenizer, self.queue = tokenizer, queue.Queue()
+    def __init__(self, tokenizer, rows: int, on_pieces) -> None:
+        self.tokenizer, self.on_pieces = tokenizer, on_pieces
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.text = [""] * rows
         self.eos = tokenizer.eos_token_id
@@ -80,11 +80,10 @@ class BatchTokenStreamer:
                 self.ids[row].append(int(token))
                 self.ended[row] = int(token) == self.eos
             pieces.append(self._piece(row, final=False))
-        self.queue.put(pieces)
+        self.on_pieces(pieces)
 
     def end(self) -> None:
-        self.queue.put([self._piece(row, final=True) for row in range(len(self.ids))])
-        self.queue.put(None)
+        self.on_pieces([self._piece(row, final=True) for row in range(len(self.ids))])
 
     def _piece(self, row: int, *, final: bool) -> str:
         text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
@@ -93,17 +92,16 @@ class BatchTokenStreamer:
             return piece
         return ""
 
-    def __iter__(self):
-        while (pieces := self.queue.get()) is not None:
-            yield pieces
 
-
-def stream_answers(predictor, prompts: list[str], adapter=None, max_new_tokens=None, sampling=None, cancels=None):
-    """Generate answers to `prompts` together with `predictor` (an AdapterPredictor), streaming: yields, after
-    each decoding step, one list of events per prompt (often empty): `{"delta": text}`, and once the row is over
-    `{"done": True, "n_prompt_tokens", "n_new_tokens", "finish_reason"}`. A row ends at its end-of-sequence token,
-    the response marker or a stop string, the token cap, or its cancel event (a client that went away);
-    generation stops when every row has ended."""
+def generate_streams(
+    predictor, prompts: list[str], emit, adapter=None, max_new_tokens=None, sampling=None, cancels=None
+) -> None:
+    """Generate answers to `prompts` together with `predictor` (an AdapterPredictor) in the calling thread, calling
+    `emit` after each decoding step with one list of events per prompt (often empty): `{"delta": text}`, and once
+    the row is over `{"done": True, "n_prompt_tokens", "n_new_tokens", "finish_reason"}`. A row ends at its
+    end-of-sequence token, the response marker or a stop string, the token cap, or its cancel event (a client that
+    went away); generation stops when every row has ended. A failure of the generation is raised. `emit` runs in
+    the generating thread between steps: hand the events on (a queue, `loop.call_soon_threadsafe`), do not wait."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -114,32 +112,8 @@ def stream_answers(predictor, prompts: list[str], adapter=None, max_new_tokens=N
         cap = min(max_new_tokens or predictor.cap, predictor.cap)
         ctx = predictor._select(adapter)
         ids, mask, lengths, shared = predictor._encode(prompts)
-        streamer = BatchTokenStreamer(predictor.tokenizer, n)
         texts = [StreamText(predictor.stops(sampling)) for _ in prompts]
-        over, failed = [False] * n, []
-
-        class _RowsOver(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                rows = [over[r] or texts[r].stopped or cancels[r].is_set() for r in range(n)]
-                return torch.tensor(rows, dtype=torch.bool, device=input_ids.device)
-
-        def generate() -> None:
-            try:
-                with ctx, torch.inference_mode():
-                    sampling.seed_rng(torch)
-                    predictor.model.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        max_new_tokens=cap,
-                        pad_token_id=predictor.tokenizer.pad_token_id,
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_RowsOver()]),
-                        **predictor._past(shared, n),
-                        **sampling.generate_kwargs(),
-                    )
-            except Exception as e:  # noqa: BLE001 - raised in the consumer's thread below
-                failed.append(e)
-                streamer.end()
+        over = [False] * n
 
         def finish(row: int, events: list) -> None:
             if delta := texts[row].finish():
@@ -156,27 +130,65 @@ def stream_answers(predictor, prompts: list[str], adapter=None, max_new_tokens=N
             )
             over[row] = True
 
-        worker = threading.Thread(target=generate, name="caslie-stream", daemon=True)
-        worker.start()
-        try:
-            for pieces in streamer:
-                out: list[list] = [[] for _ in prompts]
-                for row, piece in enumerate(pieces):
-                    if over[row]:
-                        continue
-                    if piece and (delta := texts[row].feed(piece)):
-                        out[row].append({"delta": delta})
-                    if texts[row].stopped or streamer.ended[row] or cancels[row].is_set():
-                        finish(row, out[row])
-                yield out
-            if failed:
-                raise failed[0]
-            out = [[] for _ in prompts]
-            for row in range(n):
-                if not over[row]:
+        def on_pieces(pieces: list[str]) -> None:
+            out: list[list] = [[] for _ in prompts]
+            for row, piece in enumerate(pieces):
+                if over[row]:
+                    continue
+                if piece and (delta := texts[row].feed(piece)):
+                    out[row].append({"delta": delta})
+                if texts[row].stopped or streamer.ended[row] or cancels[row].is_set():
                     finish(row, out[row])
-            yield out
+            emit(out)
+
+        class _RowsOver(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                rows = [over[r] or cancels[r].is_set() for r in range(n)]
+                return torch.tensor(rows, dtype=torch.bool, device=input_ids.device)
+
+        streamer = BatchTokenStreamer(predictor.tokenizer, n, on_pieces)
+        with ctx, torch.inference_mode():
+            sampling.seed_rng(torch)
+            predictor.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=cap,
+                pad_token_id=predictor.tokenizer.pad_token_id,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_RowsOver()]),
+                **predictor._past(shared, n),
+                **sampling.generate_kwargs(),
+            )
+        out = [[] for _ in prompts]
+        for row in range(n):
+            if not over[row]:
+                finish(row, out[row])
+        emit(out)
+
+
+def stream_answers(predictor, prompts: list[str], adapter=None, max_new_tokens=None, sampling=None, cancels=None):
+    """`generate_streams` as an iterator: yields each step's list of events per prompt, generating in a thread of
+    its own; closing the iterator early cancels every row (generation stops at the next token)."""
+    cancels = cancels or [threading.Event() for _ in prompts]
+    steps: queue.Queue = queue.Queue()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            generate_streams(predictor, prompts, steps.put, adapter, max_new_tokens, sampling, cancels)
+        except Exception as e:  # noqa: BLE001 - raised in the consumer's thread below
+            failed.append(e)
         finally:
-            for cancel in cancels:
-                cancel.set()
-            worker.join()
+            steps.put(None)
+
+    worker = threading.Thread(target=run, name="caslie-stream", daemon=True)
+    worker.start()
+    try:
+        while (step := steps.get()) is not None:
+            yield step
+        if failed:
+            raise failed[0]
+    finally:
+        for cancel in cancels:
+            cancel.set()
+        worker.join()
