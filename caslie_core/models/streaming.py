@@ -57,38 +57,72 @@ class StreamText:
         return delta
 
 
-class BatchTokenStreamer:
-    """A `generate(streamer=...)` target for a batch: after each decoding step, every row's new text (transformers'
-    own streamers take one row and wait for a space; a run of tokens without one would arrive at once), handed to
-    `on_pieces` in the generating thread. A token that ends inside a UTF-8 character waits for the next."""
+class StepRows:
+    """The rows of one streamed generation, as generate()'s stopping criterion: called after every decoding step
+    with the ids so far (each row's new token last), it turns each row's new token into text (transformers' own
+    streamers take one row and wait for a space; a run of tokens without one would arrive at once; a token that
+    ends inside a UTF-8 character waits for the next), hands the step's events to `emit`, and says which rows are
+    over, so a stop string or a cancel ends its row at the very step that made it (the streamer hook would see the
+    token after the criteria had run: one decoding step more)."""
 
-    def __init__(self, tokenizer, rows: int, on_pieces) -> None:
-        self.tokenizer, self.on_pieces = tokenizer, on_pieces
-        self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.text = [""] * rows
+    def __init__(self, tokenizer, texts: list[StreamText], cancels, lengths: list[int], cap: int, emit) -> None:
+        self.tokenizer, self.texts, self.cancels, self.emit = tokenizer, texts, cancels, emit
+        self.lengths, self.cap = lengths, cap
+        n = len(texts)
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.shown = [""] * n  # each row's decoded text so far
         self.eos = tokenizer.eos_token_id
-        self.ended = [False] * rows  # the row made its end-of-sequence token
-        self.prompt_seen = False
+        self.ended = [False] * n  # the row made its end-of-sequence token
+        self.over = [False] * n  # the row's done event was sent
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first puts the prompts
-            self.prompt_seen = True
-            return
-        pieces = []
-        for row, token in enumerate(value.reshape(-1).tolist()):
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        out: list[list] = [[] for _ in self.texts]
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            if self.over[row]:
+                continue
             if not self.ended[row]:
                 self.ids[row].append(int(token))
                 self.ended[row] = int(token) == self.eos
-            pieces.append(self._piece(row, final=False))
-        self.on_pieces(pieces)
+            self._feed(row, self._piece(row, final=False), out[row])
+            if self.texts[row].stopped or self.ended[row] or self.cancels[row].is_set():
+                self._finish(row, out[row])
+        self.emit(out)
+        return torch.tensor(self.over, dtype=torch.bool, device=input_ids.device)
 
-    def end(self) -> None:
-        self.on_pieces([self._piece(row, final=True) for row in range(len(self.ids))])
+    def close(self) -> None:
+        """After generate(): what is left of each row (a held UTF-8 tail, held whitespace) and the done events."""
+        out: list[list] = [[] for _ in self.texts]
+        for row in range(len(self.texts)):
+            if not self.over[row]:
+                self._feed(row, self._piece(row, final=True), out[row])
+                self._finish(row, out[row])
+        self.emit(out)
+
+    def _feed(self, row: int, piece: str, events: list) -> None:
+        if piece and (delta := self.texts[row].feed(piece)):
+            events.append({"delta": delta})
+
+    def _finish(self, row: int, events: list) -> None:
+        if delta := self.texts[row].finish():
+            events.append({"delta": delta})
+        made = len(self.ids[row])
+        ended = self.texts[row].stopped or self.ended[row] or made < self.cap
+        events.append(
+            {
+                "done": True,
+                "n_prompt_tokens": self.lengths[row],
+                "n_new_tokens": made,
+                "finish_reason": "stop" if ended else "length",
+            }
+        )
+        self.over[row] = True
 
     def _piece(self, row: int, *, final: bool) -> str:
         text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-        if (final or not text.endswith("\ufffd")) and len(text) > len(self.text[row]):
-            piece, self.text[row] = text[len(self.text[row]) :], text
+        if (final or not text.endswith("\ufffd")) and len(text) > len(self.shown[row]):
+            piece, self.shown[row] = text[len(self.shown[row]) :], text
             return piece
         return ""
 
@@ -103,50 +137,16 @@ def generate_streams(
     went away); generation stops when every row has ended. A failure of the generation is raised. `emit` runs in
     the generating thread between steps: hand the events on (a queue, `loop.call_soon_threadsafe`), do not wait."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
 
     sampling = Sampling.of(sampling)
-    n = len(prompts)
     cancels = cancels or [threading.Event() for _ in prompts]
     with predictor._lock:  # the adapter choice is the model's state: one generation at a time per replica
         cap = min(max_new_tokens or predictor.cap, predictor.cap)
         ctx = predictor._select(adapter)
         ids, mask, lengths, shared = predictor._encode(prompts)
         texts = [StreamText(predictor.stops(sampling)) for _ in prompts]
-        over = [False] * n
-
-        def finish(row: int, events: list) -> None:
-            if delta := texts[row].finish():
-                events.append({"delta": delta})
-            made = len(streamer.ids[row])
-            ended = texts[row].stopped or streamer.ended[row] or made < cap
-            events.append(
-                {
-                    "done": True,
-                    "n_prompt_tokens": lengths[row],
-                    "n_new_tokens": made,
-                    "finish_reason": "stop" if ended else "length",
-                }
-            )
-            over[row] = True
-
-        def on_pieces(pieces: list[str]) -> None:
-            out: list[list] = [[] for _ in prompts]
-            for row, piece in enumerate(pieces):
-                if over[row]:
-                    continue
-                if piece and (delta := texts[row].feed(piece)):
-                    out[row].append({"delta": delta})
-                if texts[row].stopped or streamer.ended[row] or cancels[row].is_set():
-                    finish(row, out[row])
-            emit(out)
-
-        class _RowsOver(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                rows = [over[r] or cancels[r].is_set() for r in range(n)]
-                return torch.tensor(rows, dtype=torch.bool, device=input_ids.device)
-
-        streamer = BatchTokenStreamer(predictor.tokenizer, n, on_pieces)
+        rows = StepRows(predictor.tokenizer, texts, cancels, lengths, cap, emit)
         with ctx, torch.inference_mode():
             sampling.seed_rng(torch)
             predictor.model.generate(
@@ -154,16 +154,11 @@ def generate_streams(
                 attention_mask=mask,
                 max_new_tokens=cap,
                 pad_token_id=predictor.tokenizer.pad_token_id,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_RowsOver()]),
-                **predictor._past(shared, n),
+                stopping_criteria=StoppingCriteriaList([rows]),
+                **predictor._past(shared, len(prompts)),
                 **sampling.generate_kwargs(),
             )
-        out = [[] for _ in prompts]
-        for row in range(n):
-            if not over[row]:
-                finish(row, out[row])
-        emit(out)
+        rows.close()
 
 
 def stream_answers(predictor, prompts: list[str], adapter=None, max_new_tokens=None, sampling=None, cancels=None):

@@ -332,6 +332,39 @@ def test_streams_generated_together_are_each_their_own_answer(two_adapters):
     assert made[1] <= 3 and made[0] > made[1] and made[2] > made[1], made
 
 
+def test_generate_streams_hands_each_step_over_in_the_generating_thread_and_stops_at_once(tiny_models):
+    """The serving path's streaming core: `emit` is called in the caller's (generating) thread once per decoding
+    step, and a stop string ends the row at the step that makes it (no token generated after it)."""
+    import threading
+
+    from caslie_core.models.predictor import AdapterPredictor
+    from caslie_core.models.streaming import generate_streams
+
+    p = AdapterPredictor("tiny:lm", max_new_tokens=24)
+    prompt = "### Instruction:\nDescribe the mug.\n\n### Response:\n"
+
+    def run(sampling=None) -> list[list]:
+        steps: list = []
+        generate_streams(p, [prompt], lambda step: steps.append((threading.get_ident(), step)), sampling=sampling)
+        assert {thread for thread, _ in steps} == {threading.get_ident()}
+        return [step[0] for _, step in steps]
+
+    free = run()
+    assert [e for row in free for e in row if e.get("done")] == [free[-1][-1]] and len(free) >= 4
+    # a stop string first made at step j: the first delta after step 1 whose text appeared nowhere before it
+    seen, stop, j = "", None, None
+    for i, events in enumerate(free):
+        for e in events:
+            if "delta" in e and i >= 1 and stop is None and e["delta"].strip() and e["delta"] not in seen:
+                stop, j = e["delta"], i
+            seen += e.get("delta", "")
+    assert stop is not None, free
+    stopped = run({"stop": [stop]})
+    done = [(i, e) for i, row in enumerate(stopped) for e in row if e.get("done")]
+    assert [i for i, _ in done] == [j] and done[0][1]["finish_reason"] == "stop"
+    assert done[0][1]["n_new_tokens"] == j + 1 and len(stopped) == j + 2 and stopped[-1] == []
+
+
 def test_the_template_heads_cache_changes_no_answer(two_adapters):
     """Prefix caching: prompts in the method's template share its head, whose key/value cache is computed once per
     adapter and reused. Batched (prompts of different lengths: padding between the head and each row), streamed,
