@@ -18,7 +18,9 @@ All parts run on one local Ray, side by side, so the figures are ratios measured
   request that finds the replica idle starts at once): time to the first content chunk streamed, against the
   whole answer's latency streamed and not, at 1/8/32 clients.
 - batching: the medium predictor, `/v1/predict`, batching (`Gather`) on vs off (batches of one) at the top client
-  count, layout split (`--batching-layout`); one replica per deployment.
+  count, layout split (`--batching-layout`); one replica per deployment; the predictor's replica at 1 and at 2 CPUs
+  (Ray gives it as many torch threads). The ratio at equal threads, next to the Ray-free ceiling at those threads
+  (time per answer alone over in a full batch, on the same prompt), and each mode at its best (the check).
 Targets (issue 18, this 2-core machine): ttft p50 at 1 client <= 0.2 of the full answer; colocated app >= 0.4
 of the echo's req/s at 32 clients; batching on/off >= 2x at 32 clients.
 """
@@ -42,9 +44,10 @@ for k, v in {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
     "RAY_AUTH_MODE": "disabled",
-    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(k, v)
+# No OMP_NUM_THREADS here: Ray sets it in each replica from its num_cpus (floor, at least 1), as on a user's cluster;
+# the 0.25-CPU replicas get one torch thread, the batching part's predictor one or two.
 
 PORT = 8123
 ECHO_MORE, APP_MORE = 10, 3  # hops: requests per client times these, so each rate is measured over a second or more
@@ -177,30 +180,37 @@ def app_config(
     batching: bool = True,
     replicas: int = 1,
     wait_s: float = 0.01,
+    predictor_cpus: float = 0.25,
 ):
+    """The app's config; `predictor_cpus`: the predictor's replica's num_cpus, so its torch threads (Ray sets
+    OMP_NUM_THREADS from it); the other replicas share what is left of the machine's CPUs (0.25 each at most)."""
     from caslie_core.config import ServeConfig, load_config
 
-    dep = (
-        "{num_cpus: 0.25, max_ongoing_requests: 256, max_queued_requests: -1, "
-        f"autoscaling: {{min_replicas: {replicas}, max_replicas: {replicas}}}, "
-        f"batching: {{enabled: {str(batching).lower()}, max_batch_size: 32, wait_timeout_s: {wait_s}}}}}"
-    )
+    others = max(0.0, min(0.25, ((os.cpu_count() or 1) - predictor_cpus) / 4))
+
+    def dep(cpus: float) -> str:
+        return (
+            f"{{num_cpus: {cpus}, max_ongoing_requests: 256, max_queued_requests: -1, "
+            f"autoscaling: {{min_replicas: {replicas}, max_replicas: {replicas}}}, "
+            f"batching: {{enabled: {str(batching).lower()}, max_batch_size: 32, wait_timeout_s: {wait_s}}}}}"
+        )
+
     return load_config(
         ServeConfig,
         ROOT / "configs" / "serve-demo.yaml",
         [
             f"http.port={PORT}",
-            "http.ingress={num_cpus: 0.25, max_ongoing_requests: 256, max_queued_requests: -1}",
+            f"http.ingress={{num_cpus: {others}, max_ongoing_requests: 256, max_queued_requests: -1}}",
             "model.path=null",
             f"model.model={predictor}",
             "model.serve_base=false",
             "model.name=bench",
             f"model.max_new_tokens={max_new_tokens}",
             f"layout={layout}",
-            f"model.deployment={dep}",
-            f"captioner.deployment={dep}",
-            f"judges.0.deployment={dep}",
-            f"judges.1.deployment={dep}",
+            f"model.deployment={dep(predictor_cpus)}",
+            f"captioner.deployment={dep(others)}",
+            f"judges.0.deployment={dep(others)}",
+            f"judges.1.deployment={dep(others)}",
             "ray.num_cpus=null",
         ],
     )
@@ -308,15 +318,64 @@ def part_ttft(clients, per_client, predictor: str, layout: str) -> dict:
     return out
 
 
+def batching_ceiling(predictor: str, rows: int, threads: int, max_new_tokens: int = 16) -> dict:
+    """Ray-free, in this process: the predictor's time per answer alone and in a batch of `rows`, with `threads`
+    torch threads, on the prompt the app builds for RECORD (with a caption): the most batching can buy here."""
+    import torch
+
+    from caslie_core.models.predictor import AdapterPredictor
+    from caslie_core.prompts import instruction_prompt
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = AdapterPredictor(predictor, max_new_tokens=max_new_tokens, batch_size=rows)
+        fields = {**RECORD["input"], "caption": "a green ceramic mug with a handle on a white table"}
+        prompt = instruction_prompt(RECORD["instruction"], fields, RECORD["options"])
+        model.answer([prompt] * 2)  # warm-up (and the template head's cache)
+        per = {}
+        for n in (1, rows):
+            t, rounds = time.perf_counter(), max(2, 16 // n)
+            for _ in range(rounds):
+                model.answer([prompt] * n)
+            per[n] = (time.perf_counter() - t) / rounds / n * 1000
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "threads": threads,
+        "ms_per_answer_alone": round(per[1], 1),
+        f"ms_per_answer_in_{rows}": round(per[rows], 1),
+        "ceiling": round(per[1] / per[rows], 2),
+    }
+
+
 def part_batching(clients, per_client, predictor: str, layout: str) -> dict:
+    """On vs off with the predictor's replica at 1 and at 2 CPUs (so 1 or 2 torch threads): the ratio at equal
+    threads (against the Ray-free ceiling at those threads), and each mode at its best."""
     body = {**RECORD, "images": [image_uri()]}
     top = max(clients)
-    out = {}
-    for mode in ("on", "off"):
-        cfg = app_config(layout=layout, predictor=predictor, max_new_tokens=16, batching=mode == "on")
-        out[mode] = run_app(cfg, lambda url: asyncio.run(load(url + "/v1/predict", body, top, per_client)))
-        print("batching", mode, json.dumps(out[mode]), flush=True)
-    out[f"at_{top}_clients"] = {"throughput_on_over_off": round(out["on"]["rps"] / out["off"]["rps"], 2)}
+    cpus = os.cpu_count() or 1
+    out: dict = {}
+    for threads in sorted({1, min(2, cpus)}):
+        res: dict = {}
+        for mode in ("on", "off"):
+            cfg = app_config(
+                layout=layout, predictor=predictor, max_new_tokens=16, batching=mode == "on", predictor_cpus=threads
+            )
+            res[mode] = run_app(cfg, lambda url: asyncio.run(load(url + "/v1/predict", body, top, per_client)))
+            print("batching", threads, mode, json.dumps(res[mode]), flush=True)
+        res["throughput_on_over_off"] = round(res["on"]["rps"] / res["off"]["rps"], 2)
+        res["ray_free"] = batching_ceiling(predictor, top, threads)
+        print("batching", threads, "ray-free", json.dumps(res["ray_free"]), flush=True)
+        out[f"predictor_threads_{threads}"] = res
+    best = {m: max(out.values(), key=lambda r: r[m]["rps"]) for m in ("on", "off")}
+    out[f"at_{top}_clients"] = {
+        "on_best_rps": best["on"]["on"]["rps"],
+        "on_best_threads": best["on"]["ray_free"]["threads"],
+        "off_best_rps": best["off"]["off"]["rps"],
+        "off_best_threads": best["off"]["ray_free"]["threads"],
+        "throughput_on_over_off": round(best["on"]["on"]["rps"] / best["off"]["off"]["rps"], 2),
+    }
     return out
 
 
