@@ -320,7 +320,8 @@ def part_ttft(clients, per_client, predictor: str, layout: str) -> dict:
 
 def batching_ceiling(predictor: str, rows: int, threads: int, max_new_tokens: int = 16) -> dict:
     """Ray-free, in this process: the predictor's time per answer alone and in a batch of `rows`, with `threads`
-    torch threads, on the prompt the app builds for RECORD (with a caption): the most batching can buy here."""
+    torch threads, on RECORD's instruction prompt with a caption in its input (the app's prompt up to the caption's
+    text): the most batching can buy here."""
     import torch
 
     from caslie_core.models.predictor import AdapterPredictor
