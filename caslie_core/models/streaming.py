@@ -70,7 +70,9 @@ class StepRows:
         self.lengths, self.cap = lengths, cap
         n = len(texts)
         self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.shown = [""] * n  # each row's decoded text so far
+        # incremental detokenization (as vLLM does): each step decodes only the ids from `start` on, the text of
+        # ids[start:done] being what was handed out already; decoding a whole row every step grows with its length
+        self.start, self.done = [0] * n, [0] * n
         self.eos = tokenizer.eos_token_id
         self.ended = [False] * n  # the row made its end-of-sequence token
         self.over = [False] * n  # the row's done event was sent
@@ -120,10 +122,14 @@ class StepRows:
         self.over[row] = True
 
     def _piece(self, row: int, *, final: bool) -> str:
-        text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-        if (final or not text.endswith("\ufffd")) and len(text) > len(self.shown[row]):
-            piece, self.shown[row] = text[len(self.shown[row]) :], text
-            return piece
+        """The row's text that its new ids add: decoded with a few ids before them (a token's text may depend on
+        the one before it, e.g. a leading space), held back while it ends inside a UTF-8 character (unless final)."""
+        ids, start, done = self.ids[row], self.start[row], self.done[row]
+        before = self.tokenizer.decode(ids[start:done], skip_special_tokens=True)
+        text = self.tokenizer.decode(ids[start:], skip_special_tokens=True)
+        if (final or not text.endswith("\ufffd")) and len(text) > len(before):
+            self.start[row], self.done[row] = max(start, done - 4), len(ids)
+            return text[len(before) :]
         return ""
 
 

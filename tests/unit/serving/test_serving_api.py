@@ -365,6 +365,40 @@ def test_generate_streams_hands_each_step_over_in_the_generating_thread_and_stop
     assert done[0][1]["n_new_tokens"] == j + 1 and len(stopped) == j + 2 and stopped[-1] == []
 
 
+def test_streamed_text_is_decoded_incrementally_and_adds_up_to_the_whole_decode(tiny_models):
+    """A long row's text is decoded a few ids at a time (decoding the whole row every step costs O(length) per
+    token: 0.3 ms per row and step at 2,048 tokens here), and its pieces add up to decoding all its ids at once."""
+    import random
+    import threading
+
+    from caslie_core.models.loading import load_causal_lm
+    from caslie_core.models.registry import resolve_model
+    from caslie_core.models.streaming import StepRows, StreamText
+
+    _, tok, _ = load_causal_lm(resolve_model("tiny:lm"))
+    rng = random.Random(7)
+    ids = [rng.randrange(len(tok)) for _ in range(600)]
+    widths: list[int] = []
+    decode = tok.decode
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def decode(self, part, **kw):
+            widths.append(len(part))
+            return decode(part, **kw)
+
+    rows = StepRows(Spy(), [StreamText(())], [threading.Event()], [1], len(ids), lambda step: None)
+    pieces = []
+    for token in ids:
+        rows.ids[0].append(token)
+        pieces.append(rows._piece(0, final=False))
+    pieces.append(rows._piece(0, final=True))
+    assert "".join(pieces) == decode(ids, skip_special_tokens=True)
+    assert max(widths) <= 16, max(widths)
+
+
 def test_the_template_heads_cache_changes_no_answer(two_adapters):
     """Prefix caching: prompts in the method's template share its head, whose key/value cache is computed once per
     adapter and reused. Batched (prompts of different lengths: padding between the head and each row), streamed,
