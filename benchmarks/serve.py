@@ -358,7 +358,7 @@ def part_batching(clients, per_client, predictor: str, layout: str) -> dict:
     cpus = os.cpu_count() or 1
     out: dict = {}
     for threads in sorted({1, min(2, cpus)}):
-        res: dict = {}
+        res: dict = {"threads": threads}
         for mode in ("on", "off"):
             cfg = app_config(
                 layout=layout, predictor=predictor, max_new_tokens=16, batching=mode == "on", predictor_cpus=threads
@@ -372,9 +372,9 @@ def part_batching(clients, per_client, predictor: str, layout: str) -> dict:
     best = {m: max(out.values(), key=lambda r: r[m]["rps"]) for m in ("on", "off")}
     out[f"at_{top}_clients"] = {
         "on_best_rps": best["on"]["on"]["rps"],
-        "on_best_threads": best["on"]["ray_free"]["threads"],
+        "on_best_threads": best["on"]["threads"],
         "off_best_rps": best["off"]["off"]["rps"],
-        "off_best_threads": best["off"]["ray_free"]["threads"],
+        "off_best_threads": best["off"]["threads"],
         "throughput_on_over_off": round(best["on"]["on"]["rps"] / best["off"]["off"]["rps"], 2),
     }
     return out
