@@ -6,16 +6,14 @@ panel: the judges together in one Panel; colocated (small models): one Models re
 Ingress replica itself (no deployment call per request). Ingress (FastAPI):
 /v1/predict, /v1/enrich, /v1/chat/completions, /v1/completions, /v1/models, /healthz. Shims over
 `caslie_core`; the ingress fetches and decodes images itself (SSRF-safe), calls each model deployment once per
-request, retries a call whose replica died; overload gives 503 with Retry-After, a passed deadline 504.
+request (the co-located Models replica once for a whole /v1/predict), retries a call whose replica died; overload
+gives 503 with Retry-After, a passed deadline 504. Starting and stopping it for `caslie serve`: `serve_driver`.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real annotations (Request) on the routes.
 import asyncio
-import contextlib
 import functools
 import logging
-import signal
-import threading
 import time
 import uuid
 
@@ -28,13 +26,12 @@ from caslie_core.config import ServeConfig
 from caslie_core.serving.spec import app_spec
 
 from . import metrics
-from .common import ROOT, init_ray, job_entry, job_main, requiet
-from .common import log as say  # the driver's own lines (`caslie serve`)
+from .common import ROOT, job_entry, job_main
+from .serve_driver import APP_NAME, run, serving, start  # noqa: F401 - the driver side, for callers of this module
 from .serve_models import Captioner, Judge, Panel
 from .serve_predictor import InProcess, models_args, predictor_deployment
 
 log = logging.getLogger("ray.serve")
-APP_NAME = "caslie"
 DESCRIPTION = "Context-conditioned captions, caption-quality votes and answers of a fine-tuned e-commerce model."
 # The docs routes are the ingress's own (below): behind the API key when one is set.
 api = FastAPI(title="CASLIE", version="1", description=DESCRIPTION, docs_url=None, redoc_url=None, openapi_url=None)
@@ -115,13 +112,13 @@ class Ingress:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         http = self.cfg.http
-        start = time.monotonic()  # the deadline counts from here: reading the body is part of the request
-        stage = {"name": "reading the request", "deadline": start + http.request_timeout_s}
+        began = time.monotonic()  # the deadline counts from here: reading the body is part of the request
+        stage = {"name": "reading the request", "deadline": began + http.request_timeout_s}
         try:
             self._authorize(request)
             req = sv.parse_body(await self._body(request, min(http.body_timeout_s, http.request_timeout_s)), model)
             timeout = min(req.timeout_s or http.request_timeout_s, http.request_timeout_s)
-            stage["deadline"] = start + timeout
+            stage["deadline"] = began + timeout
             try:
                 return await asyncio.wait_for(work(req, stage), max(0.0, stage["deadline"] - time.monotonic()))
             except TimeoutError:
@@ -182,15 +179,23 @@ class Ingress:
                 return [{k: v for reply in replies for k, v in reply[i].items()} for i in range(len(questions))]
 
             times = await sv.caption_and_judge(slots, questions_of, caption_many, vote_many, stage)
+        self._timed(times, timings)
+        return slots
+
+    @staticmethod
+    def _timed(times: dict, timings: dict) -> None:
+        """Stage seconds into the response's `timings_ms` and the stage histogram."""
         for name, seconds in times.items():
             timings[name] = round(seconds * 1000, 1)
             metrics.observe("caslie_serve_stage_seconds", seconds, stage=name)
-        return slots
 
     async def _answer(self, prompt: str, model_id: str, stage: dict, limit=None, sampling=None) -> dict:
         stage["name"] = "answering"
         handle = self.predictor.options(multiplexed_model_id=model_id)
-        answer = await self._call(lambda: handle.predict.remote(prompt, limit, sampling))
+        return self._finished(await self._call(lambda: handle.predict.remote(prompt, limit, sampling)), limit)
+
+    def _finished(self, answer: dict, limit=None) -> dict:
+        """A predictor's answer checked (a model failure is a 500), with its OpenAI finish reason."""
         if answer["error"]:
             raise sv.ApiError(500, f"the model failed: {answer['error']}", code="model_error")
         cap = min(limit or self.cfg.model.max_new_tokens, self.cfg.model.max_new_tokens)
@@ -205,14 +210,18 @@ class Ingress:
         events = sv.stream_events(chunks, tokens, include_usage=req.include_usage, deadline=stage["deadline"])
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _enrich(self, req: sv.EnrichRequest, stage: dict, timings: dict):
+    async def _record(self, req: sv.EnrichRequest, stage: dict, timings: dict):
+        """The request's record and its image slots, the images fetched and decoded."""
         stage["name"] = "validating the record"
         record = sv.to_record(req)
         slots = sv.record_slots(record)
         t = time.perf_counter()
         await self._images(slots, req.image_errors, stage)
-        timings["fetch"] = round((time.perf_counter() - t) * 1000, 1)
-        metrics.observe("caslie_serve_stage_seconds", time.perf_counter() - t, stage="fetch")
+        self._timed({"fetch": time.perf_counter() - t}, timings)
+        return record, slots
+
+    async def _enrich(self, req: sv.EnrichRequest, stage: dict, timings: dict):
+        record, slots = await self._record(req, stage, timings)
         slots = await self._judged(slots, functools.partial(sv.record_questions, record), stage, timings)
         return record, sv.enriched(record, slots)
 
@@ -231,11 +240,18 @@ class Ingress:
         async def work(req: sv.PredictRequest, stage: dict):
             t0, timings = time.perf_counter(), {}
             name, model_id = await self._model_id(req.adapter)
-            record, out = await self._enrich(req, stage, timings)
-            t = time.perf_counter()
-            ans = await self._answer(sv.record_prompt_text(record, out, style=self.style), model_id, stage)
-            timings["predict"] = round((time.perf_counter() - t) * 1000, 1)
-            metrics.observe("caslie_serve_stage_seconds", time.perf_counter() - t, stage="predict")
+            if self.colocated:  # one call: the Models replica (or this one) captions, judges and answers
+                record, slots = await self._record(req, stage, timings)
+                stage["name"] = "captioning, judging and answering"
+                handle = self.predictor.options(multiplexed_model_id=model_id)
+                out, ans, times = await self._call(lambda: handle.predict_record.remote(record, slots, self.style))
+                self._timed(times, timings)
+                ans = self._finished(ans)
+            else:
+                record, out = await self._enrich(req, stage, timings)
+                t = time.perf_counter()
+                ans = await self._answer(sv.record_prompt_text(record, out, style=self.style), model_id, stage)
+                self._timed({"predict": time.perf_counter() - t}, timings)
             timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
             return sv.predict_response(record, name, out, ans, timings)
 
@@ -386,57 +402,6 @@ def build_app(args: ServeConfig) -> serve.Application:
     }
     ingress = m.deployment if cfg.layout == "single" else cfg.http.ingress
     return Ingress.options(**ingress.options("Ingress", retry, live=cfg.layout == "single")).bind(ingress_spec, handles)
-
-
-def start(cfg: ServeConfig, *, name: str = APP_NAME) -> str:
-    """Start Serve on `http.host:http.port` and deploy the app; returns the base URL once it is ready."""
-    # ray.log_format=json (or the file's logging_config encoding JSON): Serve's controller, proxies and our
-    # replicas write JSON lines too
-    logging = {"encoding": "JSON"} if cfg.ray.log_format == "json" else None
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port}, logging_config=logging)
-    requiet()  # Serve sets its driver-side logger on start
-    serve.run(build_app(cfg), name=name, route_prefix="/", logging_config=logging)
-    return f"http://{cfg.http.host}:{cfg.http.port}"
-
-
-@contextlib.contextmanager
-def serving(cfg: ServeConfig):
-    """`with serving(cfg) as url:` the app runs inside the block and is shut down after it."""
-    started = init_ray(cfg.ray)
-    before = serve.status()
-    shared = bool(before.proxies or before.applications)  # Serve already runs here (other apps may too)
-    try:
-        yield start(cfg)
-    finally:
-        serve.delete(APP_NAME) if shared else serve.shutdown()
-        if started:
-            import ray
-
-            ray.shutdown()
-
-
-def run(cfg: ServeConfig) -> None:
-    """`caslie serve`: serve until interrupted (Ctrl-C or SIGTERM), then shut Serve down in order."""
-    stop = threading.Event()
-    started = init_ray(cfg.ray)
-    # Ray's driver handler turns SIGTERM into SystemExit wherever the main thread is (mid-deploy, inside
-    # gRPC calls) and the process then aborts on the way out; ours, set after Ray's, only asks the loop
-    # below to end, so Serve drains and stops (also when the signal comes while the app is deploying).
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        with serving(cfg) as url:
-            say.info(f"CASLIE is serving at {url}; Ctrl-C stops it\n  curl {url}/healthz   {url}/v1/models")
-            try:
-                while not stop.wait(0.5):
-                    pass
-            except KeyboardInterrupt:
-                pass
-            say.info("shutting down")
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@ Models object inside the ingress's own replica (layout single: `InProcess`, no d
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import time
 import uuid
 from typing import Any
 
@@ -31,7 +33,8 @@ class _Loaded:
 
 def predictor_deployment(max_adapters: int, *, colocated: bool = False):
     """The Predictor deployment (the multiplexer's capacity is fixed when the class is made); `colocated`: the
-    Models deployment, which also captions and judges (`enrich`: one call for all of a request's images)."""
+    Models deployment, which also captions and judges (`enrich`: one call for all of a request's images;
+    `predict_record`: one call for the whole of a /v1/predict)."""
 
     class Predictor(_Health):
         def __init__(self, spec: dict) -> None:
@@ -168,6 +171,18 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
             core's question builder for a record or a chat), in one call; the slots back, with stage times."""
             times = await sv.caption_and_judge(slots, questions_of, self.caption_many, self.vote_many, {})
             return slots, times
+
+        async def predict_record(self, record, slots: list, style: str) -> tuple[dict, dict, dict]:
+            """/v1/predict in one call: a record's images captioned and judged, its enriched prompt answered with
+            the adapter the request names (the multiplexed model id); the enrichment, the answer, stage seconds."""
+            times = await sv.caption_and_judge(
+                slots, functools.partial(sv.record_questions, record), self.caption_many, self.vote_many, {}
+            )
+            out = sv.enriched(record, slots)
+            t = time.perf_counter()
+            answer = await self.predict(sv.record_prompt_text(record, out, style=style))
+            times["predict"] = time.perf_counter() - t
+            return out, answer, times
 
     return serve.deployment(name="Models")(Models)
 

@@ -460,6 +460,11 @@ def test_other_layouts_answer_exactly_as_the_split_one(app, trained, layout):
         assert [(i["caption"], i["votes"], i["kept"]) for i in other["images"]] == [
             (i["caption"], i["votes"], i["kept"]) for i in split["images"]
         ]
+        assert {"fetch", "caption", "judge", "predict", "total"} <= set(other["timings_ms"])
+        named = {**body, "adapter": "cc_only"}  # colocated and single: the whole record in one call, this adapter
+        assert post(app, f"/{layout}/v1/predict", named).json()["raw_output"] == (
+            post(app, "/v1/predict", named).json()["raw_output"]
+        )
         c = post(app, f"/{layout}/v1/chat/completions", chat).json()
         assert c["choices"][0]["message"] == split_chat["choices"][0]["message"]
         assert c["caslie"]["images"] == split_chat["caslie"]["images"]
