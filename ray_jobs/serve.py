@@ -26,8 +26,9 @@ from caslie_core.config import ServeConfig
 from caslie_core.serving.spec import app_spec
 
 from . import metrics
+from . import serve_driver as driver
 from .common import ROOT, job_entry, job_main
-from .serve_driver import APP_NAME, run, serving, start  # noqa: F401 - the driver side, for callers of this module
+from .serve_driver import APP_NAME
 from .serve_models import Captioner, Judge, Panel
 from .serve_predictor import InProcess, models_args, predictor_deployment
 
@@ -402,6 +403,21 @@ def build_app(args: ServeConfig) -> serve.Application:
     }
     ingress = m.deployment if cfg.layout == "single" else cfg.http.ingress
     return Ingress.options(**ingress.options("Ingress", retry, live=cfg.layout == "single")).bind(ingress_spec, handles)
+
+
+def start(cfg: ServeConfig, *, name: str = APP_NAME) -> str:
+    """Start Serve on `http.host:http.port` and deploy the app; returns the base URL once it is ready."""
+    return driver.start(cfg, build_app, name=name)
+
+
+def serving(cfg: ServeConfig):
+    """`with serving(cfg) as url:` the app runs inside the block and is shut down after it."""
+    return driver.serving(cfg, build_app)
+
+
+def run(cfg: ServeConfig) -> None:
+    """`caslie serve`: serve until interrupted (Ctrl-C or SIGTERM), then shut Serve down in order."""
+    driver.run(cfg, build_app)
 
 
 def main(argv: list[str] | None = None) -> int:
