@@ -12,7 +12,8 @@ All parts run on one local Ray, side by side, so the figures are ratios measured
   run to run: 460-710 req/s here): the ratios use the faster of the two. Also where the time goes: the app's own
   per-stage times (`timings_ms`), what is left for the proxy, the ingress and the HTTP round trip, and the CPU per
   request of each process (proxy, each deployment's replicas, the load generator, the rest of Ray; psutil) against
-  what 0.4 of the echo's rate leaves.
+  what 0.4 of the echo's rate leaves (on the machine, and in one process: about one core), and what the models
+  alone cost per request (Ray-free, one thread, alone and in batches of the top client count).
 - ttft: chat completions of 32 tokens with each `--ttft-sizes` predictor (default medium and large, random-weight
   Llamas, see benchmarks/train.py), text only, layout `--ttft-layout` (single), `batching.wait_timeout_s: 0` (a
   request that finds the replica idle starts at once): time to the first content chunk streamed, against the
@@ -290,8 +291,60 @@ def part_hops(clients, per_client) -> dict:
             **{name: out[name][top].get("cpu_ms_per_request") for name in variants},
         },
         "budget_ms_per_request_for_0.4_of_echo": round((os.cpu_count() or 1) * 1000 / (0.4 * floor["rps"]), 2),
+        # one process (one interpreter lock) is held to about a core: its budget at 0.4 of the echo's rate
+        "one_process_budget_ms_per_request": round(1000 / (0.4 * floor["rps"]), 2),
+        "models_alone": models_alone(int(top)),
     }
     return out
+
+
+def models_alone(rows: int) -> dict:
+    """Ray-free, in this process, one torch thread (as the 0.25-CPU replicas have): what the hops part's tiny models
+    cost per request on the app's own prompts (RECORD, its image decoded as the ingress does), alone and in
+    batches of `rows` (what layout single reaches at the top client count): the captioner, both judges, the
+    predictor; the rest of a request's CPU is the service's."""
+    import torch
+
+    from caslie_core import serving as sv
+    from caslie_core.images.decode import decode_image
+    from caslie_core.models.captioner import Captioner
+    from caslie_core.models.judge import Judge
+    from caslie_core.models.predictor import AdapterPredictor
+    from caslie_core.serving.spec import app_spec
+
+    cfg = app_config(layout="single", predictor="tiny:lm", max_new_tokens=16)
+    record = sv.to_record(sv.parse_body(json.dumps({**RECORD, "images": [image_uri()]}).encode(), sv.PredictRequest))
+    slots = sv.record_slots(record)
+    pixels = decode_image(base64.b64decode(image_uri().split(",", 1)[1]), size=cfg.captioner.image_size)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        captioner = Captioner.from_config(cfg.captioner, batch_size=rows)
+        judges = [Judge.from_config(j, batch_size=rows) for j in cfg.judges]
+        predictor = AdapterPredictor.from_spec(app_spec(cfg)["predictor"], batch_size=rows)
+        for slot, out in zip(slots, [vars(r) for r in captioner.caption([pixels], [slots[0].prompt])]):
+            sv.caption_outcome(slot, out)
+        question = list(sv.record_questions(record, slots).values())[0]
+        prompt = sv.record_prompt_text(record, sv.enriched(record, slots), style=app_spec(cfg)["style"])
+        stages = {
+            "caption": lambda n: captioner.caption([pixels] * n, [slots[0].prompt] * n),
+            **{f"judge_{j.name}": (lambda n, m=m: m.vote([question] * n)) for j, m in zip(cfg.judges, judges)},
+            "answer": lambda n: predictor.answer([prompt] * n),
+        }
+        per: dict = {}
+        for n in (1, rows):
+            for name, run in stages.items():
+                run(n)  # warm-up
+                t, rounds = time.process_time(), max(2, 16 // n)
+                for _ in range(rounds):
+                    run(n)
+                per.setdefault(n, {})[name] = (time.process_time() - t) / rounds / n * 1000
+    finally:
+        torch.set_num_threads(before)
+    return {
+        f"batch_{n}": {"ms_per_request": {k: round(v, 2) for k, v in by.items()}, "all": round(sum(by.values()), 2)}
+        for n, by in per.items()
+    }
 
 
 def part_ttft(clients, per_client, predictor: str, layout: str) -> dict:
