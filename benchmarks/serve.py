@@ -322,9 +322,9 @@ def models_alone(rows: int) -> dict:
         captioner = Captioner.from_config(cfg.captioner, batch_size=rows)
         judges = [Judge.from_config(j, batch_size=rows) for j in cfg.judges]
         predictor = AdapterPredictor.from_spec(app_spec(cfg)["predictor"], batch_size=rows)
-        for slot, out in zip(slots, [vars(r) for r in captioner.caption([pixels], [slots[0].prompt])]):
-            sv.caption_outcome(slot, out)
-        question = list(sv.record_questions(record, slots).values())[0]
+        sv.caption_outcome(slots[0], vars(captioner.caption([pixels], [slots[0].prompt])[0]))  # the app's caption
+        slots[0].caption = slots[0].caption or "a green ceramic mug"  # (random weights may caption nothing)
+        question = sv.record_questions(record, slots)[0]
         prompt = sv.record_prompt_text(record, sv.enriched(record, slots), style=app_spec(cfg)["style"])
         stages = {
             "caption": lambda n: captioner.caption([pixels] * n, [slots[0].prompt] * n),
