@@ -6,8 +6,9 @@ panel: the judges together in one Panel; colocated (small models): one Models re
 Ingress replica itself (no deployment call per request). Ingress (FastAPI):
 /v1/predict, /v1/enrich, /v1/chat/completions, /v1/completions, /v1/models, /healthz. Shims over
 `caslie_core`; the ingress fetches and decodes images itself (SSRF-safe), calls each model deployment once per
-request (the co-located Models replica once for a whole /v1/predict), retries a call whose replica died; overload
-gives 503 with Retry-After, a passed deadline 504. Starting and stopping it for `caslie serve`: `serve_driver`.
+request (the co-located Models replica once for a whole /v1/predict or unstreamed chat), retries a call whose
+replica died; overload gives 503 with Retry-After, a passed deadline 504. Starting and stopping it for
+`caslie serve`: `serve_driver`.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real annotations (Request) on the routes.
@@ -195,6 +196,19 @@ class Ingress:
         handle = self.predictor.options(multiplexed_model_id=model_id)
         return self._finished(await self._call(lambda: handle.predict.remote(prompt, limit, sampling)), limit)
 
+    async def _enriched_answer(
+        self, slots, questions_of, prompt_of, model_id: str, stage, timings, limit=None, sampling=None
+    ):
+        """Co-located layouts: captions, votes and the answer in one call to the Models replica (or this one,
+        `Models.answer_enriched`); the slots and the checked answer back."""
+        stage["name"] = "captioning, judging and answering"
+        handle = self.predictor.options(multiplexed_model_id=model_id)
+        slots, ans, times = await self._call(
+            lambda: handle.answer_enriched.remote(slots, questions_of, prompt_of, limit, sampling)
+        )
+        self._timed(times, timings)
+        return slots, self._finished(ans, limit)
+
     def _finished(self, answer: dict, limit=None) -> dict:
         """A predictor's answer checked (a model failure is a 500), with its OpenAI finish reason."""
         if answer["error"]:
@@ -243,11 +257,10 @@ class Ingress:
             name, model_id = await self._model_id(req.adapter)
             if self.colocated:  # one call: the Models replica (or this one) captions, judges and answers
                 record, slots = await self._record(req, stage, timings)
-                stage["name"] = "captioning, judging and answering"
-                handle = self.predictor.options(multiplexed_model_id=model_id)
-                out, ans, times = await self._call(lambda: handle.predict_record.remote(record, slots, self.style))
-                self._timed(times, timings)
-                ans = self._finished(ans)
+                prompt_of = functools.partial(sv.record_prompt, record, style=self.style)
+                questions_of = functools.partial(sv.record_questions, record)
+                slots, ans = await self._enriched_answer(slots, questions_of, prompt_of, model_id, stage, timings)
+                out = sv.enriched(record, slots)
             else:
                 record, out = await self._enrich(req, stage, timings)
                 t = time.perf_counter()
@@ -258,23 +271,28 @@ class Ingress:
 
         return await self._handle(request, sv.PredictRequest, work)
 
-    async def _chat_prompt(self, req: sv.ChatRequest, stage: dict) -> tuple[str, list]:
-        """The chat as one prompt: its images fetched, captioned in context and judged (CASLIE), kept captions in."""
-        text, urls = sv.chat_request_text(req)
-        slots = sv.chat_slots(text, urls)
-        await self._images(slots, "fail", stage)
-        slots = await self._judged(slots, functools.partial(sv.chat_questions, text), stage, {})
-        return sv.chat_prompt(text, slots, style=self.style), slots
-
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         async def work(req: sv.ChatRequest, stage: dict):
+            """The chat as one prompt: its images fetched, captioned in context and judged (CASLIE), kept captions
+            in; in the co-located layouts a chat not streamed is one call (as a /v1/predict)."""
             req.check_supported()
             name, model_id = await self._model_id(req.model)
-            prompt, slots = await self._chat_prompt(req, stage)
-            if req.stream:
-                return self._stream(sv.Chunks(name, chat=True), prompt, model_id, req, stage)
-            ans = await self._answer(prompt, model_id, stage, req.limit(), sv.request_sampling(req))
+            text, urls = sv.chat_request_text(req)
+            slots = sv.chat_slots(text, urls)
+            await self._images(slots, "fail", stage)
+            questions_of = functools.partial(sv.chat_questions, text)
+            prompt_of = functools.partial(sv.chat_prompt, text, style=self.style)
+            limit, sampling = req.limit(), sv.request_sampling(req)
+            if self.colocated and not req.stream:
+                slots, ans = await self._enriched_answer(
+                    slots, questions_of, prompt_of, model_id, stage, {}, limit, sampling
+                )
+            else:
+                slots = await self._judged(slots, questions_of, stage, {})
+                if req.stream:
+                    return self._stream(sv.Chunks(name, chat=True), prompt_of(slots), model_id, req, stage)
+                ans = await self._answer(prompt_of(slots), model_id, stage, limit, sampling)
             return sv.chat_completion(
                 name,
                 ans["text"],

@@ -5,7 +5,6 @@ Models object inside the ingress's own replica (layout single: `InProcess`, no d
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import time
 import uuid
 from typing import Any
@@ -34,7 +33,7 @@ class _Loaded:
 def predictor_deployment(max_adapters: int, *, colocated: bool = False):
     """The Predictor deployment (the multiplexer's capacity is fixed when the class is made); `colocated`: the
     Models deployment, which also captions and judges (`enrich`: one call for all of a request's images;
-    `predict_record`: one call for the whole of a /v1/predict)."""
+    `answer_enriched`: one call for the whole of a /v1/predict or an unstreamed chat)."""
 
     class Predictor(_Health):
         def __init__(self, spec: dict) -> None:
@@ -172,17 +171,16 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
             times = await sv.caption_and_judge(slots, questions_of, self.caption_many, self.vote_many, {})
             return slots, times
 
-        async def predict_record(self, record, slots: list, style: str) -> tuple[dict, dict, dict]:
-            """/v1/predict in one call: a record's images captioned and judged, its enriched prompt answered with
-            the adapter the request names (the multiplexed model id); the enrichment, the answer, stage seconds."""
-            times = await sv.caption_and_judge(
-                slots, functools.partial(sv.record_questions, record), self.caption_many, self.vote_many, {}
-            )
-            out = sv.enriched(record, slots)
+        async def answer_enriched(self, slots: list, questions_of, prompt_of, limit=None, sampling=None):
+            """Enrich, then answer, in one call (a /v1/predict, a chat not streamed): a request's images captioned
+            and judged (`questions_of(slots)`), its prompt built from them (`prompt_of(slots)`; both the core's
+            builders for a record or a chat) and answered with the adapter the request names (the multiplexed
+            model id); the slots, the answer and stage seconds back."""
+            times = await sv.caption_and_judge(slots, questions_of, self.caption_many, self.vote_many, {})
             t = time.perf_counter()
-            answer = await self.predict(sv.record_prompt_text(record, out, style=style))
+            answer = await self.predict(prompt_of(slots), limit, sampling)
             times["predict"] = time.perf_counter() - t
-            return out, answer, times
+            return slots, answer, times
 
     return serve.deployment(name="Models")(Models)
 

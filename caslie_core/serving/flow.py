@@ -150,6 +150,11 @@ def record_prompt_text(record: Record, out: dict, *, style: str) -> str:
     return instruction_prompt(record.instruction, out["input"], out["options"], style=style)
 
 
+def record_prompt(record: Record, slots: list[ImageSlot], *, style: str) -> str:
+    """The instruction prompt of a record whose images are captioned and judged (`slots`)."""
+    return record_prompt_text(record, enriched(record, slots), style=style)
+
+
 def predict_response(record: Record, model: str, out: dict, ans: dict, timings: dict) -> dict:
     """The /v1/predict body: the answer, whether it is a valid label, the enrichment report, usage, timings."""
     if ans["error"]:

@@ -462,11 +462,17 @@ def test_other_layouts_answer_exactly_as_the_split_one(app, trained, layout):
         ]
         assert {"fetch", "caption", "judge", "predict", "total"} <= set(other["timings_ms"])
         named = {**body, "adapter": "cc_only"}  # colocated and single: the whole record in one call, this adapter
-        assert post(app, f"/{layout}/v1/predict", named).json()["raw_output"] == (
-            post(app, "/v1/predict", named).json()["raw_output"]
+        assert (
+            post(app, f"/{layout}/v1/predict", named).json()["raw_output"]
+            == (post(app, "/v1/predict", named).json()["raw_output"])
         )
         c = post(app, f"/{layout}/v1/chat/completions", chat).json()
         assert c["choices"][0]["message"] == split_chat["choices"][0]["message"]
+        # the cap and a seeded draw reach the model (the untuned one: flat enough that a draw is not greedy's pick)
+        short = {**chat, "model": IDS["base"], "max_tokens": 3, "temperature": 1.0, "seed": 7}
+        got, want = (post(app, f"{prefix}/v1/chat/completions", short).json() for prefix in (f"/{layout}", ""))
+        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"] <= 3
+        assert got["choices"][0] == want["choices"][0]
         assert c["caslie"]["images"] == split_chat["caslie"]["images"]
         for model in (IDS["rules"], IDS["cc_only"]):  # streamed, per adapter: the answer split gives
             want = post(app, "/v1/chat/completions", {**chat, "model": model}).json()["choices"][0]["message"]
