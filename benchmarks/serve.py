@@ -325,7 +325,7 @@ def models_alone(rows: int) -> dict:
         sv.caption_outcome(slots[0], vars(captioner.caption([pixels], [slots[0].prompt])[0]))  # the app's caption
         slots[0].caption = slots[0].caption or "a green ceramic mug"  # (random weights may caption nothing)
         question = sv.record_questions(record, slots)[0]
-        prompt = sv.record_prompt_text(record, sv.enriched(record, slots), style=app_spec(cfg)["style"])
+        prompt = sv.record_prompt(record, slots, style=app_spec(cfg)["style"])
         stages = {
             "caption": lambda n: captioner.caption([pixels] * n, [slots[0].prompt] * n),
             **{f"judge_{j.name}": (lambda n, m=m: m.vote([question] * n)) for j, m in zip(cfg.judges, judges)},
