@@ -313,6 +313,7 @@ def models_alone(rows: int) -> dict:
     from caslie_core.serving.spec import app_spec
 
     cfg = app_config(layout="single", predictor="tiny:lm", max_new_tokens=16)
+    spec = app_spec(cfg)
     record = sv.to_record(sv.parse_body(json.dumps({**RECORD, "images": [image_uri()]}).encode(), sv.PredictRequest))
     slots = sv.record_slots(record)
     pixels = decode_image(base64.b64decode(image_uri().split(",", 1)[1]), size=cfg.captioner.image_size)
@@ -321,11 +322,11 @@ def models_alone(rows: int) -> dict:
     try:
         captioner = Captioner.from_config(cfg.captioner, batch_size=rows)
         judges = [Judge.from_config(j, batch_size=rows) for j in cfg.judges]
-        predictor = AdapterPredictor.from_spec(app_spec(cfg)["predictor"], batch_size=rows)
+        predictor = AdapterPredictor.from_spec(spec["predictor"], batch_size=rows)
         sv.caption_outcome(slots[0], vars(captioner.caption([pixels], [slots[0].prompt])[0]))  # the app's caption
         slots[0].caption = slots[0].caption or "a green ceramic mug"  # (random weights may caption nothing)
         question = sv.record_questions(record, slots)[0]
-        prompt = sv.record_prompt(record, slots, style=app_spec(cfg)["style"])
+        prompt = sv.record_prompt(record, slots, style=spec["style"])
         stages = {
             "caption": lambda n: captioner.caption([pixels] * n, [slots[0].prompt] * n),
             **{f"judge_{j.name}": (lambda n, m=m: m.vote([question] * n)) for j, m in zip(cfg.judges, judges)},

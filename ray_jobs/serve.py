@@ -273,9 +273,10 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
+        """The chat as one prompt: its images fetched, captioned in context and judged (CASLIE), kept captions in;
+        in the co-located layouts a chat not streamed is one call (as a /v1/predict)."""
+
         async def work(req: sv.ChatRequest, stage: dict):
-            """The chat as one prompt: its images fetched, captioned in context and judged (CASLIE), kept captions
-            in; in the co-located layouts a chat not streamed is one call (as a /v1/predict)."""
             req.check_supported()
             name, model_id = await self._model_id(req.model)
             text, urls = sv.chat_request_text(req)
