@@ -188,3 +188,12 @@ def trained(ray_session, train_catalog, tmp_path_factory, s3_server):
     )
     summary = train.run(cfg)
     return {"summary": summary, "cfg": cfg, "work": work, "catalog": train_catalog}
+
+
+@pytest.fixture(scope="session")
+def families(_cache):
+    """Tiny random stand-ins of the real model families (`tests/families/build.py`), built once per session:
+    {name: folder, or "skip: why" where this machine cannot build one}."""
+    from families.build import build_families
+
+    return build_families(_cache / "families")

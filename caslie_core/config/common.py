@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..models.chat import DATE_FORMAT, RESEARCH_DATE
 from ..models.loading import DTYPES
 
 
@@ -172,6 +173,30 @@ class ModelRef(StrictModel):
     trust_remote_code: bool = Field(False, description="run model code from the hub (only for trusted repos)")
 
 
+class ChatModelRef(ModelRef):
+    """A model asked through its chat template (the captioner, the judges)."""
+
+    chat_date: str = Field(
+        RESEARCH_DATE,
+        description="the date a chat template writes where it writes one (Llama-3.x: 'Today Date: ...'); fixed so "
+        "a prompt renders the same every day. Default: the research code's runs (Llama-3.1's default), "
+        "format '%d %b %Y'",
+    )
+
+    @field_validator("chat_date")
+    @classmethod
+    def _chat_date(cls, v: str) -> str:
+        from datetime import datetime
+
+        try:
+            datetime.strptime(v, DATE_FORMAT)
+        except ValueError:
+            raise ValueError(
+                f"chat_date {v!r} is not a date like '{RESEARCH_DATE}' (day, abbreviated month, year)"
+            ) from None
+        return v
+
+
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -196,7 +221,7 @@ class RayConfig(StrictModel):
     )
 
 
-class JudgeBase(ModelRef):
+class JudgeBase(ChatModelRef):
     """One judge of the panel, in the batch job and in the service."""
 
     name: str = Field(description="short name, used in column names (votes_<name>) and responses")

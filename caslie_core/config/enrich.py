@@ -7,11 +7,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .common import (
+    ChatModelRef,
     DecodeConfig,
     FetchConfig,
     InputConfig,
     JudgeBase,
-    ModelRef,
     OutputConfig,
     PoolConfig,
     RayConfig,
@@ -19,7 +19,7 @@ from .common import (
 )
 
 
-class CaptionerConfig(ModelRef):
+class CaptionerConfig(ChatModelRef):
     model: str | None = Field(
         None, description="Hugging Face model id or local path (`tiny:NAME` offline); needed when source is model"
     )

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .common import Dtype, FetchRules, JudgeBase, ModelRef, RayConfig, StrictModel
+from .common import ChatModelRef, Dtype, FetchRules, JudgeBase, RayConfig, StrictModel
 
 # What an adapter may be called: it becomes part of a model id (`BASE_ID:NAME`) and a folder of the adapter store
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -170,7 +170,7 @@ class ServeFetchConfig(FetchRules):
     per_request: int = Field(4, ge=1, description="images one request fetches at a time")
 
 
-class ServeCaptionerConfig(ModelRef):
+class ServeCaptionerConfig(ChatModelRef):
     max_new_tokens: int = Field(128, ge=1, le=1024, description="caption length cap (method: 128)")
     image_size: int = Field(336, ge=8, description="images are letterboxed to this square")
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings, description="replicas")

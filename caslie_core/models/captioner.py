@@ -26,8 +26,25 @@ class CaptionModel(Protocol):
     def caption(self, images: list, prompts: list[str]) -> list[CaptionResult]: ...
 
 
+# How a processor WITHOUT a chat template wants one image and its request written. BLIP-2's processors insert the
+# image's query tokens themselves (an `<image>` of ours would be one too many); PaliGemma's expands `<image>` and
+# adds BOS and the closing newline itself (its own layout has no newline after the image). Any other processor
+# (a LLaVA checkpoint saved without a template): the image token on a line of its own.
+PLAIN_LAYOUTS = {
+    "Blip2Processor": "{prompt}",
+    "InstructBlipProcessor": "{prompt}",
+    "PaliGemmaProcessor": "{image}{prompt}",
+}
+DEFAULT_LAYOUT = "{image}\n{prompt}"
+
+
 class Captioner:
-    """Loads the model and processor once; `caption` is called per batch."""
+    """Loads the model and processor once; `caption` is called per batch.
+
+    Inputs are built by the processor's own contract: with a chat template, transformers' own
+    `processor.apply_chat_template(..., tokenize=True)` with the image in the message (one image list per prompt,
+    BOS exactly as transformers adds it, the template's date pinned to `chat_date`); without one, the prompt laid
+    out as the processor expects (`PLAIN_LAYOUTS`). A batch is one `generate` call."""
 
     def __init__(
         self,
@@ -39,10 +56,14 @@ class Captioner:
         max_new_tokens: int = 128,
         batch_size: int = 8,
         trust_remote_code: bool = False,
+        chat_date: str | None = None,
+        label: str = "captioner",
     ) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from .batching import Fallbacks
+        from .chat import RESEARCH_DATE
         from .loading import fix_padding, pick_device, pick_dtype
         from .registry import resolve_model
 
@@ -64,8 +85,9 @@ class Captioner:
             self.model.generation_config.pad_token_id = tok.pad_token_id
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.chat_date = chat_date or RESEARCH_DATE
+        self.fallbacks = Fallbacks(label)
         self._torch = torch
-        self._no_specials = True  # tokenize templated text with add_special_tokens=False (until refused)
 
     @classmethod
     def from_config(cls, c, *, batch_size: int | None = None) -> Captioner:
@@ -77,6 +99,7 @@ class Captioner:
             max_new_tokens=c.max_new_tokens,
             batch_size=batch_size or getattr(c, "micro_batch", 8),
             trust_remote_code=c.trust_remote_code,
+            chat_date=c.chat_date,
         )
 
     @property
@@ -84,26 +107,39 @@ class Captioner:
         """Whether prompts go through the processor's chat template (which writes the special tokens)."""
         return bool(getattr(self.processor, "chat_template", None))
 
+    @staticmethod
+    def _messages(prompt: str, image: Any = None) -> list[dict]:
+        picture = {"type": "image"} if image is None else {"type": "image", "image": image}
+        return [{"role": "user", "content": [picture, {"type": "text", "text": prompt}]}]
+
+    def _template_vars(self) -> dict:
+        from .chat import date_vars
+
+        return date_vars(self.processor.chat_template, self.chat_date)
+
     def render(self, prompt: str) -> str:
+        """The text the model is asked, before the processor expands its image tokens."""
         proc = self.processor
         if self.templated:
-            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            return proc.apply_chat_template(msgs, add_generation_prompt=True)
-        token = getattr(proc, "image_token", "<image>")
-        return f"{token}\n{prompt}"
+            return proc.apply_chat_template(self._messages(prompt), add_generation_prompt=True, **self._template_vars())
+        layout = PLAIN_LAYOUTS.get(type(proc).__name__, DEFAULT_LAYOUT)
+        return layout.format(image=str(getattr(proc, "image_token", "<image>")), prompt=prompt)
 
     def _inputs(self, images: list[Any], prompts: list[str]) -> dict:
-        """The model inputs, on the device. A chat-templated text already holds its special tokens (the
-        BOS among them): it is tokenized without adding them again, as the research code does."""
-        texts = [self.render(p) for p in prompts]
-        kwargs: dict[str, Any] = {"add_special_tokens": False} if self.templated and self._no_specials else {}
-        try:
-            enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt", **kwargs)
-        except TypeError:  # a processor (remote code) without the argument
-            if not kwargs:
-                raise
-            self._no_specials = False
-            enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        """The model inputs of a batch, on the device."""
+        if self.templated:
+            enc = self.processor.apply_chat_template(
+                [self._messages(p, im) for im, p in zip(images, prompts)],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"padding": True},
+                **self._template_vars(),
+            )
+        else:
+            texts = [self.render(p) for p in prompts]
+            enc = self.processor(images=[[im] for im in images], text=texts, padding=True, return_tensors="pt")
         return {
             k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in enc.items()
         }
@@ -134,4 +170,6 @@ class Captioner:
             run,
             lambda e: CaptionResult(None, error_text(e)),
             sort_key=lambda item: len(item[1]),
+            fallbacks=self.fallbacks,
+            is_error=lambda r: r.error is not None,
         )

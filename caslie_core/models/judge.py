@@ -71,12 +71,18 @@ class Judge:
         trust_remote_code: bool = False,
         reply: JudgeReply = "strict",
         system_message: str | None = None,
+        chat_date: str | None = None,
+        label: str = "judge",
     ) -> None:
         """`reply`: how a generated answer becomes a vote (`strict`: yes/no/None by `parse_judge_answer`;
         `research`: the ballot of `research_ballot`, generate mode only). `system_message`: a system turn
-        before the question, where the chat template has a system role (else left out, silently)."""
+        before the question, where the chat template has a system role (else left out, silently). `chat_date`:
+        the date the template writes, where it writes one (default the research code's). `label`: the name its
+        batch fallbacks are counted under (`judge_<name>`)."""
         import torch
 
+        from .batching import Fallbacks
+        from .chat import RESEARCH_DATE
         from .loading import load_causal_lm, supports_system
 
         if mode not in ("logits", "generate"):
@@ -90,6 +96,8 @@ class Judge:
         )
         self.mode = mode
         self.reply = reply
+        self.chat_date = chat_date or RESEARCH_DATE
+        self.fallbacks = Fallbacks(label)
         self.system_message = system_message
         # The system turn actually sent: None where the chat template has no system role (probed once).
         self._system = system_message if system_message is not None and supports_system(self.tokenizer) else None
@@ -114,6 +122,8 @@ class Judge:
             trust_remote_code=j.trust_remote_code,
             reply=getattr(j, "reply", "strict"),
             system_message=getattr(j, "system_message", None),
+            chat_date=j.chat_date,
+            label=f"judge_{j.name}",
         )
 
     def _last_logits(self, enc):
@@ -129,7 +139,9 @@ class Judge:
     def _encode(self, questions: list[str]):
         from .loading import chat_text
 
-        rendered = [chat_text(self.tokenizer, q, self._system) for q in questions]
+        # A templated text holds its special tokens: tokenized without adding any, as the tokenizer's own
+        # apply_chat_template(tokenize=True) does.
+        rendered = [chat_text(self.tokenizer, q, self._system, self.chat_date) for q in questions]
         texts = [t for t, _ in rendered]
         templated = rendered[0][1] if rendered else False
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
@@ -155,7 +167,14 @@ class Judge:
         """One vote per question; a batch that raises is retried item by item."""
         from .batching import error_text, run_batched
 
-        return run_batched(questions, self.batch_size, self._batch, lambda e: Vote(None, None, error_text(e)))
+        return run_batched(
+            questions,
+            self.batch_size,
+            self._batch,
+            lambda e: Vote(None, None, error_text(e)),
+            fallbacks=self.fallbacks,
+            is_error=lambda v: v.error is not None,
+        )
 
 
 def parse_judge_answer(text: str | None) -> str | None:
