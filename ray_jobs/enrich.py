@@ -6,8 +6,7 @@
 Recipe: connect -> scan the output (finished ids, counts) -> read -> validate + skip finished + fetch + decode
 -> captioner pool -> a pool per judge -> finalize + write Parquet parts, each returning its counts -> drop
 duplicates -> summary. Records travel as typed Arrow items (`caslie_core.items`), one row per record, so the
-graph streams with no shuffle; the driver sums counts and never holds ids or rows. Rerunning into the same
-output resumes: records already written are skipped.
+graph streams with no shuffle; the driver sums counts, never ids or rows. A rerun into the same output resumes.
 """
 
 from __future__ import annotations
@@ -225,6 +224,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
             run_id=run_id,
         )
         summary["capacity_wait_s"] = capacity_wait  # per pool: how long the cluster took to offer a first actor
+        summary["batch_fallbacks"] = timeline.pop("batch_fallbacks", {})  # per model: batches redone item by item
         summary["timeline"] = timeline  # nodes added/removed during the job, each pool's actors at work
         enrich_report.attach_report(cfg, summary, warn=log.warning)  # never fails the job
         with fsspec.open(cfg.output.path.rstrip("/") + "/summary.json", "wt") as fh:

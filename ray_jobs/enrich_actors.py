@@ -16,8 +16,9 @@ from .timeline import TimelineClient
 
 
 class _Timed:
-    """Each batch's seconds into `caslie_enrich_stage_seconds{stage}`; each batch done told to the job's
-    timeline (`timeline`: the named actor and this pool's config key)."""
+    """Each batch's seconds into `caslie_enrich_stage_seconds{stage}`, its models' batches redone item by item
+    into `caslie_batch_fallbacks_total{model}`; each batch done told to the job's timeline (`timeline`: the named
+    actor and this pool's config key), with those fallbacks (the job's summary counts them)."""
 
     metric_stage = "model"
     timeline: TimelineClient | None = None
@@ -28,8 +29,11 @@ class _Timed:
             out = super().__call__(batch)
         finally:
             metrics.observe("caslie_enrich_stage_seconds", time.perf_counter() - t, stage=self.metric_stage)
+        fallbacks = stages.take_fallbacks(self.stage)
+        for model, (n, _) in fallbacks.items():
+            metrics.inc("caslie_batch_fallbacks_total", n, model=model)
         if self.timeline is not None and batch.num_rows:
-            self.timeline.batch(batch.num_rows)
+            self.timeline.batch(batch.num_rows, fallbacks)
         return out
 
     def follow(self, timeline) -> None:

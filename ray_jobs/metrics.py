@@ -5,6 +5,8 @@
 enrichment  caslie_enrich_records_total{status}, caslie_enrich_images_total{task},
             caslie_enrich_captions_kept_total{task}, caslie_enrich_image_errors_total{stage},
             caslie_enrich_stage_seconds{stage} (one model batch or one fetch+decode batch)
+models      caslie_batch_fallbacks_total{model} (model batches that raised and were redone item by item:
+            captioner, judge_<name>, predictor; in the batch job and the service)
 training    caslie_train_steps_total, caslie_train_loss, caslie_train_tokens_per_second
 serving     caslie_serve_requests_total{route, status}, caslie_serve_stage_seconds{stage},
             caslie_serve_requests_in_flight (per ingress replica),
@@ -27,6 +29,11 @@ _SPECS = {
     "caslie_enrich_captions_kept_total": ("Counter", "captions the judges kept, by task", ("task",)),
     "caslie_enrich_image_errors_total": ("Counter", "failed images and records, by stage", ("stage",)),
     "caslie_enrich_stage_seconds": ("Histogram", "seconds per batch of a stage", ("stage",)),
+    "caslie_batch_fallbacks_total": (
+        "Counter",
+        "model batches that raised and were redone item by item, by model",
+        ("model",),
+    ),
     "caslie_train_steps_total": ("Counter", "optimizer steps", ()),
     "caslie_train_loss": ("Gauge", "training loss of the last step", ()),
     "caslie_train_tokens_per_second": ("Gauge", "training tokens per second (this worker)", ()),

@@ -47,9 +47,12 @@ class _Health:
     streak = None
     turns = None  # the co-located Models replica's `gather.Turns`: its models take turns
 
-    def _track(self, errors: list) -> None:
+    def _track(self, errors: list, model=None) -> None:
+        """A model call's item errors (the health rule), and its batches redone item by item (the metric)."""
         self.streak = self.streak or FailureStreak()
         self.streak.track(errors)
+        if (counts := getattr(model, "fallbacks", None)) is not None:
+            metrics.inc("caslie_batch_fallbacks_total", counts.take(), model=counts.model)
 
     def check_health(self) -> None:
         if self.streak and self.streak.failing:
@@ -92,7 +95,7 @@ class CaptionerRole(_Health):
 
     async def _captions(self, pixels: list, prompts: list[str]) -> list[dict]:
         results = await asyncio.to_thread(self.captioner.caption, pixels, prompts)
-        self._track([r.error for r in results])
+        self._track([r.error for r in results], self.captioner)
         return [{"caption": r.caption, "error": r.error} for r in results]
 
     async def caption_many(self, pixels: list, prompts: list[str]) -> list[dict]:
@@ -115,7 +118,7 @@ class PanelRole(_Health):
         out: list[dict] = [{} for _ in questions]
         for name, judge in self.judges.items():
             votes = await asyncio.to_thread(judge.vote, questions)
-            self._track([v.error for v in votes])
+            self._track([v.error for v in votes], judge)
             for row, v in zip(out, votes):
                 row[name] = v.vote
         return out
@@ -160,7 +163,7 @@ class Judge(_Health):
 
     async def _vote(self, questions: list[str]) -> list[dict]:
         votes = await asyncio.to_thread(self.model.vote, questions)
-        self._track([v.error for v in votes])
+        self._track([v.error for v in votes], self.model)
         return [{"vote": v.vote, "error": v.error} for v in votes]
 
     async def vote_many(self, questions: list[str]) -> list[dict]:

@@ -149,7 +149,7 @@ def predictor_deployment(max_adapters: int, *, colocated: bool = False):
                 )
                 for i, a in zip(idx, answers):
                     out[i] = dataclasses.asdict(a)
-            self._track([a["error"] for a in out])
+            self._track([a["error"] for a in out], self.model)
             return out
 
     if not colocated:

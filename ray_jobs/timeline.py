@@ -61,6 +61,11 @@ class JobTimeline:
         summary = self.timeline.summary(t0, last_record=last_record)
         for line in Timeline.lines(summary):
             log.info(f"[timeline] {line}")
+        for model, f in summary["batch_fallbacks"].items():  # never silent: a model that cannot batch looks slow
+            slow = (
+                "; it runs at batch size 1 (its actor's log has the exception)" if f["running_at_batch_size_1"] else ""
+            )
+            log.warning(f"[enrich] {model}: {f['batches_redone']} batches raised and were redone item by item{slow}")
         return summary
 
     def stop(self) -> None:
@@ -88,6 +93,6 @@ class TimelineClient:
         except ValueError:  # not there (a job run without one): no timeline
             self.actor = None
 
-    def batch(self, rows: int) -> None:
+    def batch(self, rows: int, fallbacks: dict | None = None) -> None:
         if self.actor is not None:
-            self.actor.batch.remote(self.pool, self.me, self.node, rows)
+            self.actor.batch.remote(self.pool, self.me, self.node, rows, None, fallbacks or None)

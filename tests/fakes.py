@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
+from caslie_core.models.batching import Fallbacks
 from caslie_core.models.captioner import CaptionResult
 from caslie_core.models.judge import Vote
 
@@ -69,6 +70,7 @@ class FakeCaptioner:
         self.raise_always = raise_always
         self.raise_on = raise_on
         self.words = words
+        self.fallbacks = Fallbacks("captioner")  # as the real one: a call that raises is counted by the stage
         self.calls = 0  # caption() calls
         self.items = 0  # images captioned (or attempted), over all calls
         self.prompts: list[str] = []  # every prompt received, in order

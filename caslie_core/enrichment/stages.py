@@ -134,6 +134,17 @@ class Chain:
         return table
 
 
+def take_fallbacks(stage) -> dict[str, tuple[int, bool]]:
+    """{model: (its batches redone item by item since the last take, whether it now runs at batch size 1)} for
+    the models of a model stage (a Chain's too); models without counts (test fakes) and quiet ones are left out."""
+    out = {}
+    for s in stage.stages if isinstance(stage, Chain) else [stage]:
+        counts = getattr(getattr(s, "captioner", None) or getattr(s, "judge", None), "fallbacks", None)
+        if counts is not None and ((n := counts.take()) or counts.single_only):
+            out[counts.model] = (n, counts.single_only)
+    return out
+
+
 def _fail_rows(table, failures: dict[int, dict]):
     """Mark rows failed (`failures`: position -> error) in an Arrow batch."""
     import pyarrow as pa
@@ -218,6 +229,7 @@ class CaptionStage:
                 lambda keys: self.captioner.caption([work[k][0] for k in keys], [work[k][1] for k in keys]),
                 lambda e: CaptionResult(None, error=error_text(e)),
                 lambda outs: [o.error for o in outs],
+                getattr(self.captioner, "fallbacks", None),
             )
             for k, res in zip(mine, outs):
                 results[k] = (res.caption, res.error, False)
@@ -274,7 +286,11 @@ class JudgeStage:
             except Exception as e:
                 failures[r] = {"stage": "judge", "message": error_text(e)}
         votes = self.calls(
-            questions, self.judge.vote, lambda e: Vote(None, None, error_text(e)), lambda vs: [v.error for v in vs]
+            questions,
+            self.judge.vote,
+            lambda e: Vote(None, None, error_text(e)),
+            lambda vs: [v.error for v in vs],
+            getattr(self.judge, "fallbacks", None),
         )
         for s, v in zip(slots, votes):
             s.votes[self.name] = v.vote

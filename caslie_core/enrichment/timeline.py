@@ -40,11 +40,18 @@ class Timeline:
                 seen["removed"] = t
         self._sampled = True
 
-    def batch(self, pool: str, actor: str, node: str, rows: int, t: float | None = None) -> None:
-        """An actor of `pool` finished a batch of `rows` rows."""
+    def batch(
+        self, pool: str, actor: str, node: str, rows: int, t: float | None = None, fallbacks: dict | None = None
+    ) -> None:
+        """An actor of `pool` finished a batch of `rows` rows; `fallbacks`: {model: (model batches redone item by
+        item since its last report, whether the model now runs at batch size 1)} (`stages.take_fallbacks`)."""
         t = self.clock() if t is None else t
         a = self.actors.setdefault((pool, actor), {"node": node, "first": t, "last": t, "batches": 0, "rows": 0})
         a["last"], a["batches"], a["rows"] = max(a["last"], t), a["batches"] + 1, a["rows"] + int(rows)
+        for model, (n, single_only) in (fallbacks or {}).items():
+            f = a.setdefault("fallbacks", {}).setdefault(model, {"batches_redone": 0, "running_at_batch_size_1": False})
+            f["batches_redone"] += int(n)
+            f["running_at_batch_size_1"] = f["running_at_batch_size_1"] or bool(single_only)
 
     def events(self) -> list[tuple]:
         """The batch records, to merge into another timeline (`merge`)."""
@@ -86,6 +93,13 @@ class Timeline:
             most, at = self.peak(ivs)
             p["peak_actors"], p["peak_at_s"] = most, rel(at)
         out = {"nodes": sorted(nodes, key=lambda n: (n["added_s"] is None, n["added_s"] or 0)), "pools": pools}
+        fallbacks: dict[str, dict] = {}  # per model, over the actors: batches that raised and were redone
+        for a in self.actors.values():
+            for model, f in a.get("fallbacks", {}).items():
+                g = fallbacks.setdefault(model, {"batches_redone": 0, "running_at_batch_size_1": False})
+                g["batches_redone"] += f["batches_redone"]
+                g["running_at_batch_size_1"] = g["running_at_batch_size_1"] or f["running_at_batch_size_1"]
+        out["batch_fallbacks"] = fallbacks
         firsts = [a["first"] for a in self.actors.values()]
         out["first_batch_s"] = rel(min(firsts)) if firsts else None
         out["last_record_s"] = rel(last_record)

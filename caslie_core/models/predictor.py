@@ -128,6 +128,7 @@ class Predictor:
     ) -> None:
         import torch
 
+        from .batching import Fallbacks
         from .loading import load_causal_lm
         from .prefix import PrefixCache
 
@@ -151,6 +152,7 @@ class Predictor:
         self.sampling = GREEDY  # the method's decoding; AdapterPredictor sets a request's own per call
         self.prefix = PrefixCache(self.tokenizer, style) if prefix_cache else None
         self.active: str | None = None  # the adapter generating now (None: the base or merged model)
+        self.fallbacks = Fallbacks("predictor")
         self._torch = torch
 
     def _encode(self, prompts: list[str]):
@@ -184,7 +186,7 @@ class Predictor:
         if not shared:
             return {}
         past = self.prefix.cache(self.model, self.active, rows, self.device)
-        return {"past_key_values": past} if past is not None else {}
+        return {"cache": past} if past is not None else {}  # transformers 6 drops the name past_key_values
 
     def stops(self, sampling: Sampling) -> tuple[str, ...]:
         """Where an answer ends: the template's response marker (`extract_response`), then the request's stops."""
@@ -222,7 +224,15 @@ class Predictor:
         Prompts are batched by length (less padding), answers returned in the caller's order."""
         from .batching import error_text, run_batched
 
-        return run_batched(prompts, self.batch_size, self._batch, lambda e: Answer(None, error_text(e)), sort_key=len)
+        return run_batched(
+            prompts,
+            self.batch_size,
+            self._batch,
+            lambda e: Answer(None, error_text(e)),
+            sort_key=len,
+            fallbacks=self.fallbacks,
+            is_error=lambda a: a.error is not None,
+        )
 
 
 class AdapterPredictor(Predictor):

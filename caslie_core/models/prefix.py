@@ -50,7 +50,7 @@ class PrefixCache:
         if key not in self.saved:
             past = None
             if getattr(model.generation_config, "cache_implementation", None) is None:
-                past = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True).past_key_values
+                past = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True).cache
             self.saved[key] = past if type(past) is DynamicCache else None
         if self.saved[key] is None:
             return None

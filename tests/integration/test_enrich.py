@@ -315,6 +315,13 @@ def test_a_model_that_raises_on_one_item_fails_that_image_and_nothing_else(ray_s
             assert (vote["error"] is not None) == (res["error"] is not None)  # only the judge's own failures
     assert summary["records"] == len(rows) and summary["failed"] == 0
     assert summary["partial"] == 1 + len(judged) and summary["errors_per_stage"].get("caption") == 1
+    # the captioner's batch that raised was redone item by item: counted (the judge fake keeps no counts)
+    assert summary["batch_fallbacks"] == {"captioner": {"batches_redone": 1, "running_at_batch_size_1": False}}
+    if pools == "split":
+        from helpers import scrape_metrics
+
+        found = scrape_metrics(["caslie_batch_fallbacks_total"])["caslie_batch_fallbacks_total"]
+        assert any('model="captioner"' in line for line in found), found
 
 
 def test_a_model_that_fails_everything_fails_the_job_with_a_clear_message(ray_session, tmp_path):

@@ -68,5 +68,19 @@ def test_actor_records_merge_into_the_drivers_timeline_and_read_as_lines_in_time
 
 def test_an_empty_timeline_summarises_to_nothing():
     s = Timeline().summary(0.0)
-    assert s == {"nodes": [], "pools": {}, "first_batch_s": None, "last_record_s": None}
+    assert s == {"nodes": [], "pools": {}, "batch_fallbacks": {}, "first_batch_s": None, "last_record_s": None}
     assert Timeline.lines(s) == []
+
+
+def test_batches_redone_item_by_item_add_up_per_model_over_the_actors():
+    t = Timeline(clock=lambda: 5.0)
+    t.batch("captioner.pool", "a1", "n1", 8, fallbacks={"captioner": (2, False)})
+    t.batch("captioner.pool", "a1", "n1", 8, fallbacks={"captioner": (1, True)})
+    t.batch("captioner.pool", "a2", "n1", 8, fallbacks={"captioner": (3, False), "judge_x": (1, False)})
+    t.batch("judges.0.pool", "a3", "n1", 8)
+    other = Timeline()
+    other.merge(t.events())  # as the driver merges the helper actor's records
+    assert other.summary(0.0)["batch_fallbacks"] == {
+        "captioner": {"batches_redone": 6, "running_at_batch_size_1": True},
+        "judge_x": {"batches_redone": 1, "running_at_batch_size_1": False},
+    }
