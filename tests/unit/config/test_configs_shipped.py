@@ -146,3 +146,19 @@ def test_the_research_cqe_preset_sets_the_judges_and_refuses_conflicts():
         load_config(EnrichConfig, demo, ["captioner.model=null"])
     released = load_config(EnrichConfig, ROOT / "configs" / "enrich-mmecinstruct-released.yaml", [])
     assert released.captioner.source == "record" and released.captioner.model is None
+
+
+def test_the_qwen_config_is_the_paper_config_with_qwen25_vl_captioning():
+    """configs/enrich-mmecinstruct-qwen.yaml: the same panel, CQE, pools and limits as the paper's config; only the
+    captioner (Qwen2.5-VL-7B-Instruct, whose processor the cluster image can load: torchvision pinned) and the
+    image size (a multiple of its 28-pixel patch grid) differ."""
+    from caslie_core.config import EnrichConfig
+
+    paper = load_config(EnrichConfig, ROOT / "configs" / "enrich-mmecinstruct.yaml", [])
+    qwen = load_config(EnrichConfig, ROOT / "configs" / "enrich-mmecinstruct-qwen.yaml", [])
+    assert qwen.captioner.model == "Qwen/Qwen2.5-VL-7B-Instruct" and qwen.decode.image_size % 28 == 0
+    a, b = paper.model_dump(), qwen.model_dump()
+    assert a["captioner"].pop("model") != b["captioner"].pop("model")
+    assert a["decode"].pop("image_size") != b["decode"].pop("image_size")
+    assert a == b
+    assert "torchvision==" in (ROOT / "cluster" / "constraints-cu128.txt").read_text()

@@ -234,6 +234,12 @@ def test_the_image_pins_cuda_and_torch_and_installs_dependencies_before_the_sour
     makefile = (ROOT / "Makefile").read_text()
     pinned = re.search(r"^torch==(\S+)$", constraints, re.M).group(1)
     assert f"TORCH_VERSION ?= {pinned}" in makefile  # the image runs the torch the tests ran
+    # torchvision (the Qwen2-VL/2.5-VL and SmolVLM processors need it) in the same step, from the same index,
+    # at the release built for that torch: torch 2.m <-> torchvision 0.(m+15), each pinned
+    assert torch_step.split()[-2:] == ["torch", "torchvision"]
+    vision = re.search(r"^torchvision==(\d+)\.(\d+)\.\d+$", constraints, re.M)
+    major, minor = (int(x) for x in pinned.split(".")[:2])
+    assert vision and (int(vision.group(1)), int(vision.group(2))) == (0, minor + 15) and major == 2, vision
     first_source = next(i for i, s in enumerate(steps) if s.startswith("COPY") and "caslie_core" in s)
     deps = next(i for i, s in enumerate(steps) if "-r requirements.txt" in s)
     assert deps < first_source
