@@ -19,12 +19,7 @@ from .common import log
 
 def pool_requests(cfg) -> list[tuple[str, dict, float]]:
     """(config key, resources of one actor, start_timeout_s) of each model pool the job will start."""
-    pools = []
-    if cfg.model_pools == "shared" or cfg.captioner.source == "model":
-        pools.append(("captioner.pool", cfg.captioner.pool))
-    if cfg.model_pools != "shared":
-        pools += [(f"judges.{i}.pool", j.pool) for i, j in enumerate(cfg.judges)]
-    return [(key, actor_resources(pool), float(pool.start_timeout_s)) for key, pool in pools]
+    return [(key, actor_resources(pool), float(pool.start_timeout_s)) for key, pool in cfg.model_pools_used()]
 
 
 def actor_resources(pool) -> dict:

@@ -39,10 +39,13 @@ def read_raw(cfg: EnrichConfig):
     """Dataset of raw rows: `{"text": <one record as JSON>}` (JSONL, JSON) or the record's columns (Parquet)."""
     import ray.data
 
-    parts = []
+    parts, widest = [], max((pool.max_size for _, pool in cfg.model_pools_used()), default=1)
     for r in reading_plan(cfg.input.path, cfg.input.format):
         if r.reader == "text":
-            ds = ray.data.read_text(r.path, filesystem=r.filesystem, num_cpus=cfg.task_num_cpus)
+            blocks = pipeline.read_blocks(r.rows, cfg.records_per_batch, widest)  # every actor of a pool gets work
+            ds = ray.data.read_text(
+                r.path, filesystem=r.filesystem, num_cpus=cfg.task_num_cpus, override_num_blocks=blocks
+            )
         elif r.reader == "parquet":
             ds = ray.data.read_parquet(r.path, filesystem=r.filesystem, num_cpus=cfg.task_num_cpus)
         else:  # JSON lists, compressed files and http(s)/hf URLs stream through the driver
@@ -94,23 +97,19 @@ def build_dataset(
 
     factories, lazy = factories or {}, done_ref is not None  # a resumed run loads its models when rows come
     size = cfg.decode.image_size
-    ds = (
-        read_raw(cfg)
-        .repartition(target_num_rows_per_block=cfg.records_per_batch)
-        .map_batches(
-            prepare_batch,
-            batch_format="pyarrow",
-            batch_size=cfg.records_per_batch,
-            num_cpus=cfg.task_num_cpus,
-            fn_kwargs=dict(
-                policy=cfg.fetch.policy(),
-                threads=cfg.fetch.threads,
-                max_pixels=cfg.decode.max_pixels,
-                size=size,
-                done_ref=done_ref,
-                captions_from_record=cfg.captioner.source == "record",
-            ),
-        )
+    ds = read_raw(cfg).map_batches(
+        prepare_batch,
+        batch_format="pyarrow",
+        batch_size=cfg.records_per_batch,
+        num_cpus=cfg.task_num_cpus,
+        fn_kwargs=dict(
+            policy=cfg.fetch.policy(),
+            threads=cfg.fetch.threads,
+            max_pixels=cfg.decode.max_pixels,
+            size=size,
+            done_ref=done_ref,
+            captions_from_record=cfg.captioner.source == "record",
+        ),
     )
     cp, captioning = cfg.captioner.pool, cfg.captioner.source == "model"
     caption = dict(captioner=cfg.captioner.model_dump(), size=size, cache=cache, wait_s=cfg.dedup.claim_ttl_s)
@@ -157,7 +156,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
     started = init_ray(cfg.ray)
     t0, scaling = time.time(), None
     try:
-        configure_data_context(cfg.ray.progress_bars)
+        configure_data_context(cfg.ray.progress_bars, cfg.progress_stall_s)
         out = cfg.output.path
         fs, out_root = fsspec.core.url_to_fs(out)
         fs.makedirs(out_root, exist_ok=True)

@@ -111,6 +111,23 @@ class EnrichConfig(StrictModel):
     progress_interval_s: float = Field(
         30.0, ge=0, description="seconds between progress lines when the output is not a terminal (0 = none)"
     )
+    progress_stall_s: float = Field(
+        60.0,
+        ge=0,
+        description="after this many seconds with records read but no batch at a model pool, or no row moving at "
+        "all, the job says which operator holds the rows and what Ray Data says it waits for (again every as many "
+        "seconds while it lasts; 0 = never). Loading a big model takes minutes: raise it rather than read noise",
+    )
+
+    def model_pools_used(self) -> list[tuple[str, PoolConfig]]:
+        """(config key, pool) of each model pool the job starts: the captioner's (it runs every model when
+        `model_pools: shared`; none when captions come from the records and pools are split), a judge's each."""
+        pools = []
+        if self.model_pools == "shared" or self.captioner.source == "model":
+            pools.append(("captioner.pool", self.captioner.pool))
+        if self.model_pools != "shared":
+            pools += [(f"judges.{i}.pool", j.pool) for i, j in enumerate(self.judges)]
+        return pools
 
     @model_validator(mode="after")
     def _unique_judges(self):

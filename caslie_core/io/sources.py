@@ -267,6 +267,19 @@ class Read:
     format: Format
     reader: Literal["text", "parquet", "driver"]
     filesystem: Any = None  # a pyarrow filesystem for remote paths (parallel readers only)
+    rows: int | None = None  # about how many records (JSON lines: size / the first MiB's bytes per line)
+
+
+def estimate_lines(fs, path: str, sample: int = 1 << 20) -> int | None:
+    """About how many lines a text file holds: its size over the bytes per line of its first `sample` bytes."""
+    try:
+        size = fs.size(path)
+        with fs.open(path, "rb") as fh:
+            head = fh.read(sample)
+    except Exception:  # noqa: BLE001 - an estimate only: the reader reports a file it cannot open
+        return None
+    lines = head.count(b"\n") + (0 if head.endswith(b"\n") else 1)
+    return max(1, round(size * lines / len(head))) if head else 0
 
 
 PARALLEL_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs")
@@ -288,12 +301,13 @@ def reading_plan(paths: str | list[str], fmt: str = "auto") -> list[Read]:
             fs, stripped = fsspec.core.url_to_fs(path)
             if not fs.exists(stripped):
                 raise SourceError(f"input.path {path}: no such file")
+            rows = estimate_lines(fs, stripped) if f == "jsonl" else None
             filesystem = None
             if scheme != "file":
                 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
                 filesystem, path = PyFileSystem(FSSpecHandler(fs)), stripped
-            plan.append(Read(path, f, "text" if f == "jsonl" else "parquet", filesystem))
+            plan.append(Read(path, f, "text" if f == "jsonl" else "parquet", filesystem, rows))
     return plan
 
 
