@@ -39,6 +39,10 @@ class _Timed:
     def follow(self, timeline) -> None:
         self.timeline = TimelineClient(tuple(timeline[0]), timeline[1]) if timeline else None
 
+    def __del__(self) -> None:  # Ray Data retires the actor: its last batches reach the timeline
+        if self.timeline is not None:
+            self.timeline.flush(wait_s=2.0)
+
 
 def _caption_stage(captioner: dict, size: int, cache, wait_s: float, factory):
     from caslie_core.config import CaptionerConfig

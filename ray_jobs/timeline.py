@@ -8,6 +8,7 @@ the events (`[timeline] +4.1s node ...01 added (CPU 1, GPU 1)`) and puts them in
 from __future__ import annotations
 
 import threading
+import time
 
 from caslie_core.enrichment.timeline import Timeline
 
@@ -56,7 +57,7 @@ class JobTimeline:
         """The job's timeline (logged too): the nodes as they are now, the actors' batches, then `stop()`."""
         self._halt()
         self._sample()
-        self.timeline.merge(best_effort_get(self.actor.events.remote(), fallback=[], timeout_s=10))
+        self.timeline.merge(self._settled_events())
         self.stop()
         summary = self.timeline.summary(t0, last_record=last_record)
         for line in Timeline.lines(summary):
@@ -67,6 +68,16 @@ class JobTimeline:
             )
             log.warning(f"[enrich] {model}: {f['batches_redone']} batches raised and were redone item by item{slow}")
         return summary
+
+    def _settled_events(self, settle_s: float = 0.3, most_s: float = 3.0) -> list:
+        """The actors' batch records once they stop changing: retired actors send their last rows as they exit."""
+        events, end = None, time.monotonic() + most_s
+        while True:
+            now = best_effort_get(self.actor.events.remote(), fallback=[], timeout_s=10)
+            if now == events or time.monotonic() > end:
+                return now
+            events = now
+            time.sleep(settle_s)
 
     def stop(self) -> None:
         """Stop sampling and remove the helper actor (again is a no-op)."""
@@ -82,17 +93,37 @@ class JobTimeline:
 
 
 class TimelineClient:
-    """In a model actor: says when a batch is done (one call per batch, never waited on)."""
+    """In a model actor: reports its batches, never waited on, at most once every `every_s` seconds (the first at
+    once: its time is the pool's start), the rows, batches and model fallbacks since the last report; `flush()` sends
+    the rest (the actor's last batches, from its UDF's `__del__` when Ray Data retires it). One call per batch cost
+    the 2-core plane about 7% at 100k records (three pools, ~2,300 calls)."""
 
-    def __init__(self, ref: tuple[str, str], pool: str) -> None:
+    def __init__(self, ref: tuple[str, str], pool: str, every_s: float = 1.0) -> None:
         import ray
 
         self.pool, self.me, self.node = pool, actor_id(), ray.get_runtime_context().get_node_id()
+        self.every_s, self.sent_at = every_s, None
+        self.rows, self.batches, self.fallbacks = 0, 0, {}
         try:
             self.actor = ray.get_actor(ref[0], namespace=ref[1])
         except ValueError:  # not there (a job run without one): no timeline
             self.actor = None
 
     def batch(self, rows: int, fallbacks: dict | None = None) -> None:
-        if self.actor is not None:
-            self.actor.batch.remote(self.pool, self.me, self.node, rows, None, fallbacks or None)
+        self.rows, self.batches = self.rows + rows, self.batches + 1
+        for model, (n, single_only) in (fallbacks or {}).items():
+            had = self.fallbacks.get(model, (0, False))
+            self.fallbacks[model] = (had[0] + n, had[1] or single_only)
+        if self.sent_at is None or time.monotonic() - self.sent_at >= self.every_s:
+            self.flush()
+
+    def flush(self, wait_s: float = 0.0) -> None:
+        """Send what is pending; `wait_s` > 0 waits for it (an actor about to exit)."""
+        if self.actor is None or not self.batches:
+            return
+        ref = self.actor.batch.remote(
+            self.pool, self.me, self.node, self.rows, None, self.fallbacks or None, self.batches
+        )
+        self.rows, self.batches, self.fallbacks, self.sent_at = 0, 0, {}, time.monotonic()
+        if wait_s:
+            best_effort_get(ref, fallback=None, timeout_s=wait_s)

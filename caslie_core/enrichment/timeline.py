@@ -41,13 +41,21 @@ class Timeline:
         self._sampled = True
 
     def batch(
-        self, pool: str, actor: str, node: str, rows: int, t: float | None = None, fallbacks: dict | None = None
+        self,
+        pool: str,
+        actor: str,
+        node: str,
+        rows: int,
+        t: float | None = None,
+        fallbacks: dict | None = None,
+        batches: int = 1,
     ) -> None:
-        """An actor of `pool` finished a batch of `rows` rows; `fallbacks`: {model: (model batches redone item by
-        item since its last report, whether the model now runs at batch size 1)} (`stages.take_fallbacks`)."""
+        """An actor of `pool` finished `batches` batches (of `rows` rows in all) since it last said; `fallbacks`:
+        {model: (model batches redone item by item since then, whether the model now runs at batch size 1)}
+        (`stages.take_fallbacks`)."""
         t = self.clock() if t is None else t
         a = self.actors.setdefault((pool, actor), {"node": node, "first": t, "last": t, "batches": 0, "rows": 0})
-        a["last"], a["batches"], a["rows"] = max(a["last"], t), a["batches"] + 1, a["rows"] + int(rows)
+        a["last"], a["batches"], a["rows"] = max(a["last"], t), a["batches"] + int(batches), a["rows"] + int(rows)
         for model, (n, single_only) in (fallbacks or {}).items():
             f = a.setdefault("fallbacks", {}).setdefault(model, {"batches_redone": 0, "running_at_batch_size_1": False})
             f["batches_redone"] += int(n)
