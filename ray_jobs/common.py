@@ -83,13 +83,18 @@ def requiet() -> None:
         _quiet_loggers()
 
 
-def configure_data_context(progress_bars: bool | None) -> None:
+def configure_data_context(progress_bars: bool | None, stall_s: float = 0) -> None:
     """Ray Data's progress: bars on a terminal, a log line every few seconds elsewhere (Ray Data picks), on
-    unless `ray.progress_bars: false` (or RAY_DATA_DISABLE_PROGRESS_BARS=1 in the environment)."""
+    unless `ray.progress_bars: false` (or RAY_DATA_DISABLE_PROGRESS_BARS=1 in the environment). `stall_s`: say
+    where rows wait when the plane stalls that long (`stall.stall_callback`; 0: not watched)."""
     import ray.data
+
+    from .stall import stall_callback
 
     requiet()
     ctx = ray.data.DataContext.get_current()
+    callbacks = [c for c in ctx.custom_execution_callback_classes if not getattr(c, "caslie", False)]
+    ctx.custom_execution_callback_classes = callbacks + ([stall_callback(stall_s)] if stall_s else [])
     if progress_bars is not None:
         ctx.enable_progress_bars = progress_bars
         ctx.enable_operator_progress_bars = progress_bars

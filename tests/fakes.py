@@ -143,3 +143,11 @@ class FakeJudge:
                 vote = self.rule(q)
                 out.append(Vote(vote, f"fake: {vote}"))
         return out
+
+
+def slow_loading(seconds: float, make: Callable[[], Any]) -> Any:
+    """`make()` after `seconds`: a model that takes its time to load (a big checkpoint), for the stall watch."""
+    import time
+
+    time.sleep(seconds)
+    return make()

@@ -324,6 +324,29 @@ def test_a_model_that_raises_on_one_item_fails_that_image_and_nothing_else(ray_s
         assert any('model="captioner"' in line for line in found), found
 
 
+def test_a_stalled_plane_says_where_its_rows_wait_and_why(ray_session, tmp_path, caplog):
+    """A captioner that takes 8 s to load: the records are read but no batch reaches a model pool. With
+    progress_stall_s=2 the job says so, naming the operator holding the rows and Ray Data's account of the pool
+    (its actor not ready yet), instead of minutes of silence; the job then ends normally."""
+    import functools
+    import logging
+
+    from fakes import FakeCaptioner, FakeJudge, slow_loading
+
+    m = write_catalog(tmp_path / "cat", 40, seed=21, tasks=["CC"])
+    cfg = config(m["jsonl"], tmp_path / "out", "progress_stall_s=2")
+    factories = {"captioner": functools.partial(slow_loading, 8, FakeCaptioner)}
+    factories.update({j.name: FakeJudge for j in cfg.judges})
+    with caplog.at_level(logging.WARNING, logger="caslie"):
+        summary = enrich.run(cfg, factories=factories)
+    assert summary["records"] == 40 and summary["failed"] == 0
+    said = [r.getMessage() for r in caplog.records if "[enrich] stalled" in r.getMessage()]
+    assert said, [r.getMessage() for r in caplog.records]
+    line = said[0]
+    assert "records read but no batch has reached a model pool" in line
+    assert "CaptionActor" in line and "Actors: 1" in line  # the pool, as Ray Data accounts for it
+
+
 def test_a_model_that_fails_everything_fails_the_job_with_a_clear_message(ray_session, tmp_path):
     import functools
 
