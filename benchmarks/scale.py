@@ -2,6 +2,15 @@
 
     python benchmarks/scale.py [--sizes 10000,100000,1000000] [--out benchmarks/results/scale-cpu-2core.json]
         [--code DIR] [--label NAME] [--workdir DIR] [--set key=value ...] [--timeout 3600] [--clean]
+    python benchmarks/scale.py --compare REF [--quick | --sizes ...] [--rounds 1]
+
+`--compare REF` runs the current tree and REF (any commit of this repository, checked out once as a git worktree
+under the workdir) side by side on the same catalogs, one after the other in one session, alternating which goes
+first each round, and prints and writes (`--out`, default `bench-out/scale/compare.json`) each size's ratios:
+current wall / REF wall for the first run and for the resume (> 1: the current tree is slower). Speeds are only
+comparable this way: the same code ran up to 25% apart between two runs at 20k, and 2.7x apart between two
+machines of the same kind. `--quick` is 20,000 records (about two minutes for both sides): run it before you stop
+whenever a change touches the enrichment plane.
 
 For each size N:
   1. a JSONL catalog of N valid MMECInstruct records (the 7 tasks in turn, explicit ids `r<i>`) whose
@@ -462,6 +471,76 @@ def print_table(results: list[dict], summary: dict) -> None:
         )
 
 
+def ref_worktree(ref: str, workdir: Path) -> tuple[Path, str]:
+    """A git worktree of `ref` (commit, tag or branch of this repository) under the workdir, made once per commit."""
+    r = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        raise SystemExit(f"[scale] --compare {ref}: not a commit of {ROOT}: {r.stderr.strip()}")
+    sha = r.stdout.strip()
+    path = workdir / "refs" / sha[:12]
+    if not (path / "ray_jobs").is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(path), sha], check=True)
+    return path, sha
+
+
+def _best(runs: list[dict], key: str):
+    values = [r[key] for r in runs if r.get("ok") and r.get(key) is not None]
+    return min(values) if values else None
+
+
+def compare(args, sizes: list[int], workdir: Path, out_path: Path) -> int:
+    """The current tree against `args.compare`, side by side: best of `args.rounds` per side and size."""
+    ref_code, ref_sha = ref_worktree(args.compare, workdir)
+    sides = {"current": Path(args.code).resolve(), "ref": ref_code}
+    info = {side: {"dir": str(code), **git_info(code)} for side, code in sides.items()}
+    runs: dict = {side: {n: [] for n in sizes} for side in sides}
+    pairs = []
+    for n in sizes:
+        for k in range(args.rounds):
+            for side in ["current", "ref"] if k % 2 == 0 else ["ref", "current"]:
+                code = sides[side]
+                side_args = argparse.Namespace(**{**vars(args), "label": f"{side}-r{k}"})
+                runs[side][n].append(measure(n, side_args, args.python, code, child_env(code), workdir))
+        cur, ref = runs["current"][n], runs["ref"][n]
+        pair = {
+            "n": n,
+            "current_wall_s": _best(cur, "wall_s"),
+            "ref_wall_s": _best(ref, "wall_s"),
+            "current_resume_s": _best(cur, "resume_wall_s"),
+            "ref_resume_s": _best(ref, "resume_wall_s"),
+            "all_ok": all(r["ok"] and r.get("resume_ok") for r in cur + ref),
+        }
+        pair["wall_ratio"] = _ratio(pair["current_wall_s"], pair["ref_wall_s"])
+        pair["resume_ratio"] = _ratio(pair["current_resume_s"], pair["ref_resume_s"])
+        pairs.append(pair)
+        report = {
+            "benchmark": "enrich data plane, current tree vs a reference commit, side by side",
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "ref": {"asked": args.compare, "commit": ref_sha},
+            "code": info,
+            "rounds": args.rounds,
+            "config": args.config,
+            "extra_sets": args.set,
+            "pairs": pairs,
+            "runs": runs,
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    for p in pairs:
+        print(
+            f"[scale] n={p['n']}: current {p['current_wall_s']} s (resume {p['current_resume_s']} s), "
+            f"{args.compare} ({ref_sha[:10]}) {p['ref_wall_s']} s (resume {p['ref_resume_s']} s): "
+            f"current/ref wall x{p['wall_ratio']}, resume x{p['resume_ratio']}"
+            + ("" if p["all_ok"] else "; A RUN FAILED")
+        )
+    print(f"[scale] wrote {out_path}")
+    return 0 if all(p["all_ok"] for p in pairs) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated catalog sizes")
@@ -475,12 +554,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per job run before it is killed")
     ap.add_argument("--clean", action="store_true", help="delete each catalog after its size is measured")
     ap.add_argument("--keep-output", action="store_true", help="keep each size's output folder (debugging)")
+    ap.add_argument("--compare", metavar="REF", help="run the current tree and commit REF side by side; print ratios")
+    ap.add_argument("--rounds", type=int, default=1, help="--compare: rounds per size (alternating order; best kept)")
+    ap.add_argument("--quick", action="store_true", help="20,000 records only (with --compare: about two minutes)")
     args = ap.parse_args(argv)
 
-    sizes = sorted({int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()})
+    sizes = [20000] if args.quick else sorted({int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()})
     code = Path(args.code).resolve()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        out = args.out if "--out" in (argv if argv is not None else sys.argv) else workdir / "compare.json"
+        return compare(args, sizes, workdir, Path(out).resolve())
     out_path = Path(args.out).resolve()
     env = child_env(code)
     git = git_info(code)
