@@ -155,6 +155,16 @@ def _llama_text(tok, cls_name="LlamaConfig", **kw):
     return getattr(transformers, cls_name)(**base)
 
 
+def _vision(cls_name: str, **kw):
+    """A tiny vision tower config of `cls_name` (CLIP, SigLIP, BLIP-2, Idefics3): 2 layers, 16-pixel images."""
+    import transformers
+
+    base = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    return getattr(transformers, cls_name)(**{**base, **kw})
+
+
 def _save(out: Path, model, tok, processor=None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     if tok.pad_token_id is not None:
@@ -219,7 +229,6 @@ def build_llava15(out: Path) -> str:
     """llava-hf/llava-1.5-7b-hf: CLIP tower + Llama-2 tokenizer with `<image>`, its USER/ASSISTANT template."""
     from transformers import (
         CLIPImageProcessorPil,
-        CLIPVisionConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -227,9 +236,7 @@ def build_llava15(out: Path) -> str:
 
     sp = Specials(**{**LLAMA2.__dict__, "pad": "<pad>", "named": {"image_token": "<image>"}})
     tok = train_tokenizer(sp, template("llava15"))
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
-    )
+    vision = _vision("CLIPVisionConfig")
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=_llama_text(tok),
@@ -254,7 +261,6 @@ def build_llava15(out: Path) -> str:
 def build_llava_next(out: Path) -> str:
     """llava-hf/llava-v1.6-mistral-7b-hf: any-resolution tiles (image_grid_pinpoints), Mistral text model."""
     from transformers import (
-        CLIPVisionConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
@@ -263,9 +269,7 @@ def build_llava_next(out: Path) -> str:
 
     sp = Specials(**{**MISTRAL3.__dict__, "pad": "<unk>", "named": {"image_token": "<image>"}})
     tok = train_tokenizer(sp, template("llava_next_mistral"))
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
-    )
+    vision = _vision("CLIPVisionConfig")
     grid = [[16, 32], [32, 16], [32, 32]]
     cfg = LlavaNextConfig(
         vision_config=vision,
@@ -299,14 +303,11 @@ def build_paligemma(out: Path) -> str:
         PaliGemmaForConditionalGeneration,
         PaliGemmaProcessor,
         SiglipImageProcessorPil,
-        SiglipVisionConfig,
     )
 
     sp = Specials(bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>", named={"image_token": "<image>"})
     tok = train_tokenizer(sp)
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
-    )
+    vision = _vision("SiglipVisionConfig")
     text = GemmaConfig(
         vocab_size=len(tok),
         hidden_size=32,
@@ -342,7 +343,6 @@ def build_idefics3(out: Path) -> str:
         Idefics3ForConditionalGeneration,
         Idefics3ImageProcessorPil,
         Idefics3Processor,
-        Idefics3VisionConfig,
     )
 
     sp = Specials(
@@ -355,9 +355,7 @@ def build_idefics3(out: Path) -> str:
         }
     )
     tok = train_tokenizer(sp, template("idefics3"))
-    vision = Idefics3VisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
-    )
+    vision = _vision("Idefics3VisionConfig", patch_size=4)
     cfg = Idefics3Config(
         vision_config=vision,
         text_config=_llama_text(tok),
@@ -380,7 +378,6 @@ def build_blip2(out: Path) -> str:
         Blip2ForConditionalGeneration,
         Blip2Processor,
         Blip2QFormerConfig,
-        Blip2VisionConfig,
         BlipImageProcessorPil,
         OPTConfig,
     )
@@ -389,9 +386,7 @@ def build_blip2(out: Path) -> str:
     # (the hub tokenizer has `<image>` as an added special token, not as a named `image_token`)
     sp = Specials(bos="</s>", eos="</s>", unk="<unk>", pad="<pad>", extra=["<image>"])
     tok = train_tokenizer(sp)
-    vision = Blip2VisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
-    )
+    vision = _vision("Blip2VisionConfig")
     qformer = Blip2QFormerConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32
     )
