@@ -40,7 +40,7 @@ def read_raw(cfg: EnrichConfig):
     import ray.data
 
     parts, widest = [], max((pool.max_size for _, pool in cfg.model_pools_used()), default=1)
-    for r in reading_plan(cfg.input.path, cfg.input.format):
+    for r in reading_plan(cfg.input.path, cfg.input.format, count_lines=widest > 1):  # blocks only for wide pools
         if r.reader == "text":
             blocks = pipeline.read_blocks(r.rows, cfg.records_per_batch, widest)  # every actor of a pool gets work
             ds = ray.data.read_text(

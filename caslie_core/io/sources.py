@@ -285,9 +285,10 @@ def estimate_lines(fs, path: str, sample: int = 1 << 20) -> int | None:
 PARALLEL_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs")
 
 
-def reading_plan(paths: str | list[str], fmt: str = "auto") -> list[Read]:
+def reading_plan(paths: str | list[str], fmt: str = "auto", *, count_lines: bool = False) -> list[Read]:
     """Every records file under `paths` with the way to read it: uncompressed JSONL and Parquet on local or
-    object storage go to parallel readers; JSON lists, compressed files and http(s)/hf URLs through one process."""
+    object storage go to parallel readers; JSON lists, compressed files and http(s)/hf URLs through one process.
+    `count_lines`: estimate each JSON-lines file's records (`Read.rows`; one small read per file, on the driver)."""
     import fsspec
 
     plan = []
@@ -301,7 +302,7 @@ def reading_plan(paths: str | list[str], fmt: str = "auto") -> list[Read]:
             fs, stripped = fsspec.core.url_to_fs(path)
             if not fs.exists(stripped):
                 raise SourceError(f"input.path {path}: no such file")
-            rows = estimate_lines(fs, stripped) if f == "jsonl" else None
+            rows = estimate_lines(fs, stripped) if count_lines and f == "jsonl" else None
             filesystem = None
             if scheme != "file":
                 from pyarrow.fs import FSSpecHandler, PyFileSystem

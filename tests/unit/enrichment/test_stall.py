@@ -84,3 +84,13 @@ def test_lines_of_a_text_file_are_estimated_from_its_first_mebibyte(tmp_path):
     fs = fsspec.filesystem("file")
     assert abs(estimate_lines(fs, str(path)) - 40_000) < 40_000 * 0.05
     assert estimate_lines(fs, str(tmp_path / "missing.jsonl")) is None
+
+
+def test_the_reading_plan_reads_a_files_head_only_when_blocks_are_wanted(tmp_path):
+    """A one-actor job (the demo) reads no file's head at start; a wide pool's gets each JSON-lines file estimated."""
+    from caslie_core.io.sources import reading_plan
+
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(f'{{"id": "r{i}"}}\n' for i in range(1_000)))
+    assert [r.rows for r in reading_plan(str(path))] == [None]
+    assert [r.rows for r in reading_plan(str(path), count_lines=True)] == [1_000]
