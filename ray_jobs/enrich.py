@@ -21,14 +21,12 @@ import pyarrow as pa
 from caslie_core.config import EnrichConfig, config_hash, write_resolved
 from caslie_core.enrichment import pipeline, stages
 from caslie_core.enrichment import report as enrich_report
-from caslie_core.enrichment.cache import ClaimTable
 from caslie_core.errors import CaslieError, EngineError, find_error
 from caslie_core.images import FetchPolicy
 from caslie_core.io import ledger, store
 from caslie_core.io.sources import raw_texts, reading_plan
 
 from . import metrics
-from .actors import best_effort_get, driver_actor
 from .capacity import pool_requests, wait_for_pools
 from .common import configure_data_context, init_ray, job_entry, job_main, log
 from .enrich_actors import CaptionActor, JudgeActor, ModelsActor
@@ -167,10 +165,11 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         done_ref, meta_ref = ray.remote(num_cpus=0, num_returns=2)(pipeline.scan_output).remote(out)
         earlier = ray.get(meta_ref)
         resumed = earlier["records"] - earlier["duplicates"]
-        cache = (f"caslie-caption-cache-{run_id}", "caslie") if cfg.dedup.enabled else None
-        # On the driver's node (it lives as long as the job does); restarted empty if that fails anyway.
-        cache_actor = driver_actor(ClaimTable, *cache, cfg.dedup.claim_ttl_s, cfg.dedup.max_entries) if cache else None
-        scaling = JobTimeline(run_id)
+        # One helper actor on the driver's node (it lives as long as the job does; restarted empty if that fails
+        # anyway): the model actors' batch reports and, with dedup, the run's caption claims.
+        claims = (cfg.dedup.claim_ttl_s, cfg.dedup.max_entries) if cfg.dedup.enabled else None
+        scaling = JobTimeline(run_id, claims=claims)
+        cache = scaling.actor_ref if claims else None
         capacity_wait = wait_for_pools(pool_requests(cfg), can_grow=not started)
         done = done_ref if resumed else None
         ds = build_dataset(
@@ -198,9 +197,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
                 f"enrichment stopped: {engine}; records written so far are kept, rerun to resume"
             ) from None
         finally:
-            cache_stats = best_effort_get(cache_actor.stats.remote(), fallback=None) if cache_actor else {}
-            if cache_actor:
-                ray.kill(cache_actor)
+            cache_stats = scaling.claim_stats() if claims else {}
             timeline = scaling.finish(t0, last_record=last_record)
         dataset_seconds = time.time() - t0
         now = progress.counts

@@ -1,7 +1,8 @@
 """A job's scaling timeline on Ray (`caslie_core.enrichment.timeline` holds the logic).
 
-The driver samples `ray.nodes()` every second in a thread; the model actors tell a named helper actor on the
-driver's node (one clock) when they finish a batch, fire-and-forget. At the end the driver merges both, logs
+The driver samples `ray.nodes()` every second in a thread; the model actors tell the job's one named helper actor
+(`RunHelper`, on the driver's node: one clock; it holds the run's caption claims too) when they finish batches,
+fire-and-forget. At the end the driver merges both, logs
 the events (`[timeline] +4.1s node ...01 added (CPU 1, GPU 1)`) and puts them in the job's summary.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 
-from caslie_core.enrichment.timeline import Timeline
+from caslie_core.enrichment.timeline import RunHelper, Timeline
 
 from .actors import actor_id, best_effort_get, driver_actor
 from .common import log
@@ -28,12 +29,14 @@ def alive_nodes() -> dict[str, dict]:
 
 
 class JobTimeline:
-    """Driver side: start before the pipeline, `finish()` after it; `actor_ref` goes to the model actors."""
+    """Driver side: start before the pipeline, `finish()` after it; `actor_ref` (the helper's name and namespace)
+    goes to the model actors, for their batch reports and, with `claims` ((ttl, max entries) of the run's caption
+    cache), their caption claims."""
 
-    def __init__(self, run_id: str, interval_s: float = 1.0) -> None:
+    def __init__(self, run_id: str, interval_s: float = 1.0, claims: tuple[float, int] | None = None) -> None:
         self.timeline, self.interval_s = Timeline(), interval_s
-        self.actor_ref = (f"caslie-timeline-{run_id}", "caslie")
-        self.actor = driver_actor(Timeline, *self.actor_ref)
+        self.actor_ref = (f"caslie-run-{run_id}", "caslie")
+        self.actor = driver_actor(RunHelper, *self.actor_ref, *(claims or ()))
         self._stop = threading.Event()
         self._sample()  # the cluster at the start: its nodes are not "added"
         self._thread = threading.Thread(target=self._watch, name="caslie-timeline", daemon=True)
@@ -78,6 +81,12 @@ class JobTimeline:
                 return now
             events = now
             time.sleep(settle_s)
+
+    def claim_stats(self) -> dict:
+        """The caption cache's figures (entries, hits, claims in flight); {} when its helper is gone."""
+        if self.actor is None:
+            return {}
+        return best_effort_get(self.actor.stats.remote(), fallback=None)
 
     def stop(self) -> None:
         """Stop sampling and remove the helper actor (again is a no-op)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+from .cache import ClaimTable
+
 
 def _short(node: str) -> str:
     return node[-6:] if node else "?"
@@ -131,3 +133,19 @@ class Timeline:
         if summary.get("last_record_s") is not None:
             ev.append((summary["last_record_s"], "last record written"))
         return [f"+{t:g}s {text}" for t, text in sorted(ev, key=lambda e: e[0])]
+
+
+class RunHelper(ClaimTable):
+    """The one helper a batch job runs beside its driver: the run's caption claims (`ClaimTable`, used when dedup
+    is on) and the model actors' batch reports (`batch`, `events`: a `Timeline`). One process, not two: a second
+    helper actor cost the 2-core data plane a worker's start and its share of the CPU."""
+
+    def __init__(self, ttl: float = 600.0, max_entries: int = 2_000_000) -> None:
+        super().__init__(ttl, max_entries)
+        self.timeline = Timeline()
+
+    def batch(self, *args, **kwargs) -> None:
+        self.timeline.batch(*args, **kwargs)
+
+    def events(self) -> list[tuple]:
+        return self.timeline.events()

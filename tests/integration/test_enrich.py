@@ -113,6 +113,8 @@ def test_http_images_s3_records_and_output(ray_session, catalog, s3_bucket, tmp_
     for pool in timeline["pools"].values():
         assert sum(a["rows"] for a in pool["actors"]) == len(rows) and pool["peak_actors"] == 1
     assert 0 < timeline["first_batch_s"] <= timeline["last_record_s"] <= summary["wall_seconds"]
+    # the same helper actor held the run's caption claims: every caption made went into it
+    assert summary["caption_cache"]["entries"] > 0 and "unavailable" not in summary["caption_cache"]
     by_id = {r["id"]: r for r in written}
     for rid, (status, stage) in expected.items():
         row = by_id[rid]
@@ -477,7 +479,7 @@ def test_a_pool_the_cluster_cannot_offer_fails_at_its_start_timeout_naming_the_r
 
     import ray
 
-    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("caslie-timeline")]
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("caslie-run-")]
     assert not [th for th in threading.enumerate() if th.name == "caslie-timeline" and th.is_alive()]
 
 
