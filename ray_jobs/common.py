@@ -32,7 +32,14 @@ class _Stdout(logging.StreamHandler):
 # The jobs' own progress lines ("[enrich] 140 records: ..."): INFO on stdout.
 log = logging.getLogger("caslie")
 
-from .connect import init_ray, running_local_cluster, token_client_mode, verbose_mode  # noqa: E402,F401
+from .connect import (  # noqa: E402,F401
+    Interrupted,
+    init_ray,
+    running_local_cluster,
+    shutdown,
+    token_client_mode,
+    verbose_mode,
+)
 
 
 def _ray_json_logging() -> bool:
@@ -163,6 +170,12 @@ def run_guarded(command: str, fn) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"caslie {command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # a job that has nothing more to say (enrich says what it wrote)
+        print(f"caslie {command}: interrupted ({e.args[0] if e.args else 'SIGINT'})", file=sys.stderr)
+        return 130
+    except OSError as e:  # a disk full, a permission: the job's own files, before or after its pipeline
+        print(f"caslie {command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def job_main(job: str, run, doc: str | None, argv: list[str] | None) -> int:

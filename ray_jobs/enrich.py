@@ -24,34 +24,13 @@ from caslie_core.enrichment import report as enrich_report
 from caslie_core.errors import CaslieError, EngineError, find_error
 from caslie_core.images import FetchPolicy
 from caslie_core.io import ledger, store
-from caslie_core.io.sources import raw_texts, reading_plan
+from caslie_core.io.lock import OutputLock
 
 from . import metrics
 from .capacity import pool_requests, wait_for_pools
-from .common import configure_data_context, init_ray, job_entry, job_main, log
+from .common import configure_data_context, init_ray, job_entry, job_main, log, shutdown
 from .enrich_actors import CaptionActor, JudgeActor, ModelsActor
 from .timeline import JobTimeline
-
-
-def read_raw(cfg: EnrichConfig):
-    """Dataset of raw rows: `{"text": <one record as JSON>}` (JSONL, JSON) or the record's columns (Parquet)."""
-    import ray.data
-
-    parts, widest = [], max((pool.max_size for _, pool in cfg.model_pools_used()), default=1)
-    for r in reading_plan(cfg.input.path, cfg.input.format, count_lines=widest > 1):  # blocks only for wide pools
-        if r.reader == "text":
-            blocks = pipeline.read_blocks(r.rows, cfg.records_per_batch, widest)  # every actor of a pool gets work
-            ds = ray.data.read_text(
-                r.path, filesystem=r.filesystem, num_cpus=cfg.task_num_cpus, override_num_blocks=blocks
-            )
-        elif r.reader == "parquet":
-            ds = ray.data.read_parquet(r.path, filesystem=r.filesystem, num_cpus=cfg.task_num_cpus)
-        else:  # JSON lists, compressed files and http(s)/hf URLs stream through the driver
-            ds = ray.data.from_items([{"text": text} for text in raw_texts(r.path)])
-        parts.append(ds)
-    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    return ds.limit(cfg.input.limit) if cfg.input.limit else ds
-
 
 _DONE: dict[str, ledger.DoneIds] = {}  # the finished ids of a resumed run, mapped once per worker process
 
@@ -92,6 +71,8 @@ def build_dataset(
     tests and embedders hand the pools their own models (anything with the `CaptionModel`/`VoteModel` calls);
     `timeline` (a `JobTimeline.actor_ref`): the model actors report their batches there."""
     import ray.data
+
+    from .reading import read_raw  # imports Ray Data
 
     factories, lazy = factories or {}, done_ref is not None  # a resumed run loads its models when rows come
     size = cfg.decode.image_size
@@ -146,24 +127,36 @@ def build_dataset(
     )
 
 
+def stopped(what: str, progress: pipeline.Progress, resumed: int, out: str) -> str:
+    """The one line a job stopped midway ends with: what happened, what is safely written, what to do."""
+    done = progress.counts.get("records", 0)
+    before = f" (besides {resumed:,} from earlier runs)" if resumed else ""
+    return f"{what}; {done:,} records of this run are written in {out}{before}; rerun the same command to resume"
+
+
 def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
     """Run the job; return the summary (also written to `output.path/summary.json`)."""
     import fsspec
     import ray
 
     started = init_ray(cfg.ray)
-    t0, scaling = time.time(), None
+    t0, scaling, lock = time.time(), None, None
     try:
         configure_data_context(cfg.ray.progress_bars, cfg.progress_stall_s)
         out = cfg.output.path
         fs, out_root = fsspec.core.url_to_fs(out)
         fs.makedirs(out_root, exist_ok=True)
+        run_id = uuid.uuid4().hex[:12]
+        lock = OutputLock(out, run_id, say=log.warning).acquire()  # one run at a time into one output
         write_resolved(cfg, cfg.output.path)
         chash = config_hash(cfg)
-        run_id = uuid.uuid4().hex[:12]
         # Both helpers run as tasks, next to the data: the driver holds counts, never ids.
         done_ref, meta_ref = ray.remote(num_cpus=0, num_returns=2)(pipeline.scan_output).remote(out)
         earlier = ray.get(meta_ref)
+        for part, moved, why in earlier["damaged"]:
+            log.warning(f"[enrich] output part {part} is unreadable ({why}): moved to {moved}; its records are redone")
+        if earlier["temporaries"]:
+            log.info(f"[enrich] removed {earlier['temporaries']} temporary part(s) left by writers of a killed run")
         resumed = earlier["records"] - earlier["duplicates"]
         # One helper actor on the driver's node (it lives as long as the job does; restarted empty if that fails
         # anyway): the model actors' batch reports and, with dedup, the run's caption claims.
@@ -189,13 +182,16 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
                     progress.add(counts)
                     metrics.enrich_counts(counts)
                     limit.see(counts.get("records", 0), counts.get("failed", 0))
-        except Exception as e:
-            engine = find_error(e, EngineError)
-            if engine is None:
-                raise
+        except KeyboardInterrupt as e:
             raise CaslieError(
-                f"enrichment stopped: {engine}; records written so far are kept, rerun to resume"
+                stopped(f"interrupted by {e.args[0] if e.args else 'SIGINT'}", progress, resumed, out)
             ) from None
+        except Exception as e:
+            if (engine := find_error(e, EngineError)) is not None:
+                raise CaslieError(stopped(f"enrichment stopped: {engine}", progress, resumed, out)) from None
+            if (io := find_error(e, OSError)) is not None:  # disk full, permission denied: where parts are written
+                raise CaslieError(stopped(f"cannot write the output ({io})", progress, resumed, out)) from None
+            raise
         finally:
             cache_stats = scaling.claim_stats() if claims else {}
             timeline = scaling.finish(t0, last_record=last_record)
@@ -219,6 +215,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
             chash=chash,
             run_id=run_id,
         )
+        summary["quarantined"] = [{"part": p, "moved_to": m, "why": w} for p, m, w in earlier["damaged"]]
         summary["capacity_wait_s"] = capacity_wait  # per pool: how long the cluster took to offer a first actor
         summary["batch_fallbacks"] = timeline.pop("batch_fallbacks", {})  # per model: batches redone item by item
         summary["timeline"] = timeline  # nodes added/removed during the job, each pool's actors at work
@@ -234,8 +231,10 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
     finally:
         if scaling:
             scaling.stop()  # a job that failed before its pipeline ended: no sampler or helper actor left
+        if lock:
+            lock.release()
         if started:
-            ray.shutdown()
+            shutdown(started)
 
 
 def main(argv: list[str] | None = None) -> int:

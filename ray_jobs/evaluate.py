@@ -22,7 +22,7 @@ from caslie_core.evaluation.report import write_report
 from caslie_core.io.store import EVAL_COLUMNS
 
 from .capacity import actor_resources, wait_for_pools
-from .common import configure_data_context, init_ray, job_entry, job_main, log, read_inputs, to_table
+from .common import configure_data_context, init_ray, job_entry, job_main, log, read_inputs, shutdown, to_table
 
 PROMPTS = {
     "id": pa.string(),
@@ -117,7 +117,6 @@ def build_dataset(cfg: EvaluateConfig, plan: EvalPlan):
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate; return the summary (also written to `output.path/summary.json`)."""
     import fsspec
-    import ray
 
     plan = plan_evaluation(cfg)
     started = init_ray(cfg.ray)
@@ -147,7 +146,7 @@ def run(cfg: EvaluateConfig) -> dict:
         return summary
     finally:
         if started:
-            ray.shutdown()
+            shutdown(started)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from caslie_core.training.outputs import existing_checkpoints, train_summary, wr
 from caslie_core.training.plan import TrainPlan, plan_training
 
 from . import metrics
-from .common import configure_data_context, init_ray, job_entry, job_main, log, read_inputs
+from .common import configure_data_context, init_ray, job_entry, job_main, log, read_inputs, shutdown
 
 
 def build_datasets(cfg: TrainConfig, plan: TrainPlan) -> dict:
@@ -180,7 +180,7 @@ def run(cfg: TrainConfig) -> dict:
         return summary
     finally:
         if started:
-            ray.shutdown()
+            shutdown(started)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,9 +141,14 @@ def write(table, *, output: str, provenance: dict, partition: bool) -> dict:
 
 
 def scan_output(output: str):
-    """(the finished ids of an output as sorted digests, {"counts", "records", "duplicates"} of what it holds)."""
-    digests, counts, n = ledger.scan(output, recount=tally_table, columns=TALLY_COLUMNS)
-    return digests, {"counts": counts, "records": n, "duplicates": n - len(digests)}
+    """(the finished ids of an output as sorted digests, {"counts", "records", "duplicates", "damaged",
+    "temporaries"} of what it holds): damaged parts moved to quarantine/ (their records are redone), killed writers'
+    temporary parts removed."""
+    temporaries = ledger.sweep_temporaries(output)
+    damaged: list = []
+    digests, counts, n = ledger.scan(output, recount=tally_table, columns=TALLY_COLUMNS, damaged=damaged)
+    meta = {"counts": counts, "records": n, "duplicates": n - len(digests)}
+    return digests, {**meta, "damaged": damaged, "temporaries": temporaries}
 
 
 def dedupe_output(output: str) -> tuple[int, dict]:

@@ -1,8 +1,9 @@
 """What an output folder already holds: its finished ids (to resume), its counts, its duplicates.
 
 Built for catalogs of millions of records: nothing here is meant to run on the job's driver. `scan`
-reads only the `id` column and the footer of each part (in threads: parts may be on S3), and returns the
-finished ids as a sorted array of 16-byte digests (16 bytes per record, shared zero-copy by every task
+reads every part whole (in threads: parts may be on S3), its pages checked against their CRCs, so that a part
+damaged after it was written is found, moved aside to `OUTPUT/quarantine/` and its records redone, never
+skipped as finished; it keeps the `id` column and the counts in the footer, and returns the finished ids as a sorted array of 16-byte digests (16 bytes per record, shared zero-copy by every task
 through Ray's object store) plus the counts stored in each part's metadata. `drop_duplicates` keeps one
 row per id with the id columns in Arrow (about the ids' length + 4 bytes per record, in one task).
 """
@@ -15,7 +16,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from .store import TALLY_KEY, list_parts
+from ..errors import SourceError
+from .store import TALLY_KEY, list_parts, parts_root
 
 THREADS = 16
 
@@ -68,22 +70,65 @@ class DoneIds:
         return (self.digests[at] == wanted).tolist()
 
 
-def _open_part(path: str, columns: list[str]):
-    """(the part's ids or columns as a table, its stored counts or None)."""
+def _open_part(path: str, columns: list[str], *, verify: bool = False):
+    """(the part's ids or columns as a table, its stored counts or None); `verify`: every column is read and
+    its pages checked against their checksums (parts written before checksums: decoded), so that damage anywhere
+    raises here."""
     import fsspec
     import pyarrow.parquet as pq
 
     with fsspec.open(path, "rb") as fh:
-        pf = pq.ParquetFile(fh)
+        pf = pq.ParquetFile(fh, page_checksum_verification=verify)
         meta = pf.schema_arrow.metadata or {}
-        return pf.read(columns=columns), (json.loads(meta[TALLY_KEY]) if TALLY_KEY in meta else None)
+        counts = json.loads(meta[TALLY_KEY]) if TALLY_KEY in meta else None
+        if verify:
+            return pf.read().select(columns), counts
+        return pf.read(columns=columns), counts
 
 
-def scan(output: str, *, recount: Callable | None = None, columns: tuple[str, ...] = ()) -> tuple:
+QUARANTINE = "quarantine"
+
+
+def quarantine(output: str, path: str) -> str:
+    """Move an output part aside to `OUTPUT/quarantine/` (same relative path), out of the records a run reads,
+    resumes from or trains on; return where it went."""
+    import fsspec
+
+    fs, part = fsspec.core.url_to_fs(path)
+    _, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    rel = part[len(root) + 1 :] if part.startswith(root + "/") else part.rsplit("/", 1)[-1]
+    dest = f"{root}/{QUARANTINE}/{rel}"
+    fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+    fs.mv(part, dest)
+    return fs.unstrip_protocol(dest) if "://" in output else dest
+
+
+def sweep_temporaries(output: str) -> int:
+    """Remove the `.tmp-*` parts killed writers left behind (a part is written under one, then renamed)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(parts_root(output))
+    if not fs.exists(root):
+        return 0
+    stale = [p for p in fs.find(root) if p.rsplit("/", 1)[-1].startswith(".tmp-")]
+    for p in stale:
+        try:
+            fs.rm(p)
+        except FileNotFoundError:  # renamed or removed meanwhile by a writer still finishing
+            pass
+    return len(stale)
+
+
+def scan(
+    output: str, *, recount: Callable | None = None, columns: tuple[str, ...] = (), damaged: list | None = None
+) -> tuple:
     """(sorted digests of every finished id, the summed counts of every part, the number of rows).
 
     A part without stored counts (written by an older version) is counted with `recount(table)` over
-    `columns` read besides the ids, when given."""
+    `columns` read besides the ids, when given. A part that cannot be read whole (truncated, overwritten, a page
+    whose checksum fails) is moved to `quarantine/` and left out: its records are not finished; `damaged`, when
+    given, gets `(part, where it went, why)` for each."""
     import numpy as np
 
     paths = list_parts(output)
@@ -92,15 +137,28 @@ def scan(output: str, *, recount: Callable | None = None, columns: tuple[str, ..
     cols = ["id", *columns] if recount else ["id"]
 
     def one(path):
-        table, counts = _open_part(path, cols)
-        if counts is None and recount is not None:
-            counts = recount(table)
-        return table.column("id").to_pylist(), counts or {}
+        try:
+            table, counts = _open_part(path, cols, verify=True)
+            if counts is None and recount is not None:
+                counts = recount(table)
+            return table.column("id").to_pylist(), counts or {}
+        except Exception as e:  # noqa: BLE001 - whatever the damage, the part's records are redone
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+            try:
+                return None, (path, quarantine(output, path), why)
+            except Exception as moved:  # noqa: BLE001 - say what to do by hand
+                raise SourceError(
+                    f"output part {path} is damaged ({why}) and could not be moved aside "
+                    f"({type(moved).__name__}: {moved}): move or delete it, then rerun the same command"
+                ) from None
 
     total: dict = {}
     ids: list[str] = []
     with ThreadPoolExecutor(THREADS) as pool:
         for part_ids, counts in pool.map(one, paths):
+            if part_ids is None:
+                (damaged if damaged is not None else []).append(counts)
+                continue
             ids.extend(part_ids)
             total = add_counts(total, counts)
     return id_digests(ids), total, len(ids)  # len(ids) - len(digests): ids written more than once
@@ -158,6 +216,6 @@ def drop_duplicates(output: str, *, recount: Callable | None = None) -> tuple[in
         folder, name = p.rsplit("/", 1)
         tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
         with fs.open(tmp, "wb") as fh:
-            pq.write_table(kept.replace_schema_metadata(meta), fh)
+            pq.write_table(kept.replace_schema_metadata(meta), fh, write_page_checksum=True)
         fs.mv(tmp, p)
     return removed, removed_counts

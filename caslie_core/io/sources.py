@@ -1,8 +1,8 @@
-"""Reading MMECInstruct-schema records from files: format detection, streaming readers, folder discovery.
+"""Reading MMECInstruct-schema records from files: streaming readers (JSON Lines as the format defines it, JSON
+lists, Parquet) and validation into records or rejects.
 
-One copy of "which files in this folder are records" for every job (enrich, train, evaluate), and the
-reading plan of the enrichment job (parallel readers or the driver). `io.store.classify_inputs` tells
-enrichment output apart from raw records.
+Which files of a folder are records, and the enrichment job's reading plan, are in `io.folders` (re-exported
+here).
 """
 
 from __future__ import annotations
@@ -14,32 +14,28 @@ from typing import Any, Literal
 
 from ..errors import RecordError, SourceError
 from ..records import Record, Reject, parse_record
-
-Format = Literal["jsonl", "json", "parquet"]
-
-
-def detect_format(path: str) -> Format:
-    name = path.lower().split("?", 1)[0]
-    for suffix in (".gz", ".bz2", ".xz", ".zst"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    if name.endswith((".jsonl", ".ndjson")):
-        return "jsonl"
-    if name.endswith(".json"):
-        return "json"
-    if name.endswith((".parquet", ".pq")):
-        return "parquet"
-    raise SourceError(
-        f"{path}: unsupported file type; expected .jsonl/.ndjson, .json (a list or JSON lines) or .parquet"
-        " (optionally compressed: .gz, .bz2, .xz, .zst for JSON)"
-    )
+from .folders import (  # noqa: F401 - the reading plan is imported from here by the jobs
+    NOT_RECORDS,
+    PARALLEL_SCHEMES,
+    Format,
+    Found,
+    Plan,
+    Read,
+    detect_format,
+    estimate_lines,
+    find_record_files,
+    is_records_file,
+    reading_plan,
+    survey,
+)
 
 
 def _open_text(path: str):
     import fsspec  # local import keeps `import caslie_core` light
 
     try:
-        return fsspec.open(path, "rt", encoding="utf-8", compression="infer").open()
+        # JSON Lines ends a line at "\n" only (a U+2028 or U+0085 inside a string is data); a BOM is not data
+        return fsspec.open(path, "rt", encoding="utf-8-sig", newline="\n", compression="infer").open()
     except FileNotFoundError:
         raise SourceError(f"{path}: no such file") from None
     except Exception as e:  # network, credentials, unknown protocol
@@ -58,10 +54,26 @@ def _iter_jsonl(path: str, fh) -> Iterator[tuple[int, Any]]:
             err = RecordError(
                 f"malformed JSON line ({e.msg} at char {e.pos})", source=path, row=lineno, record_id=f"{path}#L{lineno}"
             )
-            err.raw_text = line.rstrip("\n")  # kept so that the bad line itself can travel to the output
+            err.raw_text = line.rstrip("\r\n")  # kept so that the bad line itself can travel to the output
             yield lineno, err
     if not seen_any:
         raise SourceError(f"{path}: file is empty (no records)")
+
+
+def split_json_lines(data: bytes, path: str) -> list[str]:
+    """The records of a JSON Lines file's bytes, as the format defines them: lines end at "\n" only (U+2028,
+    U+0085 or a form feed inside a string are data, where `str.splitlines` would cut the record in two), a "\r"
+    before it is dropped (CRLF files), a UTF-8 byte order mark at the start is ignored, blank lines skipped.
+    Bytes that are not UTF-8 fail the file, naming the line (as `caslie validate` does)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SourceError(f"{path}: line {line} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    return [line for line in lines if line and not line.isspace()]
 
 
 def _iter_json_array(path: str, fh, chunk_size: int = 1 << 20) -> Iterator[tuple[int, Any]]:
@@ -222,94 +234,14 @@ class LoadResult:
 
 
 def load_records(paths: str | list[str], *, mode: Literal["strict", "collect"] = "strict") -> LoadResult:
-    """Load one or more files into memory (small data: tests, serving, evaluation tables)."""
+    """Load one or more files (a folder: its records files, by the rule of `survey`) into memory (small data:
+    tests, serving, evaluation tables, `caslie validate`)."""
     records, rejects = [], []
-    for path in [paths] if isinstance(paths, str) else paths:
+    files = [f for p in ([paths] if isinstance(paths, str) else paths) for f in find_record_files(p)]
+    for path in files:
         for item in iter_records(path, mode=mode):
             (records if isinstance(item, Record) else rejects).append(item)
     return LoadResult(records, rejects)
-
-
-def is_records_file(path: str) -> bool:
-    """A file whose name says it holds records (JSONL, JSON, Parquet)."""
-    try:
-        detect_format(path)
-        return True
-    except SourceError:
-        return False
-
-
-def _hidden(path: str) -> bool:
-    return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
-
-
-def find_record_files(path: str, *, key: str = "input.path") -> list[str]:
-    """The record files at `path`: the file itself, or every records file below a folder (sorted).
-
-    `key` names the config field in the error (a folder with no records file in it)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
-    if fs.isdir(root):
-        # hidden and `_` files in a folder (.tmp-*, _SUCCESS, _metadata) are never records
-        found = sorted(p for p in fs.find(root) if not _hidden(p) and is_records_file(p))
-        if not found:
-            raise SourceError(f"{key}: {path}: folder has no .jsonl, .json or .parquet files")
-        return [fs.unstrip_protocol(p) if "://" in path else p for p in found]
-    return [path]
-
-
-@dataclass
-class Read:
-    """How one input file is read: `text` (JSON lines) or `parquet` by parallel readers, else `driver`."""
-
-    path: str
-    format: Format
-    reader: Literal["text", "parquet", "driver"]
-    filesystem: Any = None  # a pyarrow filesystem for remote paths (parallel readers only)
-    rows: int | None = None  # about how many records (JSON lines: size / the first MiB's bytes per line)
-
-
-def estimate_lines(fs, path: str, sample: int = 1 << 20) -> int | None:
-    """About how many lines a text file holds: its size over the bytes per line of its first `sample` bytes."""
-    try:
-        size = fs.size(path)
-        with fs.open(path, "rb") as fh:
-            head = fh.read(sample)
-    except Exception:  # noqa: BLE001 - an estimate only: the reader reports a file it cannot open
-        return None
-    lines = head.count(b"\n") + (0 if head.endswith(b"\n") else 1)
-    return max(1, round(size * lines / len(head))) if head else 0
-
-
-PARALLEL_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs")
-
-
-def reading_plan(paths: str | list[str], fmt: str = "auto", *, count_lines: bool = False) -> list[Read]:
-    """Every records file under `paths` with the way to read it: uncompressed JSONL and Parquet on local or
-    object storage go to parallel readers; JSON lists, compressed files and http(s)/hf URLs through one process.
-    `count_lines`: estimate each JSON-lines file's records (`Read.rows`; one small read per file, on the driver)."""
-    import fsspec
-
-    plan = []
-    for root in [paths] if isinstance(paths, str) else list(paths):
-        for path in find_record_files(root):
-            f = detect_format(path) if fmt == "auto" else fmt
-            scheme = path.split("://", 1)[0] if "://" in path else "file"
-            if scheme not in PARALLEL_SCHEMES or f not in ("jsonl", "parquet") or path.endswith(".gz"):
-                plan.append(Read(path, f, "driver"))
-                continue
-            fs, stripped = fsspec.core.url_to_fs(path)
-            if not fs.exists(stripped):
-                raise SourceError(f"input.path {path}: no such file")
-            rows = estimate_lines(fs, stripped) if count_lines and f == "jsonl" else None
-            filesystem = None
-            if scheme != "file":
-                from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-                filesystem, path = PyFileSystem(FSSpecHandler(fs)), stripped
-            plan.append(Read(path, f, "text" if f == "jsonl" else "parquet", filesystem, rows))
-    return plan
 
 
 def raw_texts(path: str) -> Iterator[str]:

@@ -106,7 +106,7 @@ def write_parts(rows: list[dict], output: str, *, partition: bool, tally=None) -
             counts.append(tally(group))
             table = table.replace_schema_metadata({TALLY_KEY: json.dumps(counts[-1]).encode()})
         with fs.open(tmp, "wb") as fh:
-            pq.write_table(table, fh)
+            pq.write_table(table, fh, write_page_checksum=True)  # a damaged part is found on resume (ledger.scan)
         fs.mv(tmp, final)
     return counts
 
