@@ -67,6 +67,7 @@ def init_ray(ray_cfg, *, verbose: bool | None = None) -> bool:
     if address and address != "local":
         try:
             ray.init(address=address, **kwargs)
+            interrupt_on_sigterm()
         except ConnectionError as e:
             if os.environ.get("RAY_AUTH_MODE") == "token":
                 raise

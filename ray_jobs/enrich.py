@@ -139,15 +139,15 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
     import fsspec
     import ray
 
-    started = init_ray(cfg.ray)
-    t0, scaling, lock = time.time(), None, None
+    out = cfg.output.path
+    fs, out_root = fsspec.core.url_to_fs(out)
+    fs.makedirs(out_root, exist_ok=True)  # an output that cannot be written fails here, before Ray starts
+    run_id = uuid.uuid4().hex[:12]
+    lock = OutputLock(out, run_id, say=log.warning).acquire()  # one run at a time into one output
+    started, t0, scaling = False, time.time(), None
     try:
+        started = init_ray(cfg.ray)
         configure_data_context(cfg.ray.progress_bars, cfg.progress_stall_s)
-        out = cfg.output.path
-        fs, out_root = fsspec.core.url_to_fs(out)
-        fs.makedirs(out_root, exist_ok=True)
-        run_id = uuid.uuid4().hex[:12]
-        lock = OutputLock(out, run_id, say=log.warning).acquire()  # one run at a time into one output
         write_resolved(cfg, cfg.output.path)
         chash = config_hash(cfg)
         # Both helpers run as tasks, next to the data: the driver holds counts, never ids.
@@ -231,8 +231,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
     finally:
         if scaling:
             scaling.stop()  # a job that failed before its pipeline ended: no sampler or helper actor left
-        if lock:
-            lock.release()
+        lock.release()
         if started:
             shutdown(started)
 

@@ -59,7 +59,7 @@ def read_raw(cfg: EnrichConfig, plan: Plan | None = None):
             blocks = pipeline.read_blocks(r.rows, cfg.records_per_batch, widest)  # every actor of a pool gets work
             ds = ray.data.read_datasource(
                 JsonLinesDatasource(r.path, filesystem=r.filesystem),
-                ray_remote_args={"num_cpus": cfg.task_num_cpus},
+                num_cpus=cfg.task_num_cpus,
                 override_num_blocks=blocks,
             )
         elif r.reader == "parquet":

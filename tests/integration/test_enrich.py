@@ -363,7 +363,7 @@ def test_a_model_that_fails_everything_fails_the_job_with_a_clear_message(ray_se
     # 3 is the limit; the actor holds up to 2 tasks (blocks of records_per_batch rows), so the error that reaches
     # the driver may be the next batch's, one past it
     assert int(re.search(r"of (\d+) batches", str(e.value)).group(1)) in (3, 4)
-    assert "not the data" in str(e.value) and "rerun to resume" in str(e.value)
+    assert "not the data" in str(e.value) and "rerun the same command to resume" in str(e.value)
 
 
 def _png_claiming(width: int, height: int) -> bytes:

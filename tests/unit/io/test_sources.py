@@ -39,7 +39,12 @@ def test_a_folder_of_one_format_is_read_whole_and_its_metadata_files_are_ignored
     (jsonl_only / "notes.txt").write_text("hello")
     found = survey(str(jsonl_only))
     assert [p.rsplit("/", 1)[-1] for p in found.files] == ["a.jsonl"]
-    assert sorted(p.rsplit("/", 1)[-1] for p in found.ignored) == [".tmp-x.jsonl", "_SUCCESS", "manifest.json", "notes.txt"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in found.ignored) == [
+        ".tmp-x.jsonl",
+        "_SUCCESS",
+        "manifest.json",
+        "notes.txt",
+    ]
     assert "1 file: a.jsonl; not records, ignored:" in found.line()
     assert len(load_records(str(jsonl_only)).records) == 12
 
