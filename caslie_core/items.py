@@ -101,6 +101,7 @@ class Item:
     output: str | None = None
     extra: str | None = None  # the record's other fields, as JSON (written out as they came)
     images: list[ImageSlot] = field(default_factory=list)
+    order: int | None = None  # where the record came in the input (`io.folders.input_order`): repeats keep the first
 
     @property
     def pending(self) -> bool:
@@ -191,6 +192,7 @@ def item_schema():
             ("output", s),
             ("extra", s),
             ("images", pa.list_(image_type())),
+            ("order", pa.int64()),
         ]
     )
 
@@ -208,6 +210,7 @@ ITEM_COLUMNS = (
     "output",
     "extra",
     "images",
+    "order",
 )
 PIXELS = "pixels"  # list<binary>: decoded pixels per image, between decode and caption
 
@@ -290,6 +293,7 @@ def items_to_table(items: list[Item], *, pixels: bool = False):
         cols["output"].append(it.output)
         cols["extra"].append(it.extra)
         cols["images"].append([image_to_arrow(s) for s in it.images])
+        cols["order"].append(it.order)
     arrays = [pa.array(cols[c], type=schema.field(c).type) for c in ITEM_COLUMNS]
     table = pa.Table.from_arrays(arrays, schema=schema)
     if pixels:
@@ -326,6 +330,7 @@ def items_from_table(table) -> list[Item]:
                 output=row["output"],
                 extra=row["extra"],
                 images=images,
+                order=row["order"],
             )
         )
     return items

@@ -198,9 +198,9 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         dataset_seconds = time.time() - t0
         now = progress.counts
         # Duplicates come from this run's writes (a repeated id, a killed run's late writes) or an earlier run.
-        removed, removed_counts = 0, {}
+        removed, removed_counts, repeated = 0, {}, []
         if now.get("records") or earlier["duplicates"]:
-            removed, removed_counts = ray.get(ray.remote(num_cpus=0)(pipeline.dedupe_output).remote(out))
+            removed, removed_counts, repeated = ray.get(ray.remote(num_cpus=0)(pipeline.dedupe_output).remote(out))
         total = ledger.add_counts(ledger.add_counts(earlier["counts"], now), removed_counts, -1)
         summary = pipeline.enrich_summary(
             cfg,
@@ -215,6 +215,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
             chash=chash,
             run_id=run_id,
         )
+        summary["repeated_ids"] = pipeline.repeats(repeated)  # ids the input repeated: their first copy kept
         summary["quarantined"] = [{"part": p, "moved_to": m, "why": w} for p, m, w in earlier["damaged"]]
         summary["capacity_wait_s"] = capacity_wait  # per pool: how long the cluster took to offer a first actor
         summary["batch_fallbacks"] = timeline.pop("batch_fallbacks", {})  # per model: batches redone item by item
@@ -222,11 +223,9 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         enrich_report.attach_report(cfg, summary, warn=log.warning)  # never fails the job
         with fsspec.open(cfg.output.path.rstrip("/") + "/summary.json", "wt") as fh:
             json.dump(summary, fh, indent=2)
-        log.info(
-            f"[enrich] {summary['records']} records: {summary['ok']} ok, {summary['partial']} partial, "
-            f"{summary['failed']} failed; {summary['images_per_second']} images/s; "
-            f"output {cfg.output.path}" + (f"; report {summary['report']}" if "report" in summary else "")
-        )
+        log.info(f"[enrich] {pipeline.last_line(summary, cfg.output.path)}")
+        if repeated and cfg.input.on_duplicate_id == "error":
+            raise CaslieError(f"input.on_duplicate_id=error: {pipeline.repeats_line(summary['repeated_ids'])}")
         return summary
     finally:
         if scaling:

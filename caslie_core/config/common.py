@@ -29,6 +29,11 @@ class InputConfig(StrictModel):
         "auto", description="file format; auto reads it from the extension"
     )
     limit: int | None = Field(None, ge=1, description="process only the first N records (smoke runs)")
+    on_duplicate_id: Literal["keep_first", "error"] = Field(
+        "keep_first",
+        description="an id the input repeats: keep_first keeps its first copy in input order and reports the ids; "
+        "error does that too, then fails the job naming them",
+    )
 
 
 class DataInput(StrictModel):

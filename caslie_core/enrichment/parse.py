@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import RecordError
 from ..images import digest
+from ..io.folders import ORDER
 from ..items import ImageSlot, Item, input_to_arrow
 from ..models.batching import error_text
 from ..prompts import caption_request, judge_template
@@ -30,7 +31,13 @@ def parse_items(
     has `many(ids)`, as `DoneIds` has). A row that cannot be read or validated, whatever the reason (bad
     JSON, a wrong field, nesting too deep to serialise), is a failed item."""
     loaded = []  # (row, source, the parsed record or None, the row's failed item or None)
+    orders = []
     for row in rows:
+        if ORDER in row:  # the row's place in the input, not a field of the record
+            row = dict(row)
+            orders.append(row.pop(ORDER))
+        else:
+            orders.append(None)
         src = row.get("path") or source
         try:
             raw, bad = _load(row, src)
@@ -40,7 +47,7 @@ def parse_items(
     given = [_given_id(raw) if done and bad is None else None for _, _, raw, bad in loaded]
     finished = _finished(done, given) if done else {}
     out: list[Item] = []
-    for (row, src, raw, bad), rid in zip(loaded, given):
+    for (row, src, raw, bad), rid, order in zip(loaded, given, orders):
         if rid is not None and finished[rid]:
             continue
         item = bad
@@ -50,6 +57,7 @@ def parse_items(
             except Exception as e:
                 item = _unreadable(row, e, src)
         if not (done and item.id != rid and done(item.id)):
+            item.order = order
             out.append(item)
     return out
 

@@ -151,9 +151,34 @@ def scan_output(output: str):
     return digests, {**meta, "damaged": damaged, "temporaries": temporaries}
 
 
-def dedupe_output(output: str) -> tuple[int, dict]:
-    """(rows removed as duplicates, their counts)."""
-    return ledger.drop_duplicates(output, recount=tally_table)
+def dedupe_output(output: str) -> tuple[int, dict, list[str]]:
+    """(rows removed as duplicates, their counts, the ids the input repeated: of each, its first copy is kept)."""
+    repeated: list[str] = []
+    removed, counts = ledger.drop_duplicates(output, recount=tally_table, repeated=repeated)
+    return removed, counts, repeated
+
+
+def repeats(ids: list[str], shown: int = 20) -> dict:
+    """The summary's `repeated_ids`: how many ids the input repeated, the rule, the first of them."""
+    return {"count": len(ids), "kept": "the first copy in input order", "ids": ids[:shown]}
+
+
+def repeats_line(r: dict) -> str:
+    more = f" and {r['count'] - len(r['ids'])} more" if r["count"] > len(r["ids"]) else ""
+    return f"{r['count']} ids repeated in the input, the first copy of each kept: {', '.join(r['ids'])}{more}"
+
+
+def last_line(summary: dict, output: str) -> str:
+    """The job's last line: statuses, speed, where the output (and report) is, repeated ids."""
+    line = (
+        f"{summary['records']} records: {summary['ok']} ok, {summary['partial']} partial, {summary['failed']} failed; "
+        f"{summary['images_per_second']} images/s; output {output}"
+    )
+    if "report" in summary:
+        line += f"; report {summary['report']}"
+    if summary.get("repeated_ids", {}).get("count"):
+        line += f"; {repeats_line(summary['repeated_ids'])}"
+    return line
 
 
 def _duration(s: float) -> str:

@@ -323,6 +323,7 @@ def finalize(table, *, provenance: dict) -> list[dict]:
         for s in item.images:
             s.rule = rule
         base = dict.fromkeys(OUTPUT_COLUMNS) | {"id": item.id, "task": item.task, "split": item.split, **prov}
+        base["input_order"] = item.order
         try:
             out.append(base | _finalize_one(item))
         except Exception as e:  # a bug must not lose the record

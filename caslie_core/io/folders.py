@@ -190,3 +190,12 @@ def reading_plan(paths: str | list[str], fmt: str = "auto", *, count_lines: bool
                 filesystem, path = PyFileSystem(FSSpecHandler(fs)), stripped
             plan.append(Read(path, f, "text" if f == "jsonl" else "parquet", filesystem, rows))
     return plan
+
+
+ORDER = "__input_order"  # the raw rows' column (and `Item.order`): where each record came in the input
+ROW_BITS = 40  # rows per file before the next file's numbers (a trillion)
+
+
+def input_order(file_index: int, row: int) -> int:
+    """A record's place in the input: its file's place in the reading plan, then its row in that file."""
+    return (file_index << ROW_BITS) + row

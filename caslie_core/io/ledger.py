@@ -164,13 +164,50 @@ def scan(
     return id_digests(ids), total, len(ids)  # len(ids) - len(digests): ids written more than once
 
 
-def drop_duplicates(output: str, *, recount: Callable | None = None) -> tuple[int, dict]:
+def _ids_and_order(path: str):
+    """A part's `id` column and its `input_order` (all null in parts written before it existed)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        cols = ["id", "input_order"] if "input_order" in pf.schema_arrow.names else ["id"]
+        table = pf.read(columns=cols)
+    order = table.column("input_order") if len(cols) == 2 else pa.nulls(table.num_rows, pa.int64())
+    return table.column("id"), order
+
+
+def _keepers(columns: list, dup_set) -> tuple[dict, list[str]]:
+    """{id: (part index, row) of the copy kept} for each repeated id: the first in input order (a row without
+    one, from an older part, after those with one; then part name and row), and the ids the input itself repeated
+    (copies from different places in the input, not one record written twice)."""
+    import pyarrow.compute as pc
+
+    best: dict[str, tuple] = {}
+    places: dict[str, set] = {}
+    for pi, (ids, order) in enumerate(columns):
+        hit = pc.is_in(ids, value_set=dup_set)
+        if not pc.any(hit).as_py():
+            continue
+        for ri in pc.indices_nonzero(hit).to_pylist():
+            rid, at = ids[ri].as_py(), order[ri].as_py()
+            key = (at is None, at or 0, pi, ri)
+            if rid not in best or key < best[rid]:
+                best[rid] = key
+            places.setdefault(rid, set()).add(at)
+    repeated = sorted(rid for rid, at in places.items() if len(at - {None}) > 1)
+    return {rid: key[2:] for rid, key in best.items()}, repeated
+
+
+def drop_duplicates(output: str, *, recount: Callable | None = None, repeated: list | None = None) -> tuple[int, dict]:
     """Keep one row per id across parts; return (rows removed, their counts to subtract).
 
     A killed driver's write tasks can still finish after it died (Ray stops a dead job's workers within
     seconds, not at once), so a rerun started meanwhile may write some records twice; a catalog may also
-    repeat an id. Parts are visited in name order; the first row of an id is kept, later ones are removed
-    (their part rewritten atomically with its counts recomputed by `recount`, deleted when empty)."""
+    repeat an id. Of an id's copies the first in input order is kept (`input_order`; see `_keepers`), the others
+    removed (their part rewritten atomically with its counts recomputed by `recount`, deleted when empty);
+    `repeated`, when given, gets the ids the input repeated."""
     import fsspec
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -180,29 +217,25 @@ def drop_duplicates(output: str, *, recount: Callable | None = None) -> tuple[in
     if not paths:
         return 0, {}
     with ThreadPoolExecutor(THREADS) as pool:
-        id_cols = list(pool.map(lambda p: _open_part(p, ["id"])[0].column("id"), paths))
-    all_ids = pa.chunked_array([c for col in id_cols for c in col.chunks], type=pa.string())
+        columns = list(pool.map(_ids_and_order, paths))
+    all_ids = pa.chunked_array([c for ids, _ in columns for c in ids.chunks], type=pa.string())
     counts = pc.value_counts(all_ids)
     dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
     if len(dup) == 0:
         return 0, {}
     dup_set = pa.array(dup)
-    seen: set[str] = set()
+    keepers, again = _keepers(columns, dup_set)
+    if repeated is not None:
+        repeated.extend(again)
     removed, removed_counts = 0, {}
-    for path, col in zip(paths, id_cols):
+    for pi, (path, (col, _)) in enumerate(zip(paths, columns)):
         if not pc.any(pc.is_in(col, value_set=dup_set)).as_py():
             continue
         fs, p = fsspec.core.url_to_fs(path)
         with fs.open(p, "rb") as fh:
             pf = pq.ParquetFile(fh)
             table, meta = pf.read(), dict(pf.schema_arrow.metadata or {})
-        keep = []
-        for rid, is_dup in zip(
-            table.column("id").to_pylist(), pc.is_in(table.column("id"), value_set=dup_set).to_pylist()
-        ):
-            keep.append(not is_dup or rid not in seen)
-            if is_dup:
-                seen.add(rid)
+        keep = [rid not in keepers or keepers[rid] == (pi, ri) for ri, rid in enumerate(table.column("id").to_pylist())]
         kept = table.filter(pa.array(keep))
         gone = table.filter(pc.invert(pa.array(keep)))
         removed += gone.num_rows

@@ -4,7 +4,8 @@ Resume and de-duplication over a whole output live in `io.ledger`.
 
 Layout: `OUTPUT/records/[task=<name>/]part-<sha1 of its ids>.parquet`, one row per input record.
 A part is written under a temporary dot-name and renamed, so a reader never sees half a part, and its
-name depends only on the ids it holds, so a rerun of the same batch overwrites instead of duplicating.
+name depends only on the ids it holds and where they came in the input, so a rerun of the same batch overwrites
+instead of duplicating.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ OUTPUT_COLUMNS = (
     "prompt_version",
     "config_hash",
     "run_id",
+    "input_order",  # where the record came in the input (file, row): of an id repeated there, the first is kept
 )
 # What training reads of an output row (the text, before and after enrichment), and evaluation besides.
 TEXT_COLUMNS = OUTPUT_COLUMNS[:4] + ("instruction", "input", "options", "output", "original_input", "original_options")
@@ -58,6 +60,7 @@ def output_schema():
         "n_images": pa.int32(),
         "n_failed_images": pa.int32(),
         "n_kept": pa.int32(),
+        "input_order": pa.int64(),
         "error": record_error_type(),
         "image_results": pa.list_(result_type()),
     }
@@ -78,10 +81,17 @@ def parts_root(output: str) -> str:
 TALLY_KEY = b"caslie.tally"  # a part's counts (JSON), in its Parquet key-value metadata
 
 
+def _row_key(row: dict) -> str:
+    """What names a part: its rows' ids and places in the input (a retried batch has the same; a batch of the same
+    ids from elsewhere in the input, an id the input repeats, does not, and so never overwrites the first)."""
+    at = row.get("input_order")
+    return row["id"] if at is None else f"{row['id']}@{at}"
+
+
 def write_parts(rows: list[dict], output: str, *, partition: bool, tally=None) -> list[dict]:
     """Write finalized output rows as Parquet parts, atomically (temporary name, then rename).
 
-    A part's name is a hash of the ids it holds, so a retried batch overwrites its own part. `tally(rows)`,
+    A part's name is a hash of its rows' ids and input places, so a retried batch overwrites its own part. `tally(rows)`,
     when given, is stored in the part's metadata (`TALLY_KEY`) and returned, one per part written."""
     import json
 
@@ -98,7 +108,7 @@ def write_parts(rows: list[dict], output: str, *, partition: bool, tally=None) -
     for value, group in groups.items():
         folder = f"{root}/task={value}" if partition else root
         fs.makedirs(folder, exist_ok=True)
-        name = "part-" + hashlib.sha1("\n".join(sorted(r["id"] for r in group)).encode()).hexdigest()[:20]
+        name = "part-" + hashlib.sha1("\n".join(sorted(map(_row_key, group))).encode()).hexdigest()[:20]
         final = f"{folder}/{name}.parquet"
         tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}.parquet"
         table = pa.Table.from_pylist(group, schema=schema)

@@ -175,3 +175,23 @@ def test_an_output_that_cannot_be_written_ends_with_one_line(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("caslie enrich: error: ") and f"{blocker}/out" in last
     assert "started a local Ray cluster" not in out.stderr  # it failed before Ray was started
+
+
+def test_ids_the_input_repeats_keep_their_first_copy_are_reported_and_can_fail_the_job(ray_session, tmp_path, caplog):
+    m = write_catalog(tmp_path / "cat", 12, seed=31)
+    rows = [json.loads(line) for line in open(m["jsonl"])]
+    again = [{**r, "instruction": "a LATER copy: " + r["instruction"]} for r in rows[:6]]
+    catalog = tmp_path / "repeats.jsonl"  # six ids twice, the later copies different: spread over parts
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows + again))
+    out = tmp_path / "out"
+    small = ["records_per_batch=3", "output.rows_per_part=3"]
+    with caplog.at_level("INFO", logger="caslie"):
+        summary = enrich.run(config(catalog, out, *small))
+    got = store.read_output(str(out), ["id", "instruction"])
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in rows)  # one row per id
+    assert not [r for r in got if r["instruction"].startswith("a LATER copy")]  # the first copy, whatever its part
+    repeats = summary["repeated_ids"]
+    assert repeats["count"] == 6 and sorted(repeats["ids"]) == sorted(r["id"] for r in rows[:6])
+    assert "6 ids repeated in the input, the first copy of each kept" in caplog.text
+    with pytest.raises(CaslieError, match=r"on_duplicate_id=error: 6 ids repeated"):
+        enrich.run(config(catalog, tmp_path / "out2", *small, "input.on_duplicate_id=error"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fakes import FakeCaptioner, FakeJudge
@@ -142,3 +143,29 @@ def test_parse_skips_finished_records_whether_or_not_they_name_their_id(tmp_path
     again = stages.parse_items(rows, done=counting)
     assert [i.id for i in again] == [first[k].id for k in (1, 2, 3, 5)]
     assert len(asked) == len(set(asked)) == 7  # each row's id looked up once
+
+
+def test_of_an_id_the_input_repeats_the_first_copy_in_input_order_is_kept_whatever_the_part_names(written):
+    out, rows, _ = written
+    folder = sorted(store.list_parts(out))[0].rsplit("/", 1)[0]
+    table = pq.read_table(sorted(store.list_parts(out))[0])
+    row = table.slice(0, 1).to_pylist()[0]
+    first = {**row, "instruction": "FIRST copy", "input_order": 1}
+    later = {**row, "instruction": "later copy", "input_order": 10**6}
+    schema = store.output_schema()
+    pq.write_table(pa.Table.from_pylist([first], schema=schema), folder + "/part-zzzz-first.parquet")
+    pq.write_table(pa.Table.from_pylist([later], schema=schema), folder + "/part-0000-later.parquet")
+    repeated: list = []
+    removed, _ = ledger.drop_duplicates(out, recount=pipeline.tally_table, repeated=repeated)
+    kept = [r for r in store.read_output(out, ["id", "instruction", "input_order"]) if r["id"] == row["id"]]
+    assert removed == 2 and [r["instruction"] for r in kept] == ["FIRST copy"]
+    assert repeated == [row["id"]]  # three copies, from two places in the input: one repeated id
+
+
+def test_one_record_written_twice_is_not_a_repeated_id(written):
+    out, _, _ = written
+    first = sorted(store.list_parts(out))[0]
+    pq.write_table(pq.read_table(first), first.rsplit("/", 1)[0] + "/part-zzzz-copy.parquet")
+    repeated: list = []
+    removed, _ = ledger.drop_duplicates(out, repeated=repeated)
+    assert removed > 0 and repeated == []
