@@ -51,7 +51,10 @@ class JsonLinesDatasource(_Numbered):
 
 class ParquetRowsDatasource(_Numbered):
     """A Parquet file's records, a row group's batches at a time, numbered (`ray.data.read_parquet` cannot say
-    which row of its file a row was)."""
+    which row of its file a row was). Parquet needs random access: the file is opened as one, not as a stream."""
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        return filesystem.open_input_file(path)
 
     def _read_stream(self, f: pyarrow.NativeFile, path: str):
         import pyarrow as pa
