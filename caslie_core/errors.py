@@ -92,11 +92,17 @@ def find_error(error: BaseException, cls: type[BaseException]) -> BaseException 
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, cls):
-            return e
+        if isinstance(e, cls):  # Ray's RayTaskError(cls) is one too: its `cause` is the error itself
+            cause = getattr(e, "cause", None)
+            return cause if isinstance(cause, cls) else e
         todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
     # Ray ships a remote error's chain as text (a pickled exception loses its __cause__): rebuild it from there.
     import re
 
     found = re.findall(rf"{re.escape(cls.__module__)}\.{cls.__name__}: (.+)", str(error))
     return cls(found[-1].strip()) if found else None
+
+
+class OutputError(CaslieError):
+    """The output cannot be written (disk full, permission denied, a path that is not a folder): stops the job,
+    which says how many records are safely written."""

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate a records file and print counts and rejects",
         description="Validate MMECInstruct-schema records (JSONL, JSON list or Parquet; any fsspec URL).",
     )
-    p.add_argument("records", help="records file or URL")
+    p.add_argument("records", help="records file, folder (read by the job's folder rule) or URL")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
 
     p = sub.add_parser(

@@ -21,7 +21,7 @@ import pyarrow as pa
 from caslie_core.config import EnrichConfig, config_hash, write_resolved
 from caslie_core.enrichment import pipeline, stages
 from caslie_core.enrichment import report as enrich_report
-from caslie_core.errors import CaslieError, EngineError, find_error
+from caslie_core.errors import CaslieError, EngineError, OutputError, SourceError, find_error
 from caslie_core.images import FetchPolicy
 from caslie_core.io import ledger, store
 from caslie_core.io.lock import OutputLock
@@ -60,7 +60,10 @@ COUNTS = pa.schema([("counts", pa.string())])
 
 def write_batch(batch: pa.Table, output: str, provenance: dict, partition: bool) -> pa.Table:
     """Finalize and write a batch; return its counts (one small row: the driver never reads the output)."""
-    counts = pipeline.write(batch, output=output, provenance=provenance, partition=partition)
+    try:
+        counts = pipeline.write(batch, output=output, provenance=provenance, partition=partition)
+    except OSError as e:  # the output, not a record: no later batch can be written either
+        raise OutputError(f"{type(e).__name__}: {e}") from None
     return pa.Table.from_pylist([{"counts": json.dumps(counts)}], schema=COUNTS)
 
 
@@ -189,8 +192,10 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         except Exception as e:
             if (engine := find_error(e, EngineError)) is not None:
                 raise CaslieError(stopped(f"enrichment stopped: {engine}", progress, resumed, out)) from None
-            if (io := find_error(e, OSError)) is not None:  # disk full, permission denied: where parts are written
+            if (io := find_error(e, OutputError)) is not None:  # disk full, permission denied: where parts go
                 raise CaslieError(stopped(f"cannot write the output ({io})", progress, resumed, out)) from None
+            if (bad := find_error(e, SourceError)) is not None:  # an input file that cannot be read at all
+                raise CaslieError(stopped(f"cannot read the input: {bad}", progress, resumed, out)) from None
             raise
         finally:
             cache_stats = scaling.claim_stats() if claims else {}

@@ -52,6 +52,10 @@ NOT_RECORDS = frozenset(
 )
 
 
+class MixedFormatsError(SourceError):
+    """A folder holding records in two formats (the folder rule refuses to guess which to read)."""
+
+
 def _family(path: str) -> str:
     return "Parquet" if detect_format(path) == "parquet" else "JSON"
 
@@ -105,7 +109,7 @@ def survey(path: str, *, fmt: str = "auto", key: str = "input.path") -> Found:
             f"{len(v)} {fam} ({', '.join(x.rsplit('/', 1)[-1] for x in v[:3])}{', ...' * (len(v) > 3)})"
             for fam, v in sorted(families.items())
         )
-        raise SourceError(
+        raise MixedFormatsError(
             f"{key}: {path}: the folder holds records in two formats: {found}. A folder is read as one format: "
             f"set input.format to parquet, or to jsonl (JSON files), to read only those, or point {key} at a file"
         )

@@ -182,6 +182,7 @@ def classify_inputs(paths: str | list[str], *, key: str = "input.path") -> Input
     """Enrichment output (a job's output folder, its parts) vs raw MMECInstruct records, for `key`."""
     import fsspec
 
+    from .folders import MixedFormatsError
     from .sources import find_record_files, is_records_file
 
     out = Inputs()
@@ -197,6 +198,9 @@ def classify_inputs(paths: str | list[str], *, key: str = "input.path") -> Input
                 continue
             try:
                 found = find_record_files(path, key=key)
+            except MixedFormatsError as e:
+                out.problems.append(str(e))
+                continue
             except SourceError:
                 out.problems.append(f"{key}: {path} holds no enrichment output (records/) and no JSONL/JSON/Parquet")
                 continue

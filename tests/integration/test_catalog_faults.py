@@ -195,3 +195,29 @@ def test_ids_the_input_repeats_keep_their_first_copy_are_reported_and_can_fail_t
     assert "6 ids repeated in the input, the first copy of each kept" in caplog.text
     with pytest.raises(CaslieError, match=r"on_duplicate_id=error: 6 ids repeated"):
         enrich.run(config(catalog, tmp_path / "out2", *small, "input.on_duplicate_id=error"))
+
+
+def test_a_write_that_fails_midway_ends_with_one_line_naming_what_is_written(ray_session, tmp_path):
+    m = write_catalog(tmp_path / "cat", 6, seed=32, tasks=["CC"])
+    out = tmp_path / "out"
+    (out / "records").mkdir(parents=True)
+    (out / "records" / "task=category_classification").write_text("a file where the parts' folder should be")
+    with pytest.raises(CaslieError) as e:
+        enrich.run(config(m["jsonl"], out))
+    msg = str(e.value)
+    assert msg.startswith("cannot write the output (") and "task=category_classification" in msg
+    assert "records of this run are written in" in msg and msg.endswith("rerun the same command to resume")
+    assert not (out / LOCK).exists()
+
+
+def test_a_file_that_is_not_utf8_fails_with_one_line_naming_it_as_validate_does(ray_session, tmp_path):
+    m = write_catalog(tmp_path / "cat", 4, seed=33)
+    bad = tmp_path / "latin1.jsonl"
+    lines = open(m["jsonl"], "rb").read().splitlines()
+    bad.write_bytes(b"\n".join(lines[:2] + [lines[2].replace(b'"id"', b'"id", "note": "caf\xe9"', 1)] + lines[3:]))
+    with pytest.raises(CaslieError, match=r"cannot read the input: .*latin1\.jsonl: line 3 is not UTF-8"):
+        enrich.run(config(bad, tmp_path / "out", "judges.0.pool.max_size=2"))  # the parallel reader
+    with pytest.raises(SourceError, match="latin1.jsonl"):
+        from caslie_core.io.sources import load_records
+
+        load_records(str(bad))

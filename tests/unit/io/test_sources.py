@@ -102,3 +102,10 @@ def test_a_parquet_only_folder_ignores_its_json_metadata(synth, tmp_path):
     pq.write_table(pa.table({"x": [1]}), folder / "_metadata")
     plan = reading_plan(str(folder))
     assert [r.reader for r in plan] == ["parquet"] and len(plan.found.ignored) == 2
+
+
+def test_training_and_evaluation_inputs_follow_the_same_folder_rule(synth):
+    from caslie_core.io.store import classify_inputs
+
+    inputs = classify_inputs(str(synth))
+    assert not inputs.records and len(inputs.problems) == 1 and "two formats" in inputs.problems[0]
