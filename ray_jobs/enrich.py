@@ -147,9 +147,10 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
     fs.makedirs(out_root, exist_ok=True)  # an output that cannot be written fails here, before Ray starts
     run_id = uuid.uuid4().hex[:12]
     lock = OutputLock(out, run_id, say=log.warning).acquire()  # one run at a time into one output
-    started, t0, scaling = False, time.time(), None
+    started, scaling = False, None
     try:
         started = init_ray(cfg.ray)
+        t0 = time.time()  # the job's own time: from a connected Ray (its start-up is not the job's)
         configure_data_context(cfg.ray.progress_bars, cfg.progress_stall_s)
         write_resolved(cfg, cfg.output.path)
         chash = config_hash(cfg)
