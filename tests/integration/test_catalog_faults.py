@@ -66,18 +66,11 @@ def test_the_folder_caslie_synth_writes_is_refused_not_read_twice(ray_session, t
     assert out.returncode == 2 and "two formats" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_files_of_two_formats_listed_one_by_one_are_each_read_with_their_own_reader(ray_session, tmp_path):
-    a = write_catalog(tmp_path / "a", 6, seed=24)
-    b = write_catalog(tmp_path / "b", 5, seed=25)
-    out = tmp_path / "out"
-    summary = enrich.run(config(f"[{a['jsonl']},{b['parquet']}]", out))
-    rows = written(out)
-    assert sorted(r["id"] for r in rows) == sorted(ids_of(a["jsonl"]) + ids_of(b["jsonl"]))
-    assert summary["failed"] == 0 and all(r["status"] != "failed" for r in rows)
-
-
-def test_json_lines_with_a_bom_crlf_and_line_separators_inside_strings_lose_no_record(ray_session, tmp_path):
+def test_files_of_two_formats_listed_one_by_one_and_awkward_json_lines_lose_no_record(ray_session, tmp_path):
+    """JSON Lines as other tools write them (a BOM, CRLF, raw U+2028/U+0085 inside strings: legal JSON) and a
+    Parquet file, listed one by one: each read by its own reader, every id once, none failed."""
     m = write_catalog(tmp_path / "cat", 8, seed=26)
+    b = write_catalog(tmp_path / "b", 5, seed=25)
     rows = [json.loads(line) for line in open(m["jsonl"])]
     rows[0]["instruction"] += "\u2028and on"
     rows[3]["instruction"] += "\u0085next"
@@ -85,10 +78,11 @@ def test_json_lines_with_a_bom_crlf_and_line_separators_inside_strings_lose_no_r
     body = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n"
     awkward.write_bytes(b"\xef\xbb\xbf" + body.encode())
     out = tmp_path / "out"
-    summary = enrich.run(config(awkward, out, "judges.0.pool.max_size=2"))  # a wide pool: the parallel reader
+    wide = "judges.0.pool.max_size=2"  # a pool wider than one actor: JSON lines go through the parallel reader
+    summary = enrich.run(config(f"[{awkward},{b['parquet']}]", out, wide))
     got = written(out)
-    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in rows)
-    assert summary["failed"] == 0 and summary["records"] == len(rows)
+    assert sorted(r["id"] for r in got) == sorted([r["id"] for r in rows] + ids_of(b["jsonl"]))
+    assert summary["failed"] == 0 and all(r["status"] != "failed" for r in got)
 
 
 def test_a_damaged_part_is_quarantined_and_its_records_redone_and_temporaries_swept(ray_session, tmp_path):
@@ -158,9 +152,10 @@ def test_an_interrupted_job_ends_with_one_line_and_a_rerun_finishes_it(ray_sessi
     assert last.startswith(f"caslie enrich: error: interrupted by {sig.name}") and "rerun the same command" in last
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert not (out / LOCK).exists()
-    enrich.run(config(m["jsonl"], out, "records_per_batch=4", "output.rows_per_part=4"))
-    ids = [r["id"] for r in written(out)]
-    assert sorted(ids) == sorted(ids_of(m["jsonl"]))
+    if sig == signal.SIGTERM:  # the rerun is the same after either signal (and after a kill: test_enrich)
+        enrich.run(config(m["jsonl"], out, "records_per_batch=4", "output.rows_per_part=4"))
+        ids = [r["id"] for r in written(out)]
+        assert sorted(ids) == sorted(ids_of(m["jsonl"]))
 
 
 def test_an_output_that_cannot_be_written_ends_with_one_line(tmp_path):
