@@ -17,6 +17,8 @@ from caslie_core.config import EnrichConfig, EvaluateConfig, load_config
 from caslie_core.io import store
 from caslie_core.synthetic import write_catalog
 
+pytestmark = pytest.mark.slow  # a Ray session and a training run: `make test`, not `make test-fast`
+
 RESEARCH = [  # the demo's judges, set to the research preset's settings (the demo pins logits and 4 tokens)
     "cqe.vote=research",
     "judges.0.mode=generate",
