@@ -30,6 +30,13 @@ def _age(seconds: float) -> str:
     return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min" if seconds < 7200 else f"{seconds // 3600} h"
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no passwd entry
+        return f"uid {os.getuid()}"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -48,7 +55,7 @@ class OutputLock:
 
         self.fs, root = fsspec.core.url_to_fs(output)
         self.path, self.output, self.say, self.stale_s = f"{root.rstrip('/')}/{NAME}", output, say, stale_s
-        self.me = {"run_id": run_id, "user": getpass.getuser(), "host": socket.gethostname(), "pid": os.getpid()}
+        self.me = {"run_id": run_id, "user": _user(), "host": socket.gethostname(), "pid": os.getpid()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
