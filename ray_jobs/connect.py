@@ -64,7 +64,10 @@ def init_ray(ray_cfg, *, verbose: bool | None = None) -> bool:
         log.info(f"[ray] joined the running local Ray cluster at {found} (set ray.address=local to start our own)")
     elif address and address != "local":
         log.info(f"[ray] joining the Ray cluster at {address}")
+    if address == "auto":
+        address = running_local_cluster() or address
     if address and address != "local":
+        match_local_auth(address)
         try:
             ray.init(address=address, **kwargs)
             interrupt_on_sigterm()
@@ -175,6 +178,56 @@ def token_client_mode(address: str | None) -> None:
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ["RAY_AUTH_MODE"] = "token"
         log.info("[ray] a Ray auth token is set: connecting with RAY_AUTH_MODE=token")
+
+
+def local_auth_mode(address: str) -> str | None:
+    """The auth mode of a cluster whose GCS or raylet runs on this machine ("token" or "disabled"), read from the
+    environment `ray start` gave its processes (it turns token auth on when a token exists, RAY_AUTH_MODE=token);
+    None when no process of it can be read here (a remote cluster, another user's)."""
+    host, _, port = address.rpartition(":")
+    marks = (f"--gcs-address={address}", f"--gcs_server_port={port}")
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                args = fh.read().decode(errors="replace").split("\0")
+            if not any(a in marks for a in args) or not any(a.endswith(("raylet", "gcs_server")) for a in args[:1]):
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = dict(v.split("=", 1) for v in fh.read().decode(errors="replace").split("\0") if "=" in v)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        return "token" if env.get("RAY_AUTH_MODE", "").lower() == "token" else "disabled"
+    return None
+
+
+def match_local_auth(address: str) -> None:
+    """Joining a cluster of this machine with RAY_AUTH_MODE unset: use the mode it runs with. A `ray start`
+    cluster has token auth on whenever a token existed (any earlier `ray.init()` writes ~/.ray/auth_token); its
+    token is Ray's usual one (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token). No token here: fail at once
+    with the fix, rather than after Ray's ~20 s of retries."""
+    if os.environ.get("RAY_AUTH_MODE") is not None or local_auth_mode(address) != "token":
+        return
+    from caslie_core.errors import CaslieError
+
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if not os.environ.get("RAY_AUTH_TOKEN") and not os.path.isfile(path):
+        raise CaslieError(
+            f"the Ray cluster at {address} uses token authentication (its processes run with RAY_AUTH_MODE=token), "
+            f"and this process has no token: {path} does not exist. Run the job as the user who ran `ray start` "
+            "(the token is in their ~/.ray/auth_token), or set RAY_AUTH_TOKEN to the token (`ray get-auth-token` "
+            "prints it) or RAY_AUTH_TOKEN_PATH to its file, and the job connects"
+        )
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray is imported already (its address file was read): make it read the mode again
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except Exception as e:  # noqa: BLE001 - an older or newer Ray: the environment variable is still set
+        log.debug(f"[ray] could not refresh Ray's config: {e}")
+    where = "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else path
+    log.info(f"[ray] the cluster at {address} uses token authentication: connecting with the token from {where}")
 
 
 def _session_logs() -> str:
