@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install browser demo test test-fast lint format bench clean
+.PHONY: install browser prometheus demo test test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,7 +38,14 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
 	    || echo "make browser: no Chromium and no way to install it here; the browser test will skip"; }
 
-test: $(STAMP) browser
+# The dashboard tests scrape the suite's Ray node with a real Prometheus: Debian's package, where apt can (root).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
+	    || echo "make prometheus: no prometheus and no way to install it here; the dashboard tests will skip"; }
+
+test: $(STAMP) browser prometheus
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -51,7 +51,7 @@ def prepare_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels
     out = stages.prepare(
         batch.to_pylist(), policy=policy, threads=threads, max_pixels=max_pixels, size=size, done=done, **kw
     )
-    metrics.observe("caslie_enrich_stage_seconds", time.perf_counter() - t, stage="fetch_decode")
+    metrics.batch_seconds("fetch_decode", time.perf_counter() - t)
     return out
 
 
@@ -96,17 +96,18 @@ def build_dataset(
     cp, captioning = cfg.captioner.pool, cfg.captioner.source == "model"
     caption = dict(captioner=cfg.captioner.model_dump(), size=size, cache=cache, wait_s=cfg.dedup.claim_ttl_s)
     pools = []  # (actor class, pool, constructor kwargs), keyed as in the config (the timeline's names)
+    first = (captioning,)  # the first pool counts what reached it too (validation, fetch/decode when fetched)
     if cfg.model_pools == "shared":
-        judges = [j.model_dump() for j in cfg.judges]
-        kw = dict(caption=caption if captioning else None, judges=judges, factories=factories)
-        pools.append((ModelsActor, cp, dict(kw, timeline=timeline and (timeline, "captioner.pool"))))
+        kw = dict(caption=caption if captioning else None, judges=[j.model_dump() for j in cfg.judges])
+        kw["factories"] = factories
+        pools.append((ModelsActor, cp, dict(kw, timeline=timeline and (timeline, "captioner.pool", first))))
     else:
         if captioning:
             kw = dict(caption, factory=factories.get("captioner"))
-            pools.append((CaptionActor, cp, dict(kw, timeline=timeline and (timeline, "captioner.pool"))))
+            pools.append((CaptionActor, cp, dict(kw, timeline=timeline and (timeline, "captioner.pool", first))))
         for i, j in enumerate(cfg.judges):
-            kw = dict(judge=j.model_dump(), factory=factories.get(j.name))
-            pools.append((JudgeActor, j.pool, dict(kw, timeline=timeline and (timeline, f"judges.{i}.pool"))))
+            ref = timeline and (timeline, f"judges.{i}.pool", *([] if pools else [first]))
+            pools.append((JudgeActor, j.pool, dict(judge=j.model_dump(), factory=factories.get(j.name), timeline=ref)))
     for actor, pool, kwargs in pools:
         ds = ds.map_batches(
             actor,
@@ -152,9 +153,9 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         started = init_ray(cfg.ray)
         t0 = time.time()  # the job's own time: from a connected Ray (its start-up is not the job's)
         configure_data_context(cfg.ray.progress_bars, cfg.progress_stall_s)
+        written = metrics.Counts(metrics.written_series())  # at zero from the start: a first part is seen to rise
         write_resolved(cfg, cfg.output.path)
-        chash = config_hash(cfg)
-        # Both helpers run as tasks, next to the data: the driver holds counts, never ids.
+        chash = config_hash(cfg)  # the scan runs as a task, next to the data: the driver holds counts, never ids
         done_ref, meta_ref = ray.remote(num_cpus=0, num_returns=2)(pipeline.scan_output).remote(out)
         earlier = ray.get(meta_ref)
         for part, moved, why in earlier["damaged"]:
@@ -162,10 +163,9 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         if earlier["temporaries"]:
             log.info(f"[enrich] removed {earlier['temporaries']} temporary part(s) left by writers of a killed run")
         resumed = earlier["records"] - earlier["duplicates"]
-        # One helper actor on the driver's node (it lives as long as the job does; restarted empty if that fails
-        # anyway): the model actors' batch reports and, with dedup, the run's caption claims.
+        # One helper actor on the driver's node for the job: the actors' batch reports, metrics and claims (dedup).
         claims = (cfg.dedup.claim_ttl_s, cfg.dedup.max_entries) if cfg.dedup.enabled else None
-        scaling = JobTimeline(run_id, claims=claims)
+        scaling = JobTimeline(run_id, claims=claims, judges=[j.name for j in cfg.judges])
         cache = scaling.actor_ref if claims else None
         capacity_wait = wait_for_pools(pool_requests(cfg), can_grow=not started)
         done = done_ref if resumed else None
@@ -184,7 +184,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
                 for text in batch.column("counts").to_pylist():
                     counts = json.loads(text)
                     progress.add(counts)
-                    metrics.enrich_counts(counts)
+                    metrics.enrich_counts(counts, into=written)
                     limit.see(counts.get("records", 0), counts.get("failed", 0))
         except KeyboardInterrupt as e:
             raise CaslieError(
@@ -201,6 +201,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         finally:
             cache_stats = scaling.claim_stats() if claims else {}
             timeline = scaling.finish(t0, last_record=last_record)
+            written.flush()
         dataset_seconds = time.time() - t0
         now = progress.counts
         # Duplicates come from this run's writes (a repeated id, a killed run's late writes) or an earlier run.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import time
 
-from caslie_core.enrichment import stages
+from caslie_core.enrichment import outcomes, stages
 
 from . import metrics
 from .actors import CaptionCacheClient, actor_id
@@ -16,30 +16,40 @@ from .timeline import TimelineClient
 
 
 class _Timed:
-    """Each batch's seconds into `caslie_enrich_stage_seconds{stage}`, its models' batches redone item by item
-    into `caslie_batch_fallbacks_total{model}`; each batch done told to the job's timeline (`timeline`: the named
-    actor and this pool's config key), with those fallbacks (the job's summary counts them)."""
+    """Each batch's seconds into `caslie_enrich_stage_batches_total{stage, le}`; each batch done told to the job's timeline
+    (`timeline`: the named actor and this pool's config key) with its models' batches redone item by item (the
+    job's summary counts them) and what the batch did (`outcomes.count`): the helper records both, as
+    `caslie_batch_fallbacks_total{model}` and `caslie_enrich_stage_images_total{stage, outcome}`."""
 
     metric_stage = "model"
     timeline: TimelineClient | None = None
+    counting: dict = {}  # `outcomes.count`'s keywords for this pool
 
     def __call__(self, batch):
         t = time.perf_counter()
         try:
             out = super().__call__(batch)
         finally:
-            metrics.observe("caslie_enrich_stage_seconds", time.perf_counter() - t, stage=self.metric_stage)
+            metrics.batch_seconds(self.metric_stage, time.perf_counter() - t)
         fallbacks = stages.take_fallbacks(self.stage)
-        for model, (n, _) in fallbacks.items():
-            metrics.inc("caslie_batch_fallbacks_total", n, model=model)
-        if self.timeline is not None and batch.num_rows:
-            self.timeline.batch(batch.num_rows, fallbacks)
+        if self.timeline is None:  # a pool run without the job's helper (an embedder): recorded here
+            for model, (n, _) in fallbacks.items():
+                metrics.inc("caslie_batch_fallbacks_total", n, model=model)
+        elif batch.num_rows:
+            self.timeline.batch(batch.num_rows, fallbacks, outcomes.count(out, **self.counting))
         return out
 
-    def follow(self, timeline) -> None:
-        self.timeline = TimelineClient(tuple(timeline[0]), timeline[1]) if timeline else None
+    def follow(self, timeline, **counting) -> None:
+        """Report to `timeline` ((the helper's name and namespace), the pool's key, and for the first pool
+        `first=(fetched,)`), counting this pool's outcomes (`counting`: `outcomes.count`'s caption/judges)."""
+        if not timeline:
+            return
+        first = timeline[2] if len(timeline) > 2 else None
+        self.counting = dict(counting, arrivals=first is not None, fetched=bool(first and first[0]))
+        self.timeline = TimelineClient(tuple(timeline[0]), timeline[1])
 
-    def __del__(self) -> None:  # Ray Data retires the actor: its last batches reach the timeline
+    def __del__(self) -> None:  # Ray Data retires the actor: its last batches reach the timeline and the metrics
+        metrics.here().flush()
         if self.timeline is not None:
             self.timeline.flush(wait_s=2.0)
 
@@ -63,7 +73,7 @@ class CaptionActor(_Timed, stages.Deferred):  # `lazy` on a resume: a finished c
 
     def __init__(self, captioner: dict, size: int, cache, wait_s: float, factory=None, lazy=False, timeline=None):
         super().__init__(functools.partial(_caption_stage, captioner, size, cache, wait_s, factory), lazy=lazy)
-        self.follow(timeline)
+        self.follow(timeline, caption=True)
 
 
 class JudgeActor(_Timed, stages.Deferred):
@@ -71,7 +81,7 @@ class JudgeActor(_Timed, stages.Deferred):
 
     def __init__(self, judge: dict, factory=None, lazy=False, timeline=None) -> None:
         super().__init__(functools.partial(stages.judge_stage, judge, factory), lazy=lazy)
-        self.follow(timeline)
+        self.follow(timeline, judges=(judge["name"],))
 
 
 class ModelsActor(_Timed, stages.Deferred):
@@ -83,4 +93,4 @@ class ModelsActor(_Timed, stages.Deferred):
         self, caption: dict | None, judges: list[dict], factories: dict | None = None, lazy=False, timeline=None
     ):
         super().__init__(functools.partial(_models_stage, caption, judges, factories or {}), lazy=lazy)
-        self.follow(timeline)
+        self.follow(timeline, caption=caption is not None, judges=tuple(j["name"] for j in judges))

@@ -57,6 +57,7 @@ class Ingress:
         self.key_digest = spec["key_digest"]
         self.policy = cfg.fetch.policy()
         self.in_flight = 0
+        self.answered = metrics.Counts(metrics.serve_series())  # every route and status at zero from the start
         f = cfg.fetch
         self.intake = sv.ImageIntake(
             self.policy,
@@ -108,7 +109,8 @@ class Ingress:
         finally:
             self.in_flight -= 1
             metrics.set_gauge("caslie_serve_requests_in_flight", self.in_flight)
-            metrics.inc("caslie_serve_requests_total", route=request.url.path, status=status)
+            route = getattr(request.scope.get("route"), "path", request.url.path)  # the route, not a prefixed path
+            self.answered.add("caslie_serve_requests_total", route=route, status=status)
 
     async def _respond(self, request: Request, model, work, *, openai: bool = False):
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError

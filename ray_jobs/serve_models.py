@@ -51,8 +51,9 @@ class _Health:
         """A model call's item errors (the health rule), and its batches redone item by item (the metric)."""
         self.streak = self.streak or FailureStreak()
         self.streak.track(errors)
-        if (counts := getattr(model, "fallbacks", None)) is not None:
-            metrics.inc("caslie_batch_fallbacks_total", counts.take(), model=counts.model)
+        if (counts := getattr(model, "fallbacks", None)) is not None:  # at zero first: a first fallback is seen
+            self.redone = getattr(self, "redone", None) or metrics.Counts()
+            self.redone.add("caslie_batch_fallbacks_total", counts.take(), model=counts.model)
 
     def check_health(self) -> None:
         if self.streak and self.streak.failing:

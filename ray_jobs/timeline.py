@@ -11,10 +11,34 @@ from __future__ import annotations
 import threading
 import time
 
+from caslie_core.enrichment import outcomes
 from caslie_core.enrichment.timeline import RunHelper, Timeline
 
+from . import metrics
 from .actors import actor_id, best_effort_get, driver_actor
 from .common import log
+
+
+class JobHelper(RunHelper):
+    """The job's helper actor on Ray: besides the claims and the timeline, it records the model actors' batch
+    outcomes into `caslie_enrich_stage_images_total` and their batches redone into `caslie_batch_fallbacks_total`
+    (one long-lived process: its series start at zero with the job, so the first batches are seen to rise;
+    `close()` records what is held before it exits)."""
+
+    def __init__(self, judges: list[str], *claims) -> None:
+        super().__init__(*claims)
+        self.counts = metrics.Counts(metrics.stage_series(judges))
+
+    def batch(self, pool, actor, node, rows, t=None, fallbacks=None, batches=1, counts=None) -> None:
+        super().batch(pool, actor, node, rows, t, fallbacks, batches)
+        for model, (n, _) in (fallbacks or {}).items():
+            self.counts.add("caslie_batch_fallbacks_total", n, model=model)
+        for key, n in (counts or {}).items():
+            stage, _, outcome = key.rpartition("/")
+            self.counts.add("caslie_enrich_stage_images_total", n, stage=stage, outcome=outcome)
+
+    def close(self) -> None:
+        self.counts.flush()
 
 
 def alive_nodes() -> dict[str, dict]:
@@ -33,10 +57,12 @@ class JobTimeline:
     goes to the model actors, for their batch reports and, with `claims` ((ttl, max entries) of the run's caption
     cache), their caption claims."""
 
-    def __init__(self, run_id: str, interval_s: float = 1.0, claims: tuple[float, int] | None = None) -> None:
+    def __init__(
+        self, run_id: str, interval_s: float = 1.0, claims: tuple[float, int] | None = None, judges: list[str] = ()
+    ) -> None:
         self.timeline, self.interval_s = Timeline(), interval_s
         self.actor_ref = (f"caslie-run-{run_id}", "caslie")
-        self.actor = driver_actor(RunHelper, *self.actor_ref, *(claims or ()))
+        self.actor = driver_actor(JobHelper, *self.actor_ref, list(judges), *(claims or ()))
         self._stop = threading.Event()
         self._sample()  # the cluster at the start: its nodes are not "added"
         self._thread = threading.Thread(target=self._watch, name="caslie-timeline", daemon=True)
@@ -89,15 +115,21 @@ class JobTimeline:
         return best_effort_get(self.actor.stats.remote(), fallback=None)
 
     def stop(self) -> None:
-        """Stop sampling and remove the helper actor (again is a no-op)."""
+        """Stop sampling and remove the helper actor (again is a no-op): it records what it holds and exits on its
+        own (an actor that exits sends its last metric values; one killed would not), killed if it cannot."""
         import ray
 
         self._halt()
         if self.actor is not None:
             try:
-                ray.kill(self.actor)
-            except Exception:  # noqa: BLE001, S110 - already gone with its node or the job
-                pass
+                best_effort_get(self.actor.close.remote(), fallback=False, timeout_s=5)
+                gone = self.actor.__ray_terminate__.options(max_task_retries=0).remote()
+                best_effort_get(gone, fallback=False, timeout_s=5)  # returns once the actor has exited
+            except Exception:  # noqa: BLE001 - already gone with its node or the job
+                try:
+                    ray.kill(self.actor)
+                except Exception:  # noqa: BLE001, S110
+                    pass
             self.actor = None
 
 
@@ -112,14 +144,15 @@ class TimelineClient:
 
         self.pool, self.me, self.node = pool, actor_id(), ray.get_runtime_context().get_node_id()
         self.every_s, self.sent_at = every_s, None
-        self.rows, self.batches, self.fallbacks = 0, 0, {}
+        self.rows, self.batches, self.fallbacks, self.counts = 0, 0, {}, {}
         try:
             self.actor = ray.get_actor(ref[0], namespace=ref[1])
         except ValueError:  # not there (a job run without one): no timeline
             self.actor = None
 
-    def batch(self, rows: int, fallbacks: dict | None = None) -> None:
+    def batch(self, rows: int, fallbacks: dict | None = None, counts: dict | None = None) -> None:
         self.rows, self.batches = self.rows + rows, self.batches + 1
+        outcomes.add(self.counts, counts)
         for model, (n, single_only) in (fallbacks or {}).items():
             had = self.fallbacks.get(model, (0, False))
             self.fallbacks[model] = (had[0] + n, had[1] or single_only)
@@ -131,8 +164,8 @@ class TimelineClient:
         if self.actor is None or not self.batches:
             return
         ref = self.actor.batch.remote(
-            self.pool, self.me, self.node, self.rows, None, self.fallbacks or None, self.batches
+            self.pool, self.me, self.node, self.rows, None, self.fallbacks or None, self.batches, counts=self.counts
         )
-        self.rows, self.batches, self.fallbacks, self.sent_at = 0, 0, {}, time.monotonic()
+        self.rows, self.batches, self.fallbacks, self.counts, self.sent_at = 0, 0, {}, {}, time.monotonic()
         if wait_s:
             best_effort_get(ref, fallback=None, timeout_s=wait_s)

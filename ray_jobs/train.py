@@ -12,6 +12,7 @@ Rerunning with the same run name resumes from its latest checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -52,10 +53,10 @@ def build_datasets(cfg: TrainConfig, plan: TrainPlan) -> dict:
     return out
 
 
-def _step_metrics(m: dict) -> None:
+def _step_metrics(m: dict, steps: metrics.Counts) -> None:
     """Each step into Ray's metrics: steps and loss once (rank 0), tokens/s per worker."""
     if m["rank"] == 0:
-        metrics.inc("caslie_train_steps_total")
+        steps.add("caslie_train_steps_total")
         metrics.set_gauge("caslie_train_loss", m["train_loss"])
     if m.get("tokens_per_s"):
         metrics.set_gauge("caslie_train_tokens_per_second", m["tokens_per_s"])
@@ -79,18 +80,20 @@ def train_loop_per_worker(c: dict) -> None:
     def report(metrics: dict, folder: str | None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
 
+    rank = ctx.get_world_rank()  # rank 0 counts the steps, from zero when the worker starts (`metrics.Counts`)
+    steps = metrics.Counts({"caslie_train_steps_total": [{}]} if rank == 0 else None)
     recipe = LoRARecipe(
         cfg,
         total_steps=c["total_steps"],
         report=report,
-        rank=ctx.get_world_rank(),
+        rank=rank,
         world=ctx.get_world_size(),
         device=device,
         node_id=ray.get_runtime_context().get_node_id(),
         wrap_ddp=ray.train.torch.prepare_model,
         progress_dir=c["progress_dir"],
         config_hash=c["config_hash"],
-        on_step=_step_metrics,
+        on_step=functools.partial(_step_metrics, steps=steps),
     )
     recipe.setup()
     checkpoint = ray.train.get_checkpoint()
@@ -109,6 +112,7 @@ def train_loop_per_worker(c: dict) -> None:
         (lambda: eval_shard.iter_batches(batch_size=bs, batch_format="numpy")) if eval_shard else None,
     )
     recipe.cleanup()
+    steps.flush()
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -23,6 +23,7 @@ for key, value in {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "CASLIE_SCRAPE_INTERVAL_S": "1",  # our Prometheus scrapes every second: new series are held that long
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -197,3 +198,21 @@ def families(_cache):
     from families.build import build_families
 
     return build_families(_cache / "families")
+
+
+@pytest.fixture(scope="session")
+def prometheus(ray_session, tmp_path_factory):
+    """A real Prometheus scraping the suite's Ray node every second, where a `prometheus` binary exists (`make
+    test` installs Debian's package where apt can); the tests that need it skip, saying why, elsewhere."""
+    import shutil
+
+    import ray
+    from helpers import Prometheus
+
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.skip("no `prometheus` binary here (make test installs Debian's package where apt can, as root)")
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    prom = Prometheus(exe, port, tmp_path_factory.mktemp("prometheus"))
+    yield prom
+    prom.close()

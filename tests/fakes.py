@@ -151,3 +151,21 @@ def slow_loading(seconds: float, make: Callable[[], Any]) -> Any:
 
     time.sleep(seconds)
     return make()
+
+
+class CaptionerRaisingOnce:
+    """The real tiny captioner, except that its first batch of several images raises (a model that crashes on one
+    item and takes its batch with it): the stage redoes that batch item by item, and counts it (`fallbacks`)."""
+
+    def __init__(self, **kwargs) -> None:
+        from caslie_core.models.captioner import Captioner
+
+        self.inner = Captioner("tiny:captioner", **{"max_new_tokens": 8, "batch_size": 16, **kwargs})
+        self.raised = False
+        self.fallbacks = Fallbacks("captioner")
+
+    def caption(self, images: list[Any], prompts: list[str]) -> list[CaptionResult]:
+        if len(prompts) > 1 and not self.raised:
+            self.raised = True
+            raise RuntimeError("captioner: raised on one item")
+        return self.inner.caption(images, prompts)

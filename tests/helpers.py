@@ -101,3 +101,104 @@ def kill_processes_under(folder: str, grace_s: float = 2.0) -> None:
             return
         if sig == signal.SIGTERM:
             time.sleep(grace_s)
+
+
+class Prometheus:
+    """A real Prometheus server (the system's `prometheus` binary) scraping one Ray node's metrics port every
+    second, and the dashboard's queries run against it as Grafana would run them."""
+
+    SCRAPE_S = 1
+
+    def __init__(self, exe: str, metrics_port: int, folder) -> None:
+        import subprocess
+        import time
+
+        import requests
+
+        config = folder / "prometheus.yml"
+        config.write_text(
+            f"global: {{scrape_interval: {self.SCRAPE_S}s, evaluation_interval: {self.SCRAPE_S}s}}\n"
+            f"scrape_configs:\n  - job_name: ray\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
+        )
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen(
+            [exe, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}", "--log.level=warn"]
+            + [f"--web.listen-address={self.url[7:]}"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(folder / "prometheus.log", "w"),  # noqa: SIM115 - closed with the process
+        )
+        deadline = time.time() + 60
+        while True:
+            try:
+                if requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus did not start: {(folder / 'prometheus.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        while not any(self.value("up", time.time()).values()):  # its first scrape comes a few seconds after
+            if time.time() > deadline:
+                raise RuntimeError("prometheus never scraped the Ray node's metrics port")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def range(self, expr: str, start: float, end: float) -> list[dict]:
+        """`query_range` at one-second steps: the series, each with its [[t, "value"], ...]."""
+        import requests
+
+        # Grafana's $__rate_interval: max(step + scrape interval, 4 scrape intervals)
+        expr = expr.replace("$__rate_interval", f"{4 * self.SCRAPE_S}s")
+        r = requests.get(
+            f"{self.url}/api/v1/query_range", params={"query": expr, "start": start, "end": end, "step": 1}, timeout=30
+        )
+        assert r.status_code == 200 and r.json()["status"] == "success", (expr, r.text[:500])
+        return r.json()["data"]["result"]
+
+    def value(self, expr: str, at: float) -> dict:
+        """An instant query: {the series' labels as a sorted tuple: value}."""
+        import requests
+
+        r = requests.get(f"{self.url}/api/v1/query", params={"query": expr, "time": at}, timeout=30)
+        assert r.status_code == 200, r.text[:500]
+        return {tuple(sorted(s["metric"].items())): float(s["value"][1]) for s in r.json()["data"]["result"]}
+
+    def wait_scraped(self, seconds: float | None = None) -> None:
+        """Long enough for what was recorded to be exported by Ray (report interval) and scraped here."""
+        import time
+
+        time.sleep(seconds if seconds is not None else 3 * self.SCRAPE_S + 1)
+
+
+def dashboard_panels(prefix: str) -> list[dict]:
+    """The panels of the shipped Grafana dashboard whose title starts with `prefix` ("Enrichment:", ...)."""
+    import json
+
+    dash = json.loads((ROOT / "cluster" / "grafana" / "caslie.json").read_text())
+    return [p for p in dash["panels"] if p["title"].startswith(prefix)]
+
+
+def assert_panels_show_data(prom: Prometheus, prefixes: tuple[str, ...], start: float, end: float) -> dict:
+    """Every query of every panel under `prefixes` returns a non-zero value at some step of [start, end + the rate
+    window]: what Grafana would draw for that run. Returns {panel title: [each target's largest value]}."""
+    import math
+
+    seen, empty = {}, []
+    for panel in [p for prefix in prefixes for p in dashboard_panels(prefix)]:
+        tops = []
+        for target in panel["targets"]:
+            values = [
+                float(v)
+                for s in prom.range(target["expr"], start, end + 4 * prom.SCRAPE_S + 2)
+                for _, v in s["values"]
+                if not math.isnan(float(v))
+            ]
+            tops.append(max(values, default=0.0))
+            if not any(values):
+                empty.append(f"{panel['title']}: {target['expr']}")
+        seen[panel["title"]] = tops
+    assert not empty, "panels without data:\n" + "\n".join(empty)
+    return seen

@@ -503,12 +503,38 @@ def test_enrichment_counts_and_stage_times_reach_rays_metrics_endpoint(ray_sessi
         "caslie_enrich_images_total",
         "caslie_enrich_captions_kept_total",
         "caslie_enrich_image_errors_total",
-        "caslie_enrich_stage_seconds_bucket",
+        "caslie_enrich_stage_batches_total",
     ]
     found = scrape_metrics(names)
     assert all(found.values()), {n: len(v) for n, v in found.items()}
     assert any('status="ok"' in line for line in found["caslie_enrich_records_total"])
     assert any('status="partial"' in line for line in found["caslie_enrich_records_total"])
     assert any('task="CC"' in line for line in found["caslie_enrich_images_total"])
-    stages = " ".join(found["caslie_enrich_stage_seconds_bucket"])
+    stages = " ".join(found["caslie_enrich_stage_batches_total"])
     assert all(f'stage="{s}"' in stages for s in ("fetch_decode", "caption", "judge")), stages[:500]
+
+
+def test_every_enrichment_panel_has_data_in_prometheus_during_a_demo_sized_run(prometheus, tmp_path):
+    """The demo's catalog size (140 records, 3 broken images) on the demo config and tiny models (the captioner's
+    first batch raises, and is redone item by item): a real Prometheus scraping every second sees every
+    enrichment and model panel of the shipped dashboard move, and the written counters rise by the summary's."""
+    from fakes import CaptionerRaisingOnce
+    from helpers import assert_panels_show_data
+
+    m = write_catalog(tmp_path / "cat", 140, seed=16, broken_images=3)
+    factories = {"captioner": CaptionerRaisingOnce}
+    written = "sum by (status) (ray_caslie_enrich_records_total)"
+    prometheus.wait_scraped()  # what earlier jobs of this session recorded is scraped before we look
+    start = time.time()
+    before = prometheus.value(written, start)
+    summary = enrich.run(config(m["jsonl"], tmp_path / "out"), factories=factories)
+    end = time.time()
+    prometheus.wait_scraped()
+    assert summary["records"] == 140 and summary["batch_fallbacks"]["captioner"]["batches_redone"] >= 1
+    tops = assert_panels_show_data(prometheus, ("Enrichment:", "Models:"), start, end)
+    assert all(0 < share <= 1 for share in tops["Enrichment: kept share of the captions written, by task"])
+    after = prometheus.value(written, time.time())
+    rose = {dict(k)["status"]: v - before.get(k, 0.0) for k, v in after.items()}
+    assert {s: rose.get(s, 0.0) for s in ("ok", "partial", "failed")} == {
+        s: float(summary[s]) for s in ("ok", "partial", "failed")
+    }, (rose, summary)

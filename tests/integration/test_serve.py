@@ -164,6 +164,38 @@ def test_requests_and_stage_times_reach_rays_metrics_endpoint(app, trained):
     assert all(f'model="{m}"' in batches for m in ("captioner", "predictor")) and 'model="judge_' in batches
 
 
+def test_every_serving_panel_has_data_in_prometheus_during_30_requests(app, trained, prometheus):
+    """30 requests, 6 at a time (predict, enrich, the OpenAI route, and a few that fail: 422, 404) while a real
+    Prometheus scrapes every second: every serving panel of the shipped dashboard shows them, one-off route and
+    status pairs included, and a batch of one reads as one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import assert_panels_show_data
+
+    recs = _records(Path(trained["catalog"]), "category_classification", 6)
+    bodies = [("/v1/predict", _request(r, [_data_uri(p) for p in json.loads(r["images"])])) for r in recs]
+    bodies += [("/v1/enrich", _request(recs[0], [_data_uri(json.loads(recs[0]["images"])[0])]))]
+    chat = {"model": IDS["rules"], "messages": [{"role": "user", "content": "Is this a mug? Answer yes or no."}]}
+    bodies += [("/v1/chat/completions", {**chat, "max_tokens": 4})]
+    bodies += [("/v1/predict", {"task": "CC"}), ("/v1/predict", {**bodies[0][1], "adapter": "tiny:lm:no-such"})]
+    calls = [bodies[i % len(bodies)] for i in range(30)]
+    prometheus.wait_scraped()
+    start = time.time()
+    with ThreadPoolExecutor(6) as pool:
+        codes = Counter(pool.map(lambda c: post(app, c[0], c[1]).status_code, calls))
+    end = time.time()
+    prometheus.wait_scraped()
+    assert codes[200] >= 20 and codes[422] >= 1 and codes[404] >= 1, codes
+    tops = assert_panels_show_data(prometheus, ("Serving:",), start, end)
+    p50 = tops["Serving: p50 and p95 requests per model call (batch size), by model"][0]
+    assert p50 >= 0.99, tops  # buckets that started at le=1 read a batch of one as 0.5
+    seen = prometheus.range(
+        "sum by (route, status) (rate(ray_caslie_serve_requests_total[$__rate_interval])) > 0", start, end + 6
+    )
+    pairs = {(s["metric"]["route"], s["metric"]["status"]) for s in seen}
+    assert {("/v1/enrich", "200"), ("/v1/predict", "422"), ("/v1/predict", "404")} <= pairs, pairs
+
+
 def test_adapters_are_chosen_per_request(app, trained, second_adapter):
     """Each request is answered by the adapter it names: the served answers are exactly what that adapter
     gives offline (PEFT, merged) on the same enriched prompt, and the two adapters, trained differently,

@@ -120,8 +120,11 @@ def test_rerunning_the_same_run_name_resumes_instead_of_starting_over(trained):
     assert sorted(_s3().glob(pattern)) == before  # picked up at the end from the bucket: no step ran again
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, train_catalog, tmp_path):
-    """FSDP (sharded) on 2 CPU workers; one worker is SIGKILLed mid-run; FailureConfig restarts the group."""
+def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, train_catalog, tmp_path, prometheus):
+    """FSDP (sharded) on 2 CPU workers; one worker is SIGKILLed mid-run; FailureConfig restarts the group. A real
+    Prometheus scrapes the run: every training panel of the shipped dashboard shows it."""
+    from helpers import assert_panels_show_data
+
     from ray_jobs import train
 
     every, total = 10, 60
@@ -164,9 +167,14 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_fsdp(ray_session, tra
     t.start()
     w = threading.Thread(target=watch, daemon=True)
     w.start()
+    start = time.time()
     s = train.run(cfg)
+    end = time.time()
     t.join(5)
     w.join(5)
+    prometheus.wait_scraped()
+    tops = assert_panels_show_data(prometheus, ("Training:",), start, end)
+    assert 0 < tops["Training: optimizer steps per minute"][0]
     assert killed, "the test never saw the run get going"
     assert gauges and all(gauges.values()), {n: len(v) for n, v in gauges.items()}
     files = {p.name: len(p.read_text().splitlines()) for p in progress.glob("steps-*.jsonl")}

@@ -220,3 +220,33 @@ def test_finalize_keeps_captions_by_the_configured_vote_rule():
     assert strict["image_results"][0]["kept"] and json.loads(strict["input"])[key] == "a red kettle"
     assert not research["image_results"][0]["kept"] and json.loads(research["input"])[key] is None
     assert research["n_kept"] == 0 and strict["n_kept"] == 1
+
+
+def test_batch_outcomes_count_each_stage_as_the_written_tally_does(models, tmp_path):
+    """`outcomes.count` on the pools' output batches (what the helper turns into the per-stage metric) agrees with
+    the tally of the rows written: images per stage and outcome, validation failures, a judge that fails."""
+    from caslie_core.enrichment import outcomes
+    from caslie_core.models.judge import Vote
+
+    class Flaky:  # fails on every second question: those images fail at stage judge
+        def vote(self, questions):
+            return [Vote(None, None, "boom") if i % 2 else Vote("yes", None, None) for i, _ in enumerate(questions)]
+
+    m = write_catalog(tmp_path, 10, seed=7, broken_images=2)
+    rows = [{"text": line} for line in open(m["jsonl"])] + [{"text": "{not json"}]
+    table = stages.prepare(rows, policy=FetchPolicy(allow_local_files=True), threads=2, max_pixels=10**7, size=32)
+    captioned = stages.CaptionStage(models["captioner"], 32)(table)
+    first = outcomes.count(captioned, arrivals=True, caption=True)
+    judged = stages.JudgeStage(Flaky(), "fl")(stages.JudgeStage(models["logits"], "lg")(captioned))
+    votes = outcomes.count(judged, judges=("lg", "fl"))
+    t = pipeline.tally(stages.finalize(judged, provenance={}))
+    images = sum(t["images_per_task"].values())
+    assert first["validate/failed"] == t["errors_per_stage"]["validate"] == 1
+    assert first["fetch_decode/ok"] + first["fetch_decode/failed"] == images
+    errors = t["errors_per_stage"]
+    assert first["fetch_decode/failed"] == errors.get("fetch", 0) + errors.get("decode", 0) > 0, errors
+    assert first["caption/ok"] + first.get("caption/cached", 0) == first["fetch_decode/ok"]
+    assert votes["lg/ok"] == first["fetch_decode/ok"] and "lg/failed" not in votes
+    assert votes["fl/failed"] == t["errors_per_stage"]["judge"] > 0
+    assert votes["fl/ok"] + votes["fl/failed"] == first["fetch_decode/ok"]
+    assert outcomes.count(judged.slice(0, 0), arrivals=True) == {}

@@ -35,3 +35,39 @@ def test_the_podmonitor_scrapes_the_metrics_port_the_ray_pods_expose():
         for g in groups:
             ports = {p["name"]: p["containerPort"] for p in g["template"]["spec"]["containers"][0].get("ports", [])}
             assert ports.get(port) == 8080, (manifest, ports)
+
+
+def test_counts_start_series_at_zero_and_hold_the_first_increments_until_the_zero_is_scraped(monkeypatch):
+    """Prometheus' rate() skips a series' first sample: a series must be exported at zero before it rises."""
+    import time
+
+    from ray_jobs import metrics
+
+    seen = []
+    monkeypatch.setattr(metrics, "_record", lambda name, how, value, tags: seen.append((how, value, tags)))
+    c = metrics.Counts({"caslie_enrich_records_total": [{"status": "ok"}, {"status": "failed"}]}, hold=0.3)
+    assert seen == [("zero", 0.0, {"status": "ok"}), ("zero", 0.0, {"status": "failed"})]
+    seen.clear()
+    c.add("caslie_enrich_records_total", 5, status="ok")
+    c.add("caslie_enrich_records_total", 2, status="ok")
+    c.add("caslie_enrich_records_total", 0, status="failed")  # nothing to count: nothing held
+    assert seen == []  # held: the zero has not been scraped yet
+    time.sleep(0.5)  # the timer records what was held once the hold ends
+    assert seen == [("inc", 7.0, {"status": "ok"})]
+    c.add("caslie_enrich_records_total", 1, status="ok")
+    assert seen[-1] == ("inc", 1, {"status": "ok"})  # after the hold: at once
+    seen.clear()
+    c.add("caslie_serve_requests_total", 1, route="/v1/enrich", status=404)  # a label set first seen now
+    assert seen == [("zero", 0.0, {"route": "/v1/enrich", "status": 404})]
+    c.flush()  # the job ends: nothing held is lost
+    assert seen[-1] == ("inc", 1.0, {"route": "/v1/enrich", "status": "404"})
+
+
+def test_batch_size_buckets_read_small_batches_right():
+    """histogram_quantile interpolates inside a bucket: a narrow bucket below each small size reads 1 as ~1."""
+    from ray_jobs.metrics import _OWN_BOUNDARIES
+
+    b = _OWN_BOUNDARIES["caslie_serve_batch_size"]
+    assert b == sorted(b) and len(set(b)) == len(b)
+    for n in (1, 2, 3, 4, 8, 16, 32, 64, 128, 256):
+        assert n in b and n - 0.001 in b
