@@ -26,7 +26,7 @@ from caslie_core.images import FetchPolicy
 from caslie_core.io import ledger, store
 from caslie_core.io.lock import OutputLock
 
-from . import metrics
+from . import counters
 from .capacity import pool_requests, wait_for_pools
 from .common import configure_data_context, init_ray, job_entry, job_main, log, shutdown
 from .enrich_actors import CaptionActor, JudgeActor, ModelsActor
@@ -51,7 +51,7 @@ def prepare_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels
     out = stages.prepare(
         batch.to_pylist(), policy=policy, threads=threads, max_pixels=max_pixels, size=size, done=done, **kw
     )
-    metrics.batch_seconds("fetch_decode", time.perf_counter() - t)
+    counters.batch_seconds("fetch_decode", time.perf_counter() - t)
     return out
 
 
@@ -153,7 +153,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         started = init_ray(cfg.ray)
         t0 = time.time()  # the job's own time: from a connected Ray (its start-up is not the job's)
         configure_data_context(cfg.ray.progress_bars, cfg.progress_stall_s)
-        written = metrics.Counts(metrics.written_series())  # at zero from the start: a first part is seen to rise
+        written = counters.Counts(counters.written_series())  # at zero from the start: a first part is seen to rise
         write_resolved(cfg, cfg.output.path)
         chash = config_hash(cfg)  # the scan runs as a task, next to the data: the driver holds counts, never ids
         done_ref, meta_ref = ray.remote(num_cpus=0, num_returns=2)(pipeline.scan_output).remote(out)
@@ -184,7 +184,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
                 for text in batch.column("counts").to_pylist():
                     counts = json.loads(text)
                     progress.add(counts)
-                    metrics.enrich_counts(counts, into=written)
+                    counters.enrich_counts(counts, into=written)
                     limit.see(counts.get("records", 0), counts.get("failed", 0))
         except KeyboardInterrupt as e:
             raise CaslieError(

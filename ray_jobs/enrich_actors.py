@@ -10,7 +10,7 @@ import time
 
 from caslie_core.enrichment import outcomes, stages
 
-from . import metrics
+from . import counters, metrics
 from .actors import CaptionCacheClient, actor_id
 from .timeline import TimelineClient
 
@@ -30,7 +30,7 @@ class _Timed:
         try:
             out = super().__call__(batch)
         finally:
-            metrics.batch_seconds(self.metric_stage, time.perf_counter() - t)
+            counters.batch_seconds(self.metric_stage, time.perf_counter() - t)
         fallbacks = stages.take_fallbacks(self.stage)
         if self.timeline is None:  # a pool run without the job's helper (an embedder): recorded here
             for model, (n, _) in fallbacks.items():
@@ -49,7 +49,7 @@ class _Timed:
         self.timeline = TimelineClient(tuple(timeline[0]), timeline[1])
 
     def __del__(self) -> None:  # Ray Data retires the actor: its last batches reach the timeline and the metrics
-        metrics.here().flush()
+        counters.here().flush()
         if self.timeline is not None:
             self.timeline.flush(wait_s=2.0)
 

@@ -26,7 +26,7 @@ from caslie_core import serving as sv
 from caslie_core.config import ServeConfig
 from caslie_core.serving.spec import app_spec
 
-from . import metrics
+from . import counters, metrics
 from . import serve_driver as driver
 from .common import ROOT, job_entry, job_main
 from .serve_driver import APP_NAME
@@ -56,8 +56,8 @@ class Ingress:
         self.style = spec["style"]
         self.key_digest = spec["key_digest"]
         self.policy = cfg.fetch.policy()
-        self.in_flight = 0
-        self.answered = metrics.Counts(metrics.serve_series())  # every route and status at zero from the start
+        self.in_flight = counters.InFlight()  # its peak per report interval: a burst between two reports shows
+        self.answered = counters.Counts(counters.serve_series())  # every route and status at zero from the start
         f = cfg.fetch
         self.intake = sv.ImageIntake(
             self.policy,
@@ -99,16 +99,14 @@ class Ingress:
 
     async def _handle(self, request: Request, model, work, *, openai: bool = False):
         """`_respond`, counted: requests in flight on this replica, and each answer by route and status."""
-        self.in_flight += 1
-        metrics.set_gauge("caslie_serve_requests_in_flight", self.in_flight)
+        self.in_flight.up()
         status = 500
         try:
             response = await self._respond(request, model, work, openai=openai)
             status = getattr(response, "status_code", 200)
             return response
         finally:
-            self.in_flight -= 1
-            metrics.set_gauge("caslie_serve_requests_in_flight", self.in_flight)
+            self.in_flight.down()
             route = getattr(request.scope.get("route"), "path", request.url.path)  # the route, not a prefixed path
             self.answered.add("caslie_serve_requests_total", route=route, status=status)
 

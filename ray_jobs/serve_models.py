@@ -15,7 +15,7 @@ from ray import serve
 from caslie_core.models.batching import FailureStreak
 from caslie_core.serving.gather import CAPTIONS, VOTES, Gather
 
-from . import metrics
+from . import counters, metrics
 
 
 def _gather(fn, model: str, *, streaming: bool = False, turns=None, rank: int = 0) -> Gather:
@@ -52,7 +52,7 @@ class _Health:
         self.streak = self.streak or FailureStreak()
         self.streak.track(errors)
         if (counts := getattr(model, "fallbacks", None)) is not None:  # at zero first: a first fallback is seen
-            self.redone = getattr(self, "redone", None) or metrics.Counts()
+            self.redone = getattr(self, "redone", None) or counters.Counts()
             self.redone.add("caslie_batch_fallbacks_total", counts.take(), model=counts.model)
 
     def check_health(self) -> None:

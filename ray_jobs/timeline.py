@@ -14,7 +14,7 @@ import time
 from caslie_core.enrichment import outcomes
 from caslie_core.enrichment.timeline import RunHelper, Timeline
 
-from . import metrics
+from . import counters
 from .actors import actor_id, best_effort_get, driver_actor
 from .common import log
 
@@ -27,7 +27,7 @@ class JobHelper(RunHelper):
 
     def __init__(self, judges: list[str], *claims) -> None:
         super().__init__(*claims)
-        self.counts = metrics.Counts(metrics.stage_series(judges))
+        self.counts = counters.Counts(counters.stage_series(judges))
 
     def batch(self, pool, actor, node, rows, t=None, fallbacks=None, batches=1, counts=None) -> None:
         super().batch(pool, actor, node, rows, t, fallbacks, batches)

@@ -25,7 +25,7 @@ from caslie_core.training.data import tokenize_batch
 from caslie_core.training.outputs import existing_checkpoints, train_summary, write_outputs
 from caslie_core.training.plan import TrainPlan, plan_training
 
-from . import metrics
+from . import counters, metrics
 from .common import configure_data_context, init_ray, job_entry, job_main, log, read_inputs, shutdown
 
 
@@ -53,7 +53,7 @@ def build_datasets(cfg: TrainConfig, plan: TrainPlan) -> dict:
     return out
 
 
-def _step_metrics(m: dict, steps: metrics.Counts) -> None:
+def _step_metrics(m: dict, steps: counters.Counts) -> None:
     """Each step into Ray's metrics: steps and loss once (rank 0), tokens/s per worker."""
     if m["rank"] == 0:
         steps.add("caslie_train_steps_total")
@@ -81,7 +81,7 @@ def train_loop_per_worker(c: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
 
     rank = ctx.get_world_rank()  # rank 0 counts the steps, from zero when the worker starts (`metrics.Counts`)
-    steps = metrics.Counts({"caslie_train_steps_total": [{}]} if rank == 0 else None)
+    steps = counters.Counts({"caslie_train_steps_total": [{}]} if rank == 0 else None)
     recipe = LoRARecipe(
         cfg,
         total_steps=c["total_steps"],

@@ -42,9 +42,10 @@ def checkpoint_registered(run_dir: Path) -> bool:
     return (Path(run_dir) / "checkpoint_manager_snapshot.json").exists()
 
 
-def scrape_metrics(names: list[str], timeout: float = 30.0) -> dict[str, list[str]]:
+def scrape_metrics(names: list[str], timeout: float = 30.0, until=None) -> dict[str, list[str]]:
     """The Prometheus lines of the local Ray node's metrics endpoint for each of `names` (our metrics are
-    exported as `ray_<name>`), polled until every name has a sample or `timeout` passes."""
+    exported as `ray_<name>`), polled until every name has a sample (and `until(found)` holds, when given: a
+    series created at zero is there before the values that matter) or `timeout` passes."""
     import time
     import urllib.request
 
@@ -57,7 +58,7 @@ def scrape_metrics(names: list[str], timeout: float = 30.0) -> dict[str, list[st
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         lines = [line for line in text.splitlines() if not line.startswith("#")]
         found = {n: [line for line in lines if line.startswith(f"ray_{n}")] for n in names}
-        if all(found.values()) or time.monotonic() > end:
+        if (all(found.values()) and (until is None or until(found))) or time.monotonic() > end:
             return found
         time.sleep(1)
 

@@ -152,9 +152,15 @@ def test_requests_and_stage_times_reach_rays_metrics_endpoint(app, trained):
         "caslie_serve_requests_in_flight",
         "caslie_serve_batch_size_bucket",
     ]
-    found = scrape_metrics(names)
+
+    def complete(found):  # every route/status series exists at zero from the replica's start: wait for values
+        stages = " ".join(found["caslie_serve_stage_seconds_bucket"])
+        answered = [line for line in found["caslie_serve_requests_total"] if not line.endswith(" 0.0")]
+        return all(f'stage="{s}"' in stages for s in ("fetch", "predict")) and len(answered) >= 2
+
+    found = scrape_metrics(names, until=complete)
     assert all(found.values()), {n: len(v) for n, v in found.items()}
-    requests_seen = " ".join(found["caslie_serve_requests_total"])
+    requests_seen = " ".join(line for line in found["caslie_serve_requests_total"] if not line.endswith(" 0.0"))
     assert (
         'route="/v1/predict"' in requests_seen and 'status="200"' in requests_seen and 'status="422"' in requests_seen
     )

@@ -41,11 +41,11 @@ def test_counts_start_series_at_zero_and_hold_the_first_increments_until_the_zer
     """Prometheus' rate() skips a series' first sample: a series must be exported at zero before it rises."""
     import time
 
-    from ray_jobs import metrics
+    from ray_jobs import counters
 
     seen = []
-    monkeypatch.setattr(metrics, "_record", lambda name, how, value, tags: seen.append((how, value, tags)))
-    c = metrics.Counts({"caslie_enrich_records_total": [{"status": "ok"}, {"status": "failed"}]}, hold=0.3)
+    monkeypatch.setattr(counters, "_record", lambda name, how, value, tags: seen.append((how, value, tags)))
+    c = counters.Counts({"caslie_enrich_records_total": [{"status": "ok"}, {"status": "failed"}]}, hold=0.3)
     assert seen == [("zero", 0.0, {"status": "ok"}), ("zero", 0.0, {"status": "failed"})]
     seen.clear()
     c.add("caslie_enrich_records_total", 5, status="ok")
@@ -71,3 +71,25 @@ def test_batch_size_buckets_read_small_batches_right():
     assert b == sorted(b) and len(set(b)) == len(b)
     for n in (1, 2, 3, 4, 8, 16, 32, 64, 128, 256):
         assert n in b and n - 0.001 in b
+
+
+def test_in_flight_keeps_a_bursts_peak_up_for_a_whole_report_interval(monkeypatch):
+    """Ray exports a gauge once per report interval: a burst that ends between two reports still shows."""
+    import time
+
+    from ray_jobs import counters
+
+    shown = []
+    monkeypatch.setattr(counters, "report_s", lambda: 1.0)
+    monkeypatch.setattr(counters, "set_gauge", lambda name, value: shown.append(value))
+    f = counters.InFlight()
+    for _ in range(3):
+        f.up()
+    for _ in range(3):
+        f.down()
+    f.up()  # a request after the burst: the burst's peak is not hidden by it
+    assert shown[-1] == 3 and f.now == 1
+    time.sleep(1.3)  # first tick: the burst's interval ends; its peak is still shown through the next one
+    assert shown[-1] == 3
+    time.sleep(1.0)  # second tick: only what this interval saw
+    assert shown[-1] == 1
