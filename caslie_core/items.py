@@ -19,6 +19,7 @@ STATUSES = ("ok", "partial", "failed")
 # Where an error happened: a record that failed validation, an image (fetch, decode, caption, judge), a stage
 # that raised while handling one row (the stage's name), or output assembly (finalize).
 ERROR_STAGES = ("validate", "fetch", "decode", "caption", "judge", "finalize")
+MISSING_CAPTION = "NA"  # what the research code judges (and, when kept, writes in) for a missing caption
 
 
 def error_of(stage: str, message: str, source: str | None = None) -> dict:
@@ -50,13 +51,35 @@ class ImageSlot:
         if self.error is None:
             self.error = {"stage": stage, "message": message}
 
+    # The caption-and-vote rule, one for the batch job's judge stage and every layout of the service.
+
+    def judged(self, judge_missing: bool = False) -> bool:
+        """Whether the judges are asked about this image: its caption, when the image did not fail; with research
+        judging (`judge_missing`, `cqe.vote: research`) every image, a missing or empty caption judged as "NA"
+        (the research code's), which then is its caption."""
+        if judge_missing:
+            if self.caption is None or len(self.caption.strip()) < 2:
+                self.caption = MISSING_CAPTION
+            return True
+        return self.caption is not None and not self.error
+
+    def take_vote(self, judge: str, vote: str | None, error: str | None = None) -> None:
+        """A judge's answer on this image. A judge that failed on it fails the image (stage `judge`, the error kept
+        per judge): an unjudged caption is not kept, and never passes for an abstention."""
+        self.votes[judge] = vote
+        if error:
+            self.vote_errors[judge] = error
+            self.fail("judge", f"{judge}: {error}")
+
     def report(self) -> dict:
-        """The per-image result as the service answers it (URLs of data: URIs shortened)."""
+        """The per-image result as the service answers it (URLs of data: URIs shortened); `vote_errors`: the judges
+        that failed on this image, with their errors."""
         return {
             "index": self.index,
             "url": shown_url(self.url),
             "caption": self.caption,
             "votes": self.votes,
+            "vote_errors": self.vote_errors,
             "kept": self.kept,
             "error": self.error,
         }

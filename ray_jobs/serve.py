@@ -229,7 +229,7 @@ class Ingress:
         """The request's record and its image slots, the images fetched and decoded."""
         stage["name"] = "validating the record"
         record = sv.to_record(req)
-        slots = sv.record_slots(record)
+        slots = sv.record_slots(record, self.cfg.cqe.vote)
         t = time.perf_counter()
         await self._images(slots, req.image_errors, stage)
         self._timed({"fetch": time.perf_counter() - t}, timings)
@@ -280,7 +280,7 @@ class Ingress:
             req.check_supported()
             name, model_id = await self._model_id(req.model)
             text, urls = sv.chat_request_text(req)
-            slots = sv.chat_slots(text, urls)
+            slots = sv.chat_slots(text, urls, self.cfg.cqe.vote)
             await self._images(slots, "fail", stage)
             questions_of = functools.partial(sv.chat_questions, text)
             prompt_of = functools.partial(sv.chat_prompt, text, style=self.style)

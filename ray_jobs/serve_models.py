@@ -105,7 +105,7 @@ class CaptionerRole(_Health):
 
 class PanelRole(_Health):
     """The whole judge panel in one replica: every judge votes on each question of a batch, so one call per
-    request answers all its questions by all judges (`vote_many` -> one {judge: vote} per question)."""
+    request answers all its questions by all judges (`vote_many` -> one {judge: {vote, error}} per question)."""
 
     def _load_judges(self, cfgs: list[dict]) -> None:
         from caslie_core.config.serve import ServeJudgeConfig
@@ -121,7 +121,7 @@ class PanelRole(_Health):
             votes = await asyncio.to_thread(judge.vote, questions)
             self._track([v.error for v in votes], judge)
             for row, v in zip(out, votes):
-                row[name] = v.vote
+                row[name] = {"vote": v.vote, "error": v.error}  # an error is the image's (`ImageSlot.take_vote`)
         return out
 
     async def vote_many(self, questions: list[str]) -> list[dict]:
@@ -168,6 +168,5 @@ class Judge(_Health):
         return [{"vote": v.vote, "error": v.error} for v in votes]
 
     async def vote_many(self, questions: list[str]) -> list[dict]:
-        """All questions of a request in one call: one {name: vote} each, as the Panel answers."""
-        replies = await asyncio.gather(*(self.vote.call(q) for q in questions))
-        return [{self.name: r["vote"]} for r in replies]
+        """All questions of a request in one call: one {name: {vote, error}} each, as the Panel answers."""
+        return [{self.name: r} for r in await asyncio.gather(*(self.vote.call(q) for q in questions))]

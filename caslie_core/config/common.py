@@ -206,7 +206,8 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 def check_name(v: str) -> str:
-    """Judge names appear in column names (`votes_<name>`) and responses: short, lower-case identifiers."""
+    """Judge names appear in the output (each image's `votes[].judge`), responses (`images[].votes` keys) and
+    metric labels: short, lower-case identifiers."""
     if not _NAME.match(v):
         raise ValueError(f"judge name {v!r} must match {_NAME.pattern}")
     return v
@@ -229,7 +230,7 @@ class RayConfig(StrictModel):
 class JudgeBase(ChatModelRef):
     """One judge of the panel, in the batch job and in the service."""
 
-    name: str = Field(description="short name, used in column names (votes_<name>) and responses")
+    name: str = Field(description="short name: each vote's `judge` in the output, its key in responses")
     mode: Literal["logits", "generate"] = Field(
         "logits",
         description="logits: one forward pass, compare yes/no scores (fast); generate: as the "
@@ -258,3 +259,41 @@ class JudgeBase(ChatModelRef):
         if self.reply == "research" and self.mode != "generate":
             raise ValueError(f"judge {self.name!r}: reply=research reads a generated answer; set mode=generate")
         return self
+
+
+RESEARCH_CQE = {"mode": "generate", "reply": "research", "max_new_tokens": 16}
+
+
+class CQEConfig(StrictModel):
+    vote: Literal["strict", "research"] = Field(
+        "strict",
+        description="research: the paper's CQE (every judge generates up to 16 tokens after the system message "
+        "'You are a helpful AI assistant.' where its chat template has a system role; its reply cut to 3 "
+        "characters is a ballot; the most common ballot wins, ties to the first in the panel's order; kept "
+        "iff the winner is yes; an empty or failed caption is judged as 'NA'). strict: yes/no answers "
+        "(others abstain), kept iff yes outnumbers no; any judge mode, logits the fastest",
+    )
+
+
+def cqe_preset(cqe: CQEConfig, judges: list) -> None:
+    """`cqe.vote: research` sets every judge to the research settings (the batch job's and the service's judges
+    alike); a judge key set otherwise is an error naming it."""
+    if cqe.vote != "research":
+        return
+    from ..models.judge import RESEARCH_SYSTEM
+
+    wrong = [
+        f"judges.{i}.{key}={getattr(j, key)!r} (the research preset needs {value!r})"
+        for i, j in enumerate(judges)
+        for key, value in RESEARCH_CQE.items()
+        if key in j.model_fields_set and getattr(j, key) != value
+    ]
+    if wrong:
+        raise ValueError(
+            "cqe.vote=research conflicts with " + "; ".join(wrong) + ": remove those keys, or use cqe.vote=strict"
+        )
+    for j in judges:
+        for key, value in RESEARCH_CQE.items():  # mode first: a research reply needs generate mode
+            setattr(j, key, value)
+        if "system_message" not in j.model_fields_set:
+            j.system_message = RESEARCH_SYSTEM

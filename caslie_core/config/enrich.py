@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from .common import (
     ChatModelRef,
+    CQEConfig,
     DecodeConfig,
     FetchConfig,
     InputConfig,
@@ -16,6 +17,7 @@ from .common import (
     PoolConfig,
     RayConfig,
     StrictModel,
+    cqe_preset,
 )
 
 
@@ -46,20 +48,6 @@ class CaptionerConfig(ChatModelRef):
 class JudgeConfig(JudgeBase):
     micro_batch: int = Field(16, ge=1, description="questions per forward/generate call")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="judge actor pool")
-
-
-RESEARCH_CQE = {"mode": "generate", "reply": "research", "max_new_tokens": 16}
-
-
-class CQEConfig(StrictModel):
-    vote: Literal["strict", "research"] = Field(
-        "strict",
-        description="research: the paper's CQE (every judge generates up to 16 tokens after the system message "
-        "'You are a helpful AI assistant.' where its chat template has a system role; its reply cut to 3 "
-        "characters is a ballot; the most common ballot wins, ties to the first in the panel's order; kept "
-        "iff the winner is yes; an empty or failed caption is judged as 'NA'). strict: yes/no answers "
-        "(others abstain), kept iff yes outnumbers no; any judge mode, logits the fastest",
-    )
 
 
 class DedupConfig(StrictModel):
@@ -154,23 +142,5 @@ class EnrichConfig(StrictModel):
     @model_validator(mode="after")
     def _cqe_preset(self):
         """`cqe.vote: research` sets every judge to the research settings; one set otherwise is an error."""
-        if self.cqe.vote != "research":
-            return self
-        from ..models.judge import RESEARCH_SYSTEM
-
-        wrong = [
-            f"judges.{i}.{key}={getattr(j, key)!r} (the research preset needs {value!r})"
-            for i, j in enumerate(self.judges)
-            for key, value in RESEARCH_CQE.items()
-            if key in j.model_fields_set and getattr(j, key) != value
-        ]
-        if wrong:
-            raise ValueError(
-                "cqe.vote=research conflicts with " + "; ".join(wrong) + ": remove those keys, or use cqe.vote=strict"
-            )
-        for j in self.judges:
-            for key, value in RESEARCH_CQE.items():  # mode first: a research reply needs generate mode
-                setattr(j, key, value)
-            if "system_message" not in j.model_fields_set:
-                j.system_message = RESEARCH_SYSTEM
+        cqe_preset(self.cqe, self.judges)
         return self

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .common import ChatModelRef, Dtype, FetchRules, JudgeBase, RayConfig, StrictModel
+from .common import ChatModelRef, CQEConfig, Dtype, FetchRules, JudgeBase, RayConfig, StrictModel, cqe_preset
 
 # What an adapter may be called: it becomes part of a model id (`BASE_ID:NAME`) and a folder of the adapter store
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -241,7 +241,10 @@ class ServeConfig(StrictModel):
     http: ServeHttpConfig = Field(default_factory=ServeHttpConfig, description="HTTP and the ingress")
     model: ServeModelConfig
     captioner: ServeCaptionerConfig
-    judges: list[ServeJudgeConfig] = Field(min_length=1, description="the judge panel; plurality of yes keeps")
+    judges: list[ServeJudgeConfig] = Field(min_length=1, description="the judge panel (cqe: how its votes keep)")
+    cqe: CQEConfig = Field(
+        default_factory=CQEConfig, description="how the panel's answers become keep decisions, as in the batch job"
+    )
     layout: Literal["split", "panel", "colocated", "single"] = Field(
         "split",
         description="where the models run. split: a deployment each (Captioner, Judge_<name>, Predictor), "
@@ -262,4 +265,5 @@ class ServeConfig(StrictModel):
         names = [j.name for j in self.judges]
         if len(set(names)) != len(names):
             raise ValueError(f"judge names must be unique: {names}")
+        cqe_preset(self.cqe, self.judges)  # research: every judge as the research code ran it
         return self

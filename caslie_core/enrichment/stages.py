@@ -46,7 +46,6 @@ from .assemble import assemble
 from .cache import CaptionCache, caption_key
 from .parse import parse_items
 
-MISSING_CAPTION = "NA"  # what the research code judges (and, when kept, writes in) for a missing caption
 CAPTION = Contract("caption", reads=("status", "images", PIXELS), drops=(PIXELS,))
 FINALIZE = Contract("finalize", reads=ITEM_COLUMNS)
 
@@ -270,15 +269,7 @@ class JudgeStage:
             if status[r] != "pending":
                 continue
             try:
-                if self.judge_missing:
-                    for s in row:
-                        if s.question and (s.caption is None or len(s.caption.strip()) < 2):
-                            s.caption = MISSING_CAPTION
-                asked = [
-                    (s, fill_caption(s.question, s.caption))
-                    for s in row
-                    if s.caption is not None and (self.judge_missing or not s.error)
-                ]
+                asked = [(s, fill_caption(s.question, s.caption)) for s in row if s.judged(self.judge_missing)]
                 for s in row:
                     s.votes[self.name] = None
                 questions.extend(q for _, q in asked)
@@ -293,10 +284,7 @@ class JudgeStage:
             getattr(self.judge, "fallbacks", None),
         )
         for s, v in zip(slots, votes):
-            s.votes[self.name] = v.vote
-            if v.error:
-                s.vote_errors[self.name] = v.error
-                s.fail("judge", f"{self.name}: {v.error}")
+            s.take_vote(self.name, v.vote, v.error)
         return _fail_rows(_with_images(table, images), failures)
 
 

@@ -61,8 +61,9 @@ def image_failure_status(err: ImageError) -> int:
     return 502 if getattr(err, "transient", False) else 422
 
 
-def record_slots(record: Record) -> list[ImageSlot]:
-    return [ImageSlot(i, u, caption_request(record, i)) for i, u in enumerate(record.images)]
+def record_slots(record: Record, rule: str = "strict") -> list[ImageSlot]:
+    """The record's images, kept under the vote `rule` (`cqe.vote`)."""
+    return [ImageSlot(i, u, caption_request(record, i), rule=rule) for i, u in enumerate(record.images)]
 
 
 def record_questions(record: Record, slots: list[ImageSlot]) -> dict[int, str]:
@@ -112,8 +113,8 @@ def chat_request_text(req: ChatRequest) -> tuple[str, list[str]]:
     return "\n".join(lines), urls
 
 
-def chat_slots(text: str, urls: list[str]) -> list[ImageSlot]:
-    return [ImageSlot(i, u, chat_caption_request(text)) for i, u in enumerate(urls)]
+def chat_slots(text: str, urls: list[str], rule: str = "strict") -> list[ImageSlot]:
+    return [ImageSlot(i, u, chat_caption_request(text), rule=rule) for i, u in enumerate(urls)]
 
 
 def chat_questions(text: str, slots: list[ImageSlot]) -> dict[int, str]:
@@ -174,8 +175,10 @@ def predict_response(record: Record, model: str, out: dict, ans: dict, timings: 
 async def caption_and_judge(slots: list[ImageSlot], questions_of, caption_many, vote_many, stage: dict) -> dict:
     """A request's images captioned, then judged, in place; seconds per stage. `caption_many(pixels, prompts)`
     answers one {caption, error} per image; `questions_of(slots)` is the question builder of a record or a chat
-    (index -> question); `vote_many(questions)` answers one {judge: vote} per question (a Panel, the judges
-    merged, or the co-located replica's own panel). `stage["name"]` says which step a passed deadline hit."""
+    (index -> question); `vote_many(questions)` answers one {judge: {vote, error}} per question (a Panel, the
+    judges merged, or the co-located replica's own panel). Which images are judged and what a vote or a judge's
+    error does are the batch job's rules (`ImageSlot.judged`, `ImageSlot.take_vote`), under the slots' vote rule
+    (`cqe.vote`: research judges a missing caption as "NA"). `stage["name"]` says which step a passed deadline hit."""
     import time
 
     t, stage["name"] = time.perf_counter(), "captioning"
@@ -186,10 +189,12 @@ async def caption_and_judge(slots: list[ImageSlot], questions_of, caption_many, 
             slot.pixels = None
     times = {"caption": time.perf_counter() - t}
     t, stage["name"] = time.perf_counter(), "judging captions"
-    questions = questions_of(slots)
+    research = bool(slots) and slots[0].rule == "research"
+    questions = questions_of([s for s in slots if s.judged(research)])
     if questions:
         by_index = {s.index: s for s in slots}
-        for index, votes in zip(questions, await vote_many(list(questions.values()))):
-            by_index[index].votes.update(votes)
+        for index, replies in zip(questions, await vote_many(list(questions.values()))):
+            for judge, reply in replies.items():
+                by_index[index].take_vote(judge, reply["vote"], reply.get("error"))
     times["judge"] = time.perf_counter() - t
     return times

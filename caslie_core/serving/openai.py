@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..models.sampling import Sampling
 from .api import ApiError
@@ -55,6 +55,13 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ChatPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _content(self):
+        """Only an assistant's message may come without content (OpenAI and vLLM answer 400 otherwise)."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
 
 class _Generation(BaseModel):

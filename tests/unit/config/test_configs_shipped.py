@@ -148,6 +148,22 @@ def test_the_research_cqe_preset_sets_the_judges_and_refuses_conflicts():
     assert released.captioner.source == "record" and released.captioner.model is None
 
 
+def test_the_serve_config_takes_the_same_cqe_rule_and_preset():
+    """`cqe.vote` in the Serve config: the service keeps captions by the batch job's rule (research: every judge
+    as the research code ran it; a judge pinned otherwise fails the config, naming it)."""
+    from caslie_core.config import ServeConfig, load_config
+    from caslie_core.errors import ConfigError
+
+    demo = ROOT / "configs" / "serve-demo.yaml"
+    assert load_config(ServeConfig, demo, []).cqe.vote == "strict"
+    research = load_config(
+        ServeConfig, demo, ["cqe.vote=research", "judges.0.mode=generate", "judges.1.max_new_tokens=16"]
+    )
+    assert [(j.mode, j.reply, j.max_new_tokens) for j in research.judges] == [("generate", "research", 16)] * 2
+    with pytest.raises(ConfigError, match=r"cqe.vote=research conflicts with judges.0.mode='logits'"):
+        load_config(ServeConfig, demo, ["cqe.vote=research"])
+
+
 def test_the_qwen_config_is_the_paper_config_with_qwen25_vl_captioning():
     """configs/enrich-mmecinstruct-qwen.yaml: the same panel, CQE, pools and limits as the paper's config; only the
     captioner (Qwen2.5-VL-7B-Instruct, whose processor the cluster image can load: torchvision pinned) and the

@@ -40,6 +40,8 @@ def _refused(body: dict, kind=sv.ChatRequest) -> dict:
         ({"max_tokens": 0}, "max_tokens"),
         ({"frobnicate": 1}, "frobnicate"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0]"),  # OpenAI and vLLM: 400
+        ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": None}]}, "messages[1]"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 3}}]}]},
             "messages[0].content[0].image_url",
