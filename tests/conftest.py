@@ -200,10 +200,12 @@ def families(_cache):
     return build_families(_cache / "families")
 
 
-@pytest.fixture(scope="session")
-def prometheus(ray_session, tmp_path_factory):
+@pytest.fixture
+def prometheus(ray_session, tmp_path):
     """A real Prometheus scraping the suite's Ray node every second, where a `prometheus` binary exists (`make
-    test` installs Debian's package where apt can); the tests that need it skip, saying why, elsewhere."""
+    test` installs Debian's package where apt can); the tests that need it skip, saying why, elsewhere. One per
+    test: a scrape every second makes Ray's metrics agent render every series each second (a third of a core on
+    this machine), so it scrapes only while a test looks."""
     import shutil
 
     import ray
@@ -213,6 +215,8 @@ def prometheus(ray_session, tmp_path_factory):
     if exe is None:
         pytest.skip("no `prometheus` binary here (make test installs Debian's package where apt can, as root)")
     port = ray._private.worker.global_worker.node.metrics_export_port
-    prom = Prometheus(exe, port, tmp_path_factory.mktemp("prometheus"))
+    folder = tmp_path / "prometheus"
+    folder.mkdir()
+    prom = Prometheus(exe, port, folder)
     yield prom
     prom.close()

@@ -464,6 +464,41 @@ def test_a_client_that_leaves_mid_stream_does_not_hurt_the_service(app, trained)
     assert requests.get(app["url"] + "/healthz?deep=true", timeout=30).json()["status"] == "ok"
 
 
+def test_the_service_captions_votes_and_keeps_as_the_batch_job_does(app, trained):
+    """The same records through the batch job's stages (in this process, on the Serve config's own models) and
+    through the running service: per image the same caption, votes, vote errors, kept flag and error. The other
+    layouts are held to the split one's images below."""
+    from caslie_core.enrichment import stages
+    from caslie_core.images import FetchPolicy
+    from caslie_core.models.captioner import Captioner
+    from caslie_core.models.judge import Judge
+
+    cfg, catalog = app["cfg"], Path(trained["catalog"])
+    recs = _records(catalog, "category_classification", 2) + _records(catalog, "sequential_recommendation", 1)
+    size = cfg.captioner.image_size
+    table = stages.prepare(
+        [{"text": json.dumps(r)} for r in recs],
+        policy=FetchPolicy(allow_local_files=True),
+        threads=2,
+        max_pixels=10**7,
+        size=size,
+    )
+    out = stages.CaptionStage(Captioner.from_config(cfg.captioner), size)(table)
+    for j in cfg.judges:
+        out = stages.JudgeStage(Judge.from_config(j), j.name, judge_missing=j.reply == "research")(out)
+    written = stages.finalize(out, provenance={"cqe_vote": cfg.cqe.vote})
+    for rec, row in zip(recs, written):
+        served = post(app, "/v1/enrich", _request(rec, [_data_uri(p) for p in json.loads(rec["images"])]))
+        assert served.status_code == 200, served.text
+        images = served.json()["images"]
+        assert len(images) == len(row["image_results"]) > 0
+        for img, res in zip(images, row["image_results"]):
+            assert img["caption"] == res["caption"]
+            assert img["votes"] == {v["judge"]: v["vote"] for v in res["votes"]}
+            assert img["vote_errors"] == {v["judge"]: v["error"] for v in res["votes"] if v["error"]}
+            assert img["kept"] == res["kept"] and img["error"] == res["error"]
+
+
 @pytest.mark.parametrize("layout", ["colocated", "panel", "single"])
 def test_other_layouts_answer_exactly_as_the_split_one(app, trained, layout):
     """The same app with the judges in one Panel replica, every model in one Models replica, or every model in the
