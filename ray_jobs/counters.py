@@ -173,15 +173,6 @@ def stage_series(judges: list[str]) -> dict[str, list[dict]]:
     }
 
 
-SERVE_ROUTES = ("/v1/enrich", "/v1/predict", "/v1/chat/completions", "/v1/completions")
-SERVE_STATUSES = (200, 400, 401, 404, 408, 413, 422, 429, 500, 503, 504)
-
-
-def serve_series() -> dict[str, list[dict]]:
-    """An ingress replica's request series, at zero when it starts: each counted route and each status it answers."""
-    return {"caslie_serve_requests_total": [{"route": r, "status": s} for r in SERVE_ROUTES for s in SERVE_STATUSES]}
-
-
 def enrich_counts(counts: dict, into: Counts) -> None:
     """One written batch's tally (`pipeline.tally`) as the enrichment counters (the driver's `Counts`)."""
     for status in ("ok", "partial", "failed"):

@@ -57,7 +57,7 @@ class Ingress:
         self.key_digest = spec["key_digest"]
         self.policy = cfg.fetch.policy()
         self.in_flight = counters.InFlight()  # its peak per report interval: a burst between two reports shows
-        self.answered = counters.Counts(counters.serve_series())  # every route and status at zero from the start
+        self.answered = counters.Counts()  # a route and status first seen starts at zero: its first answer is seen
         f = cfg.fetch
         self.intake = sv.ImageIntake(
             self.policy,
