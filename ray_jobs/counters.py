@@ -124,13 +124,14 @@ def batch_seconds(stage: str, seconds: float, into: Counts | None = None) -> Non
 class InFlight:
     """Requests in flight as a gauge of their peak: Ray exports a gauge's value once per report interval, so a
     burst between two reports would never show. The gauge shows the most in flight during the current and the
-    previous tick's interval (one tick per report interval): a peak stays up a whole interval, one report sees it."""
+    previous tick's interval (a tick per report plus scrape interval, `hold_s`): a peak stays up that long, so a
+    report carries it and a scrape sees it."""
 
     def __init__(self, name: str = "caslie_serve_requests_in_flight") -> None:
         self.name, self.now, self.peak = name, 0, 0
         self.carry = 0  # the previous interval's peak, shown through this one
         set_gauge(name, 0)
-        self._tick = threading.Thread(target=self._ticks, args=(max(report_s(), 0.5),), daemon=True)
+        self._tick = threading.Thread(target=self._ticks, args=(max(hold_s(), 0.5),), daemon=True)
         self._tick.start()
 
     def up(self) -> None:

@@ -23,7 +23,7 @@ for key, value in {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "CASLIE_SCRAPE_INTERVAL_S": "1",  # our Prometheus scrapes every second: new series are held that long
+    "CASLIE_SCRAPE_INTERVAL_S": "2",  # our Prometheus scrapes every 2 s: new series are held that long
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -202,10 +202,10 @@ def families(_cache):
 
 @pytest.fixture
 def prometheus(ray_session, tmp_path):
-    """A real Prometheus scraping the suite's Ray node every second, where a `prometheus` binary exists (`make
+    """A real Prometheus scraping the suite's Ray node every 2 s, where a `prometheus` binary exists (`make
     test` installs Debian's package where apt can); the tests that need it skip, saying why, elsewhere. One per
-    test: a scrape every second makes Ray's metrics agent render every series each second (a third of a core on
-    this machine), so it scrapes only while a test looks."""
+    test: frequent scrapes make Ray's metrics agent render every series each time (a third of a core on this
+    machine at one a second), so it scrapes only while a test looks."""
     import shutil
 
     import ray

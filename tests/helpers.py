@@ -108,7 +108,7 @@ class Prometheus:
     """A real Prometheus server (the system's `prometheus` binary) scraping one Ray node's metrics port every
     second, and the dashboard's queries run against it as Grafana would run them."""
 
-    SCRAPE_S = 1
+    SCRAPE_S = 2  # and its timeout: late in a suite, Ray's metrics agent may take over a second to render
 
     def __init__(self, exe: str, metrics_port: int, folder) -> None:
         import subprocess
@@ -118,7 +118,8 @@ class Prometheus:
 
         config = folder / "prometheus.yml"
         config.write_text(
-            f"global: {{scrape_interval: {self.SCRAPE_S}s, evaluation_interval: {self.SCRAPE_S}s}}\n"
+            f"global: {{scrape_interval: {self.SCRAPE_S}s, scrape_timeout: {self.SCRAPE_S}s, "
+            f"evaluation_interval: {self.SCRAPE_S}s}}\n"
             f"scrape_configs:\n  - job_name: ray\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
         )
         self.url = f"http://127.0.0.1:{free_port()}"
@@ -128,7 +129,7 @@ class Prometheus:
             stdout=subprocess.DEVNULL,
             stderr=open(folder / "prometheus.log", "w"),  # noqa: SIM115 - closed with the process
         )
-        deadline = time.time() + 60
+        deadline = time.time() + 90
         while True:
             try:
                 if requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
@@ -188,6 +189,10 @@ def assert_panels_show_data(prom: Prometheus, prefixes: tuple[str, ...], start: 
     import math
 
     seen, empty = {}, []
+    scraped = [float(v) for s in prom.range("up", start, end) for _, v in s["values"]]
+    assert sum(scraped) >= len(scraped) / 2, (
+        f"Prometheus could scrape the Ray node in {sum(scraped):g} of {len(scraped)} steps"
+    )
     for panel in [p for prefix in prefixes for p in dashboard_panels(prefix)]:
         tops = []
         for target in panel["targets"]:

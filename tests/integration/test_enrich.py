@@ -516,7 +516,7 @@ def test_enrichment_counts_and_stage_times_reach_rays_metrics_endpoint(ray_sessi
 
 def test_every_enrichment_panel_has_data_in_prometheus_during_a_demo_sized_run(prometheus, tmp_path):
     """The demo's catalog size (140 records, 3 broken images) on the demo config and tiny models (the captioner's
-    first batch raises, and is redone item by item): a real Prometheus scraping every second sees every
+    first batch raises, and is redone item by item): a real Prometheus scraping every 2 s sees every
     enrichment and model panel of the shipped dashboard move, and the written counters rise by the summary's."""
     from fakes import CaptionerRaisingOnce
     from helpers import assert_panels_show_data

@@ -172,7 +172,7 @@ def test_requests_and_stage_times_reach_rays_metrics_endpoint(app, trained):
 
 def test_every_serving_panel_has_data_in_prometheus_during_30_requests(app, trained, prometheus):
     """30 requests, 6 at a time (predict, enrich, the OpenAI route, and a few that fail: 422, 404) while a real
-    Prometheus scrapes every second: every serving panel of the shipped dashboard shows them, one-off route and
+    Prometheus scrapes every 2 s: every serving panel of the shipped dashboard shows them, one-off route and
     status pairs included, and a batch of one reads as one."""
     from concurrent.futures import ThreadPoolExecutor
 

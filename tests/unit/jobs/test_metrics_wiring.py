@@ -80,7 +80,7 @@ def test_in_flight_keeps_a_bursts_peak_up_for_a_whole_report_interval(monkeypatc
     from ray_jobs import counters
 
     shown = []
-    monkeypatch.setattr(counters, "report_s", lambda: 1.0)
+    monkeypatch.setattr(counters, "hold_s", lambda: 1.0)
     monkeypatch.setattr(counters, "set_gauge", lambda name, value: shown.append(value))
     f = counters.InFlight()
     for _ in range(3):
