@@ -137,10 +137,12 @@ class Prometheus:
             except requests.RequestException:
                 pass
             if time.time() > deadline or self.proc.poll() is not None:
+                self.close()
                 raise RuntimeError(f"prometheus did not start: {(folder / 'prometheus.log').read_text()[-2000:]}")
             time.sleep(0.3)
         while not any(self.value("up", time.time()).values()):  # its first scrape comes a few seconds after
             if time.time() > deadline:
+                self.close()  # no server left behind by a fixture that fails
                 raise RuntimeError("prometheus never scraped the Ray node's metrics port")
             time.sleep(0.5)
 
