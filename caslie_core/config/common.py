@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -113,15 +113,17 @@ class PoolConfig(StrictModel):
         return self
 
 
+FETCHER_OWN = {"user_agent"}  # `images.FetchPolicy` fields no config sets (the fetcher's own)
+
+
 def fetch_policy(section) -> Any:
-    """The `images.FetchPolicy` of a fetch config section: every field the section has, the policy's
-    defaults for the rest (the service's section has no `allow_local_files`: strangers get no local files)."""
+    """The `images.FetchPolicy` of a fetch config section: its fields, and what the side fixes (`FIXED`)."""
     import dataclasses
 
     from ..images import FetchPolicy
 
     names = {f.name for f in dataclasses.fields(FetchPolicy)} & set(type(section).model_fields)
-    values = {n: getattr(section, n) for n in names}
+    values = {**type(section).FIXED, **{n: getattr(section, n) for n in names}}
     if "schemes" in values:
         values["schemes"] = tuple(values["schemes"])
     if "allowlist" in values:
@@ -130,21 +132,20 @@ def fetch_policy(section) -> Any:
 
 
 class FetchRules(StrictModel):
-    """What every fetch section has alike (the batch job's and the service's): the address rules and the
-    connection pool; `policy()` is the `images.FetchPolicy` of the whole section."""
+    """The fetch settings, declared once for the batch job's section (`fetch`) and the service's (`fetch` of a
+    Serve config). Each side states its own defaults (`DEFAULTS`: the service is stricter, on behalf of strangers)
+    and what a config may not set there (`FIXED`: the service never reads local files); every field of
+    `images.FetchPolicy` is one or the other (checked when a side is defined: none silently keeps the policy's
+    default). `policy()` is the section's `images.FetchPolicy`."""
+
+    DEFAULTS: ClassVar[dict] = {}
+    FIXED: ClassVar[dict] = {}
 
     block_private: bool = Field(True, description="refuse loopback/private/link-local/metadata addresses")
     allowlist: list[str] = Field(default_factory=list, description="hosts or CIDRs exempt from block_private")
     pool: bool = Field(
         True, description="reuse keep-alive HTTP(S) connections per host and checked address (off: one per image)"
     )
-
-    def policy(self):
-        return fetch_policy(self)
-
-
-class FetchConfig(FetchRules):
-    threads: int = Field(16, ge=1, le=256, description="concurrent fetches per fetch task (bounded concurrency)")
     connect_timeout: float = Field(5.0, gt=0, description="seconds to connect")
     read_timeout: float = Field(20.0, gt=0, description="seconds of silence while reading before giving up")
     total_timeout: float = Field(
@@ -155,7 +156,32 @@ class FetchConfig(FetchRules):
     )
     retries: int = Field(3, ge=0, description="retries on transient errors (timeouts, 429, 5xx)")
     backoff: float = Field(0.5, ge=0, description="first backoff in seconds; doubles per retry")
-    max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="byte cap per image")
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="byte cap per image (URLs and data: URIs)")
+    max_redirects: int = Field(5, ge=0, le=20, description="redirects followed per image (each one re-checked)")
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs) -> None:
+        import dataclasses
+
+        from ..images import FetchPolicy
+
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.DEFAULTS:
+            for name, value in cls.DEFAULTS.items():
+                cls.model_fields[name].default = value
+            cls.model_rebuild(force=True)
+        loose = {f.name for f in dataclasses.fields(FetchPolicy)} - set(cls.model_fields) - set(cls.FIXED)
+        if loose - FETCHER_OWN:
+            raise TypeError(f"{cls.__name__}: FetchPolicy fields neither configurable nor FIXED: {sorted(loose)}")
+
+    def policy(self):
+        return fetch_policy(self)
+
+
+class FetchConfig(FetchRules):
+    """The batch job's image fetching: your own catalog."""
+
+    threads: int = Field(16, ge=1, le=256, description="concurrent fetches per fetch task (bounded concurrency)")
     schemes: list[Literal["http", "https", "s3", "gs", "az"]] = Field(
         default_factory=lambda: ["http", "https", "s3"], description="URL schemes allowed"
     )

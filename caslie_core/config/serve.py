@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -145,21 +145,21 @@ def is_loopback(host: str) -> bool:
 
 
 class ServeFetchConfig(FetchRules):
-    """Image fetching on behalf of clients: stricter than for a trusted catalog."""
+    """Image fetching on behalf of clients: stricter than for a trusted catalog (shorter waits, fewer retries, a
+    smaller byte cap, no local files ever)."""
+
+    DEFAULTS: ClassVar[dict] = {
+        "connect_timeout": 3.0,
+        "read_timeout": 10.0,
+        "total_timeout": 20.0,
+        "retries": 1,
+        "max_bytes": 10 * 1024 * 1024,
+    }
+    FIXED: ClassVar[dict] = {"allow_local_files": False}
 
     schemes: list[Literal["http", "https", "s3"]] = Field(
         default_factory=lambda: ["http", "https"], description="URL schemes clients may send"
     )
-    connect_timeout: float = Field(3.0, gt=0, description="seconds to connect")
-    read_timeout: float = Field(10.0, gt=0, description="seconds of silence while reading")
-    total_timeout: float = Field(
-        20.0,
-        gt=0,
-        description="seconds per image from the first attempt to giving up: retries, Retry-After waits "
-        "and reading the body (bounds a server that drips bytes)",
-    )
-    retries: int = Field(1, ge=0, description="retries on transient errors")
-    max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="byte cap per image (URLs and data: URIs)")
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: max width*height")
     max_images: int = Field(16, ge=1, description="images per request")
     max_decoded_bytes: int = Field(
