@@ -53,6 +53,11 @@ class RecordError(CaslieError, ValueError):
         }
 
 
+class UsageError(CaslieError, ValueError):
+    """A request the user can fix: an unknown name or mode, a file that does not fit its purpose. The commands
+    print it as one line (exit 2); a ValueError that is not one of these is a bug, and shows its traceback."""
+
+
 class SourceError(CaslieError, OSError):
     """A data file that cannot be read at all: missing, empty, truncated or of an unknown type."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 
+from .errors import UsageError
 from .records import Record
 
 PROMPT_VERSION = "caslie-prompts-v1"
@@ -181,7 +182,7 @@ def instruction_prompt(instruction: str, input_value, options, *, style: str = "
     The Options section is there whenever the serialised options are non-empty (an empty list renders
     as `[]`, as in the research code); `options=None` (a free-form request) leaves it out."""
     if style not in _TEMPLATES:
-        raise ValueError(f"unknown prompt style {style!r}; valid: {', '.join(PROMPT_STYLES)}")
+        raise UsageError(f"unknown prompt style {style!r}; valid: {', '.join(PROMPT_STYLES)}")
     tail = _TEMPLATES[style][1]
     body = f"{prompt_head(style)}{instruction}\n\n### Input:\n{serialise(input_value)}"
     opts = "" if options is None else serialise(options)

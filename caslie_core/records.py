@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import RecordError
+from .errors import RecordError, UsageError
 from .tasks import OPTION_LETTERS, Task, get_task
 
 SPLITS = ("train", "val", "test", "ood_test")
@@ -48,7 +48,7 @@ def normalise_split(value: Any) -> str | None:
         return None
     if key in _SPLIT_ALIASES:
         return _SPLIT_ALIASES[key]
-    raise ValueError(f"unknown split {value!r}; expected one of train, val/validation, test, ood/test_ood")
+    raise UsageError(f"unknown split {value!r}; expected one of train, val/validation, test, ood/test_ood")
 
 
 def split_or_none(value: Any) -> str | None:

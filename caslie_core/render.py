@@ -15,6 +15,7 @@ PRP inputs keep their caption keys with null, SR items and options stay as they 
 from __future__ import annotations
 
 from .enrichment.assemble import assemble
+from .errors import UsageError
 from .prompts import instruction_prompt
 from .records import Record, caption_list, json_or_text
 
@@ -66,7 +67,7 @@ def row_captions(row: dict) -> tuple[list[str | None] | None, list[bool] | None]
 def row_text(row: dict, captions: str = "kept") -> tuple:
     """(input, options) of a row with its captions written in as `captions` says."""
     if captions not in CAPTION_MODES:
-        raise ValueError(f"unknown caption mode {captions!r}; valid: {', '.join(CAPTION_MODES)}")
+        raise UsageError(f"unknown caption mode {captions!r}; valid: {', '.join(CAPTION_MODES)}")
     record = row_record(row)
     n = record.spec.expected_images(record.input, record.options)
     if captions == "none":  # no caption is read: every one is rendered as rejected

@@ -12,6 +12,7 @@ import json
 import random
 from pathlib import Path
 
+from .errors import UsageError
 from .tasks import TASKS
 
 CATEGORIES = {
@@ -202,7 +203,7 @@ def write_catalog(
     abbrs = [t.upper() for t in (tasks or list(TASKS))]
     unknown = [a for a in abbrs if a not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; valid: {list(TASKS)}")
+        raise UsageError(f"unknown task(s) {unknown}; valid: {list(TASKS)}")
     weights = splits or {"train": 0.7, "val": 0.1, "test": 0.1, "ood_test": 0.1}
     prefix = base_url.rstrip("/") if base_url else str(img_dir.resolve())
     rows, image_count = [], 0

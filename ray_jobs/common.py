@@ -161,14 +161,14 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, positional: bool) -> a
 
 
 def run_guarded(command: str, fn) -> int:
-    """Run a command; problems the user can fix print one clear line (exit 2), not a traceback."""
+    """Run a command; problems the user can fix (the project's own errors, `CaslieError`: a bad config, an unknown
+    name, a file that does not fit) print one clear line (exit 2). Anything else is a bug and keeps its traceback."""
     from caslie_core.errors import CaslieError
 
     try:
         return fn()
-    except (CaslieError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"caslie {command}: error: {msg}", file=sys.stderr)
+    except CaslieError as e:
+        print(f"caslie {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a job that has nothing more to say (enrich says what it wrote)
         print(f"caslie {command}: interrupted ({e.args[0] if e.args else 'SIGINT'})", file=sys.stderr)

@@ -56,9 +56,9 @@ class _Timed:
 
 def _caption_stage(captioner: dict, size: int, cache, wait_s: float, factory):
     from caslie_core.config import CaptionerConfig
-    from caslie_core.models.captioner import Captioner
+    from caslie_core.models.registry import build_captioner
 
-    model = factory() if factory else Captioner.from_config(CaptionerConfig.model_validate(captioner))
+    model = factory() if factory else build_captioner(CaptionerConfig.model_validate(captioner))
     client = CaptionCacheClient(*cache) if cache else None
     return stages.CaptionStage(model, size, client, owner=actor_id(), wait_s=wait_s)
 

@@ -294,10 +294,10 @@ class JudgeStage:
 def judge_stage(judge: dict, factory: Callable[[], VoteModel] | None = None) -> JudgeStage:
     """A judge section's stage; its model from `factory` when given (tests, embedders), else the config."""
     from ..config import JudgeConfig
-    from ..models.judge import Judge
+    from ..models.registry import build_judge
 
     j = JudgeConfig.model_validate(judge)
-    return JudgeStage(factory() if factory else Judge.from_config(j), j.name, judge_missing=j.reply == "research")
+    return JudgeStage(factory() if factory else build_judge(j), j.name, judge_missing=j.reply == "research")
 
 
 def finalize(table, *, provenance: dict) -> list[dict]:

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
+from ..errors import UsageError
 from ..records import SPLITS, Record, normalise_split
 from ..tasks import Task, get_task
 
@@ -84,7 +85,7 @@ def score_task(task: str | Task, references: Sequence[str], predictions: Sequenc
     """Score one task's predictions against its references (aligned lists)."""
     spec = task if isinstance(task, Task) else get_task(task)
     if len(references) != len(predictions):
-        raise ValueError(
+        raise UsageError(
             f"{spec.abbr}: {len(predictions)} prediction(s) for {len(references)} reference(s); they must align"
         )
     valid = set(references)
@@ -109,12 +110,12 @@ def score_task(task: str | Task, references: Sequence[str], predictions: Sequenc
 def score_records(records: Sequence[Record], predictions: Sequence[str | None]) -> dict[str, dict]:
     """Group aligned (record, prediction) pairs by task and score each: `{abbr: TaskScore dict}`."""
     if len(records) != len(predictions):
-        raise ValueError(f"{len(predictions)} prediction(s) for {len(records)} record(s); they must align")
+        raise UsageError(f"{len(predictions)} prediction(s) for {len(records)} record(s); they must align")
     refs: dict[str, list[str]] = defaultdict(list)
     preds: dict[str, list[str | None]] = defaultdict(list)
     for rec, pred in zip(records, predictions):
         if rec.output is None:
-            raise ValueError(f"record {rec.id} has no gold `output`; cannot score it")
+            raise UsageError(f"record {rec.id} has no gold `output`; cannot score it")
         abbr = rec.spec.abbr
         refs[abbr].append(rec.output)
         preds[abbr].append(pred)
@@ -141,7 +142,7 @@ def score_by_split(
     an empty object for a split with no rows.
     """
     if len(records) != len(predictions):
-        raise ValueError(f"{len(predictions)} prediction(s) for {len(records)} record(s); they must align")
+        raise UsageError(f"{len(predictions)} prediction(s) for {len(records)} record(s); they must align")
     groups: dict[str, tuple[list[Record], list[str | None]]] = defaultdict(lambda: ([], []))
     for rec, pred in zip(records, predictions):
         recs, preds = groups[_split_key(rec.split)]
@@ -166,14 +167,14 @@ def load_predictions(path: str, records: Sequence[Record]) -> list[str | None]:
         text = fh.read()
     stripped = text.lstrip()
     if not stripped:
-        raise ValueError(f"{path}: predictions file is empty")
+        raise UsageError(f"{path}: predictions file is empty")
     if stripped.startswith("["):
         try:
             values = json.loads(stripped)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON list ({e.msg} at char {e.pos})") from None
+            raise UsageError(f"{path}: malformed JSON list ({e.msg} at char {e.pos})") from None
         if len(values) != len(records):
-            raise ValueError(
+            raise UsageError(
                 f"{path}: {len(values)} prediction(s) for {len(records)} record(s); a JSON list must align by position"
             )
         return [None if v is None else str(v) for v in values]
@@ -184,12 +185,12 @@ def load_predictions(path: str, records: Sequence[Record]) -> list[str | None]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from None
+            raise UsageError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(obj, dict) or "id" not in obj or "prediction" not in obj:
-            raise ValueError(f"{path}: line {lineno}: expected an object with 'id' and 'prediction'")
+            raise UsageError(f"{path}: line {lineno}: expected an object with 'id' and 'prediction'")
         by_id[str(obj["id"])] = obj["prediction"]
     known = {r.id for r in records}
     unknown = [i for i in by_id if i not in known]
     if unknown:
-        raise ValueError(f"{path}: {len(unknown)} prediction id(s) match no record, e.g. {unknown[:3]}")
+        raise UsageError(f"{path}: {len(unknown)} prediction id(s) match no record, e.g. {unknown[:3]}")
     return [by_id.get(r.id) for r in records]

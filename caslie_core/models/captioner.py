@@ -64,8 +64,8 @@ class Captioner:
 
         from .batching import Fallbacks
         from .chat import RESEARCH_DATE
+        from .ids import resolve_model
         from .loading import fix_padding, pick_device, pick_dtype
-        from .registry import resolve_model
 
         path = resolve_model(model)
         self.device = pick_device(device)

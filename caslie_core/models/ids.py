@@ -3,6 +3,7 @@ models of `models.tiny`, the world's trained ones of `world.models`); any other 
 
 from __future__ import annotations
 
+from ..errors import UsageError
 from ..world.models import WORLD_NAMES, ensure_world_models
 from .tiny import TINY_NAMES, TINY_PREFIX, ensure_tiny_models
 
@@ -15,6 +16,6 @@ def resolve_model(model_id: str) -> str:
             return ensure_world_models()[name]
         if name not in TINY_NAMES:
             valid = ", ".join(TINY_PREFIX + n for n in (*TINY_NAMES, *WORLD_NAMES))
-            raise ValueError(f"unknown tiny model {model_id!r}; valid: {valid}")
+            raise UsageError(f"unknown tiny model {model_id!r}; valid: {valid}")
         return ensure_tiny_models()[name]
     return model_id

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from ..errors import UsageError
 from .chat import RESEARCH_SYSTEM  # noqa: F401  (the research system message; its home is models.chat)
 
 JudgeMode = Literal["logits", "generate"]
@@ -86,11 +87,11 @@ class Judge:
         from .loading import load_causal_lm, supports_system
 
         if mode not in ("logits", "generate"):
-            raise ValueError(f"unknown judge mode {mode!r}; valid: logits, generate")
+            raise UsageError(f"unknown judge mode {mode!r}; valid: logits, generate")
         if reply not in VOTE_RULES:
-            raise ValueError(f"unknown judge reply {reply!r}; valid: {', '.join(VOTE_RULES)}")
+            raise UsageError(f"unknown judge reply {reply!r}; valid: {', '.join(VOTE_RULES)}")
         if reply == "research" and mode != "generate":
-            raise ValueError(f"judge reply='research' reads a generated answer, but mode={mode!r}; use mode='generate'")
+            raise UsageError(f"judge reply='research' reads a generated answer, but mode={mode!r}; use mode='generate'")
         self.model, self.tokenizer, self.device = load_causal_lm(
             model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
         )
@@ -105,7 +106,7 @@ class Judge:
         self.batch_size = batch_size
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
         if mode == "logits" and (not self.yes_ids or not self.no_ids):
-            raise ValueError(f"judge {model}: no token tells yes from no in its vocabulary; use mode=generate")
+            raise UsageError(f"judge {model}: no token tells yes from no in its vocabulary; use mode=generate")
         self._torch = torch
         self._keep_last = True  # ask the model for the last position's logits only (until it refuses)
 
@@ -222,4 +223,4 @@ def keep_caption(caption: str | None, error: dict | None, votes: list[str | None
         return caption is not None and error is None and plurality(votes)
     if rule == "research":
         return caption is not None and research_winner(votes) == "yes"
-    raise ValueError(f"unknown vote rule {rule!r}; valid: {', '.join(VOTE_RULES)}")
+    raise UsageError(f"unknown vote rule {rule!r}; valid: {', '.join(VOTE_RULES)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import UsageError
 from .chat import RESEARCH_SYSTEM, chat_text, supports_system  # noqa: F401  (their home is models.chat)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -22,7 +23,7 @@ def pick_dtype(dtype: str, device: str):
     import torch
 
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return getattr(torch, dtype)
@@ -42,7 +43,7 @@ def load_tokenizer(
     """A model's tokenizer with a pad token; left padding for batched generation, right for training."""
     from transformers import AutoTokenizer
 
-    from .registry import resolve_model
+    from .ids import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model(model_id), revision=revision, trust_remote_code=trust_remote_code)
     fix_padding(tok)
@@ -61,7 +62,7 @@ def load_causal_lm(
     """(model, tokenizer, device) for a causal LM by hub id or local path (`tiny:lm` resolves locally)."""
     from transformers import AutoModelForCausalLM
 
-    from .registry import resolve_model
+    from .ids import resolve_model
 
     path = resolve_model(model_id)
     dev = pick_device(device)

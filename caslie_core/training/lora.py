@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import UsageError
+
 if TYPE_CHECKING:
     from ..config.common import ModelRef
     from ..config.train import LoraSettings
@@ -44,7 +46,7 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules, mod
 
     problems = lora_target_problems(model, target_modules)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UsageError("; ".join(problems))
     cfg = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -62,7 +64,7 @@ def model_problems(model: ModelRef, lora: LoraSettings) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models.registry import resolve_model
+    from ..models.ids import resolve_model
 
     try:
         conf = AutoConfig.from_pretrained(
@@ -87,7 +89,7 @@ def merge_adapter(model: ModelRef, adapter: str, out: str | Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.registry import resolve_model
+    from ..models.ids import resolve_model
 
     base = AutoModelForCausalLM.from_pretrained(
         resolve_model(model.model), revision=model.revision, trust_remote_code=model.trust_remote_code

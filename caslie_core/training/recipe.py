@@ -92,8 +92,8 @@ def load_model(cfg: TrainConfig, device):
     """(model, tokenizer) for training: the configured dtype on `device`, no KV cache, optional checkpointing."""
     from transformers import AutoModelForCausalLM
 
+    from ..models.ids import resolve_model
     from ..models.loading import load_tokenizer, pick_dtype
-    from ..models.registry import resolve_model
 
     m = cfg.model
     tok = load_tokenizer(m.model, revision=m.revision, trust_remote_code=m.trust_remote_code, padding_side="right")

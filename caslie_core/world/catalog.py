@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 from ..tasks import TASKS
 
 WORLD_VERSION = "world-v2"
@@ -222,7 +223,7 @@ def write_world_catalog(
     abbrs = [t.upper() for t in (tasks or list(TASKS))]
     unknown = [a for a in abbrs if a not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; valid: {list(TASKS)}")
+        raise UsageError(f"unknown task(s) {unknown}; valid: {list(TASKS)}")
     from ..synthetic import break_images, catalog_row, pick_split, write_records
 
     world = World(seed, uninformative)

@@ -61,8 +61,8 @@ def test_output_is_a_standard_peft_adapter_and_the_checkpoint_gives_the_same_ans
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from caslie_core.models.ids import resolve_model
     from caslie_core.models.predictor import Predictor
-    from caslie_core.models.registry import resolve_model
 
     s = trained["summary"]
     adapter = Path(s["adapter"])

@@ -1,6 +1,6 @@
 import pytest
 
-from caslie_core.models.registry import resolve_model
+from caslie_core.models.ids import resolve_model
 
 
 def test_tiny_models_load_like_hub_models(tiny_models):
