@@ -22,8 +22,10 @@ All parts run on one local Ray, side by side, so the figures are ratios measured
   count, layout split (`--batching-layout`); one replica per deployment; the predictor's replica at 1 and at 2 CPUs
   (Ray gives it as many torch threads). The ratio at equal threads, next to the Ray-free ceiling at those threads
   (time per answer alone over in a full batch, on the same prompt), and each mode at its best (the check).
-Targets (issue 18, this 2-core machine): ttft p50 at 1 client <= 0.2 of the full answer; colocated app >= 0.4
-of the echo's req/s at 32 clients; batching on/off >= 2x at 32 clients.
+Targets (issues 18 and 37, this 2-core machine): ttft p50 at 1 client <= 0.2 of the full answer; batching on/off
+>= 2x at 32 clients; at the top client count, the app's CPU per request beyond what its models alone cost
+(`models_alone`, batches of that size) <= 1.5x the bare echo's CPU per request, in the best layout (issue 37
+restated the earlier "0.4 of the echo's req/s", which the models alone make unreachable on 2 cores).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` annotation of the echo route.
@@ -295,6 +297,13 @@ def part_hops(clients, per_client) -> dict:
         "one_process_budget_ms_per_request": round(1000 / (0.4 * floor["rps"]), 2),
         "models_alone": models_alone(int(top)),
     }
+    # the restated target (issue 37): per request, what the app's processes spend beyond its models' own compute
+    # (Ray-free, batches of the top client count), over what the bare echo's spend
+    models_ms = out["cpu_at_top_clients"]["models_alone"][f"batch_{top}"]["all"]
+    echo_ms = floor["cpu_ms_per_request"]["all"]
+    out["cpu_beyond_models_over_echo"] = {
+        name: round((out[name][top]["cpu_ms_per_request"]["all"] - models_ms) / echo_ms, 3) for name in variants
+    }
     return out
 
 
@@ -307,9 +316,8 @@ def models_alone(rows: int) -> dict:
 
     from caslie_core import serving as sv
     from caslie_core.images.decode import decode_image
-    from caslie_core.models.captioner import Captioner
-    from caslie_core.models.judge import Judge
     from caslie_core.models.predictor import AdapterPredictor
+    from caslie_core.models.registry import build_captioner, build_judge
     from caslie_core.serving.spec import app_spec
 
     cfg = app_config(layout="single", predictor="tiny:lm", max_new_tokens=16)
@@ -320,8 +328,8 @@ def models_alone(rows: int) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        captioner = Captioner.from_config(cfg.captioner, batch_size=rows)
-        judges = [Judge.from_config(j, batch_size=rows) for j in cfg.judges]
+        captioner = build_captioner(cfg.captioner, batch_size=rows)
+        judges = [build_judge(j, batch_size=rows) for j in cfg.judges]
         predictor = AdapterPredictor.from_spec(spec["predictor"], batch_size=rows)
         sv.caption_outcome(slots[0], vars(captioner.caption([pixels], [slots[0].prompt])[0]))  # the app's caption
         slots[0].caption = slots[0].caption or "a green ceramic mug"  # (random weights may caption nothing)
@@ -483,10 +491,8 @@ def main() -> None:
         ray.shutdown()
     checks = {}
     if "hops" in results:
-        # the co-located modes: every model in one Models replica, or in the ingress's own (single); the best
-        checks["colocated_over_echo_rps_at_32"] = max(
-            v for k, v in results["hops"]["at_top_clients"].items() if k.startswith(("colocated", "single"))
-        )
+        # the app's CPU per request beyond what its models alone cost, over the bare echo's, in the best layout
+        checks["app_cpu_beyond_models_over_echo_at_top"] = min(results["hops"]["cpu_beyond_models_over_echo"].values())
     if "ttft" in results:
         for size, res in results["ttft"].items():
             checks[f"ttft_over_full_answer_p50_at_1_{size}"] = res["at_1_client"]["ttft_over_full_answer_p50"]
@@ -495,7 +501,7 @@ def main() -> None:
             "throughput_on_over_off"
         ]
     targets = {
-        "colocated_over_echo_rps_at_32": (">= 0.4", lambda v: v >= 0.4),
+        "app_cpu_beyond_models_over_echo_at_top": ("<= 1.5", lambda v: v <= 1.5),
         "batching_on_over_off": (">= 2", lambda v: v >= 2),
         **{k: ("<= 0.2", lambda v: v <= 0.2) for k in checks if k.startswith("ttft")},
     }

@@ -47,6 +47,13 @@ class ImageSlot:
     def kept(self) -> bool:
         return keep_caption(self.caption, self.error, list(self.votes.values()), self.rule)
 
+    def outcome(self) -> str:
+        """What became of this image, for a count: `kept`, `not_kept`, or `<stage>_failed` (fetch, decode, caption,
+        judge)."""
+        if self.error:
+            return f"{self.error.get('stage', 'unknown')}_failed"
+        return "kept" if self.kept else "not_kept"
+
     def fail(self, stage: str, message: str) -> None:
         if self.error is None:
             self.error = {"stage": stage, "message": message}

@@ -13,6 +13,7 @@ models      caslie_batch_fallbacks_total{model} (model batches that raised and w
             captioner, judge_<name>, predictor; in the batch job and the service)
 training    caslie_train_steps_total, caslie_train_loss, caslie_train_tokens_per_second
 serving     caslie_serve_requests_total{route, status}, caslie_serve_stage_seconds{stage},
+            caslie_serve_images_total{outcome} (a judge that failed on an image: judge_failed),
             caslie_serve_requests_in_flight (per ingress replica: the peak of each report interval),
             caslie_serve_batch_size{model} (requests per model call: captioner, judge_<name>, panel, predictor)
 
@@ -56,6 +57,11 @@ _SPECS = {
     "caslie_train_tokens_per_second": ("Gauge", "training tokens per second (this worker)", ()),
     "caslie_serve_requests_total": ("Counter", "requests answered, by route and HTTP status", ("route", "status")),
     "caslie_serve_stage_seconds": ("Histogram", "seconds per request stage", ("stage",)),
+    "caslie_serve_images_total": (
+        "Counter",
+        "client images captioned and judged, by outcome (kept, not_kept, fetch/decode/caption/judge_failed)",
+        ("outcome",),
+    ),
     "caslie_serve_requests_in_flight": (
         "Gauge",
         "most requests handled at once by this ingress replica within the last report interval",

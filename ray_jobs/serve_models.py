@@ -1,172 +1,142 @@
 """The model deployments of the service (`ray_jobs.serve` builds the app, `ServeConfig.layout` picks which):
-Captioner, Judge_<name> (layout split), Panel (all judges in one replica, layout panel); the Predictor and the
-co-located Models replica are in `serve_predictor`.
+Captioner, Judge_<name> and Predictor (layout split), Panel (all judges in one replica, layout panel), Models
+(captioner, panel and predictor in one replica, layout colocated; the same object runs inside the ingress's own
+replica in layout single).
 
-Each loads its model once, answers in batches (`caslie_core.serving.gather.Gather`: a request that finds the model
-idle starts at once, the requests that queue while it is busy form the next batch), reports itself unhealthy when
-it fails every item of several batches in a row, and takes its live settings (batching) through Serve's
-`user_config` -> `reconfigure()`, so a tuning change reaches running replicas without reloading a model.
+Each is a thin shell over the core's model parts (`caslie_core.serving.replica`): it builds its models once (the
+registry: `models.registry`), gives the parts Ray's metrics and Serve's adapter multiplexing, reports itself
+unhealthy when it fails every item of several batches in a row, and takes its live settings (batching) through
+Serve's `user_config` -> `reconfigure()`, so a tuning change reaches running replicas without reloading a model.
 """
-
-import asyncio
 
 from ray import serve
 
-from caslie_core.models.batching import FailureStreak
-from caslie_core.serving.gather import CAPTIONS, VOTES, Gather
+from caslie_core.config.serve import BatchingSettings, ServeCaptionerConfig, ServeJudgeConfig
+from caslie_core.models.registry import build_captioner, build_judge
+from caslie_core.serving.engine import Decoding
+from caslie_core.serving.replica import AnswerPart, CaptionPart, LocalEngine, PanelPart, Replica, adapter_loader
 
 from . import counters, metrics
 
 
-def _gather(fn, model: str, *, streaming: bool = False, turns=None, rank: int = 0) -> Gather:
-    """A replica's batcher for `fn`, its batch sizes recorded as caslie_serve_batch_size{model}; `turns`: shared
-    with the other models of a co-located replica (`gather.Turns`, `rank` the stage)."""
-    return Gather(
-        fn,
-        streaming=streaming,
-        on_batch=lambda n: metrics.observe("caslie_serve_batch_size", n, model=model),
-        turns=turns,
-        rank=rank,
-    )
+class _Shell:
+    """What every model deployment does alike: its `Replica` (metrics wired in), health, live settings, ping."""
 
-
-def _batching(handler, settings) -> None:
-    """Apply the configured batch size and wait to a batcher (`Gather`; off = batches of one)."""
-    if isinstance(settings, dict):
-        from caslie_core.config.serve import BatchingSettings
-
-        settings = BatchingSettings.model_validate(settings)
-    handler.set_max_batch_size(settings.max_batch_size if settings.enabled else 1)
-    handler.set_batch_wait_timeout_s(settings.wait_timeout_s if settings.enabled else 0.0)
-
-
-class _Health:
-    """Serve's health check over the core's rule (`FailureStreak`): a replica failing every item of several
-    batches in a row (a broken device or model) reports itself unhealthy, and Serve replaces it."""
-
-    streak = None
-    turns = None  # the co-located Models replica's `gather.Turns`: its models take turns
-
-    def _track(self, errors: list, model=None) -> None:
-        """A model call's item errors (the health rule), and its batches redone item by item (the metric)."""
-        self.streak = self.streak or FailureStreak()
-        self.streak.track(errors)
-        if (counts := getattr(model, "fallbacks", None)) is not None:  # at zero first: a first fallback is seen
-            self.redone = getattr(self, "redone", None) or counters.Counts()
-            self.redone.add("caslie_batch_fallbacks_total", counts.take(), model=counts.model)
+    def _replica(self, *, shared: bool = False) -> Replica:
+        self.redone = counters.Counts()  # a first batch redone item by item is seen (its series starts at zero)
+        self.replica = Replica(
+            shared=shared,
+            on_batch=lambda label, n: metrics.observe("caslie_serve_batch_size", n, model=label),
+            on_fallbacks=lambda model, n: self.redone.add("caslie_batch_fallbacks_total", n, model=model),
+        )
+        return self.replica
 
     def check_health(self) -> None:
-        if self.streak and self.streak.failing:
-            raise RuntimeError(self.streak.reason())
+        if problem := self.replica.problem():
+            raise RuntimeError(problem)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """The settings a Serve config may change on a running replica (`user_config`): batching."""
+        b = BatchingSettings.model_validate(user_config.get("batching", {}))
+        self.live = {"batching": b.model_dump()}
+        self.replica.set_batching(b.max_batch_size if b.enabled else 1, b.wait_timeout_s if b.enabled else 0.0)
 
     async def ping(self) -> str:
         return "ok"
-
-    def _live(self, user_config: dict, *handlers) -> None:
-        """The settings a Serve config may change on a running replica (`user_config`): batching."""
-        from caslie_core.config.serve import BatchingSettings
-
-        self.live = {"batching": BatchingSettings.model_validate(user_config.get("batching", {})).model_dump()}
-        for handler in handlers:
-            _batching(handler, self.live["batching"])
-        for model in [
-            getattr(self, "model", None),
-            getattr(self, "captioner", None),
-            *getattr(self, "judges", {}).values(),
-        ]:
-            if hasattr(model, "batch_size"):
-                model.batch_size = self.live["batching"]["max_batch_size"]
 
     async def state(self) -> dict:
         """This replica's id and live settings (tests: a tuning change reaches running replicas)."""
         return {"replica": serve.get_replica_context().replica_id.unique_id, **getattr(self, "live", {})}
 
 
-class CaptionerRole(_Health):
-    """Context-conditioned captions; all images of one request in one call (`caption_many`), batched with
-    other requests' images by `Gather`."""
-
-    def _load_captioner(self, cfg: dict) -> None:
-        from caslie_core.config.serve import ServeCaptionerConfig
-        from caslie_core.models.captioner import Captioner as Model
-
-        c = ServeCaptionerConfig.model_validate(cfg)
-        self.captioner = Model.from_config(c, batch_size=c.deployment.batching.max_batch_size)
-        self.caption = _gather(self._captions, "captioner", turns=self.turns, rank=CAPTIONS)
-
-    async def _captions(self, pixels: list, prompts: list[str]) -> list[dict]:
-        results = await asyncio.to_thread(self.captioner.caption, pixels, prompts)
-        self._track([r.error for r in results], self.captioner)
-        return [{"caption": r.caption, "error": r.error} for r in results]
-
-    async def caption_many(self, pixels: list, prompts: list[str]) -> list[dict]:
-        return list(await asyncio.gather(*(self.caption.call(p, q) for p, q in zip(pixels, prompts))))
+def _captioner(section: dict, replica: Replica) -> CaptionPart:
+    c = ServeCaptionerConfig.model_validate(section)
+    return CaptionPart(build_captioner(c, batch_size=c.deployment.batching.max_batch_size), replica)
 
 
-class PanelRole(_Health):
-    """The whole judge panel in one replica: every judge votes on each question of a batch, so one call per
-    request answers all its questions by all judges (`vote_many` -> one {judge: {vote, error}} per question)."""
+def _judges(sections: list[dict]) -> dict:
+    judges = [ServeJudgeConfig.model_validate(s) for s in sections]
+    return {j.name: build_judge(j, batch_size=j.deployment.batching.max_batch_size) for j in judges}
 
-    def _load_judges(self, cfgs: list[dict]) -> None:
-        from caslie_core.config.serve import ServeJudgeConfig
-        from caslie_core.models.judge import Judge as Model
 
-        judges = [ServeJudgeConfig.model_validate(c) for c in cfgs]
-        self.judges = {j.name: Model.from_config(j, batch_size=j.deployment.batching.max_batch_size) for j in judges}
-        self.votes = _gather(self._votes, "panel", turns=self.turns, rank=VOTES)
+def _answerer(predictor: dict, max_adapters: int, replica: Replica) -> AnswerPart:
+    from caslie_core.models.predictor import AdapterPredictor
 
-    async def _votes(self, questions: list[str]) -> list[dict]:
-        out: list[dict] = [{} for _ in questions]
-        for name, judge in self.judges.items():
-            votes = await asyncio.to_thread(judge.vote, questions)
-            self._track([v.error for v in votes], judge)
-            for row, v in zip(out, votes):
-                row[name] = {"vote": v.vote, "error": v.error}  # an error is the image's (`ImageSlot.take_vote`)
-        return out
-
-    async def vote_many(self, questions: list[str]) -> list[dict]:
-        return list(await asyncio.gather(*(self.votes.call(q) for q in questions)))
+    model = AdapterPredictor.from_spec(predictor)
+    load = adapter_loader(model, predictor["adapters"], predictor.get("store"))
+    return AnswerPart(model, replica, serve.multiplexed(max_num_models_per_replica=max_adapters)(load))
 
 
 @serve.deployment
-class Captioner(CaptionerRole):
-    def __init__(self, cfg: dict) -> None:
-        self._load_captioner(cfg)
+class Captioner(_Shell):
+    """Context-conditioned captions; all images of one request in one call, batched with other requests'."""
 
-    def reconfigure(self, user_config: dict) -> None:  # live settings: Serve calls this without a restart
-        self._live(user_config, self.caption)
+    def __init__(self, captioner: dict) -> None:
+        self.part = _captioner(captioner, self._replica())
 
-
-@serve.deployment
-class Panel(PanelRole):
-    def __init__(self, judges: list[dict]) -> None:
-        self._load_judges(judges)
-
-    def reconfigure(self, user_config: dict) -> None:
-        self._live(user_config, self.votes)
+    async def captions(self, pixels: list, prompts: list[str]) -> list[dict]:
+        return await self.part.many(pixels, prompts)
 
 
 @serve.deployment
-class Judge(_Health):
-    """One judge of the panel (layout split: each judge sized and scaled on its own)."""
+class Panel(_Shell):
+    """The judges in one replica (layout panel), or one judge (`Judge_<name>`, layout split: each judge sized and
+    scaled on its own): one {judge: {vote, error}} per question of a request."""
 
-    def __init__(self, cfg: dict) -> None:
-        from caslie_core.config.serve import ServeJudgeConfig
-        from caslie_core.models.judge import Judge as Model
+    def __init__(self, judges: list[dict], label: str = "panel") -> None:
+        self.part = PanelPart(_judges(judges), self._replica(), label=label)
 
-        j = ServeJudgeConfig.model_validate(cfg)
-        self.name = j.name
-        self.model = Model.from_config(j, batch_size=j.deployment.batching.max_batch_size)
-        self.vote = _gather(self._vote, f"judge_{self.name}")
+    async def votes(self, questions: list[str]) -> list[dict]:
+        return await self.part.many(questions)
 
-    def reconfigure(self, user_config: dict) -> None:
-        self._live(user_config, self.vote)
 
-    async def _vote(self, questions: list[str]) -> list[dict]:
-        votes = await asyncio.to_thread(self.model.vote, questions)
-        self._track([v.error for v in votes], self.model)
-        return [{"vote": v.vote, "error": v.error} for v in votes]
+@serve.deployment
+class Predictor(_Shell):
+    """The base model with its LoRA adapters, the adapter each request names (Serve's multiplexed model id, for
+    routing; the call carries it too): answers batched, or streamed token by token."""
 
-    async def vote_many(self, questions: list[str]) -> list[dict]:
-        """All questions of a request in one call: one {name: {vote, error}} each, as the Panel answers."""
-        return [{self.name: r} for r in await asyncio.gather(*(self.vote.call(q) for q in questions))]
+    def __init__(self, predictor: dict, max_adapters: int) -> None:
+        self.part = _answerer(predictor, max_adapters, self._replica())
+
+    async def answer(self, prompt: str, decoding: Decoding) -> dict:
+        return await self.part.answer(prompt, decoding)
+
+    async def stream(self, prompt: str, decoding: Decoding):
+        async for event in self.part.stream(prompt, decoding):
+            yield event
+
+
+class Models(_Shell):
+    """Captioner, panel and predictor in one replica, taking turns (`gather.Turns`): a request's captions, votes and
+    answer in one call (`enrich_and_answer`), no hop between them."""
+
+    def __init__(self, *, predictor: dict, captioner: dict, judges: list[dict], max_adapters: int) -> None:
+        replica = self._replica(shared=True)
+        self.engine = LocalEngine(
+            replica,
+            _captioner(captioner, replica),
+            PanelPart(_judges(judges), replica),
+            _answerer(predictor, max_adapters, replica),
+        )
+
+    async def enrich(self, subject, slots: list) -> tuple[list, dict]:
+        return await self.engine.enrich(subject, slots)
+
+    async def enrich_and_answer(self, subject, slots: list, decoding: Decoding) -> tuple[list, dict, dict]:
+        return await self.engine.enrich_and_answer(subject, slots, decoding)
+
+    async def captions(self, pixels: list, prompts: list[str]) -> list[dict]:
+        return await self.engine.captions(pixels, prompts)
+
+    async def votes(self, questions: list[str]) -> list[dict]:
+        return await self.engine.votes(questions)
+
+    async def answer(self, prompt: str, decoding: Decoding) -> dict:
+        return await self.engine.answer(prompt, decoding)
+
+    async def stream(self, prompt: str, decoding: Decoding):
+        async for event in self.engine.answerer.stream(prompt, decoding):
+            yield event
+
+
+ModelsDeployment = serve.deployment(name="Models")(Models)

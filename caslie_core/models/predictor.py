@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sampling import GREEDY, Sampling, cut_at_stop
+from .sampling import GREEDY, Sampling, cut_at_stop, finish_reason
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Answer:
     n_new_tokens: int = 0
     raw: str | None = None  # the generated text before the answer is read from it
     stopped: bool = False  # the answer ended at the response marker or a stop string (not at the token cap)
+    finish_reason: str = "stop"  # OpenAI's: "length" when the token cap ended it (`finish_reason`)
 
 
 def read_text(path: str) -> str | None:
@@ -330,10 +331,17 @@ class AdapterPredictor(Predictor):
         """Answers with `adapter` (None = the base model); `max_new_tokens` may lower the configured cap;
         `sampling` (default greedy, the method's) applies to every prompt of the call."""
         with self._lock:
-            self.max_new_tokens = min(max_new_tokens or self.cap, self.cap)
+            self.max_new_tokens = self.cap_for(max_new_tokens)
             self.sampling = Sampling.of(sampling)
             with self._select(adapter):
-                return super().answer(prompts)
+                answers = super().answer(prompts)
+            for a in answers:
+                a.finish_reason = finish_reason(a.n_new_tokens, self.max_new_tokens, a.stopped)
+            return answers
+
+    def cap_for(self, max_new_tokens: int | None) -> int:
+        """The token cap of a request: what it asks for (None = the configured cap), never above the configured."""
+        return min(max_new_tokens or self.cap, self.cap)
 
     def stream(self, prompt: str, adapter=None, max_new_tokens=None, sampling=None, cancel=None):
         """One answer as it is generated: `{"delta": text}` events whose texts add up to what `answer` gives,

@@ -45,3 +45,8 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """`text` up to the first stop string (left out, as OpenAI does) and whether one was found."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
+
+
+def finish_reason(n_new_tokens: int, cap: int, stopped: bool) -> str:
+    """OpenAI's finish reason of an answer: "length" when it ran into the token cap, else "stop"."""
+    return "length" if n_new_tokens >= cap and not stopped else "stop"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from .sampling import Sampling, cut_at_stop
+from .sampling import Sampling, cut_at_stop, finish_reason
 
 
 class StreamText:
@@ -110,13 +110,13 @@ class StepRows:
         if delta := self.texts[row].finish():
             events.append({"delta": delta})
         made = len(self.ids[row])
-        ended = self.texts[row].stopped or self.ended[row] or made < self.cap
+        ended = self.texts[row].stopped or self.ended[row]
         events.append(
             {
                 "done": True,
                 "n_prompt_tokens": self.lengths[row],
                 "n_new_tokens": made,
-                "finish_reason": "stop" if ended else "length",
+                "finish_reason": finish_reason(made, self.cap, ended),
             }
         )
         self.over[row] = True
@@ -148,7 +148,7 @@ def generate_streams(
     sampling = Sampling.of(sampling)
     cancels = cancels or [threading.Event() for _ in prompts]
     with predictor._lock:  # the adapter choice is the model's state: one generation at a time per replica
-        cap = min(max_new_tokens or predictor.cap, predictor.cap)
+        cap = predictor.cap_for(max_new_tokens)
         ctx = predictor._select(adapter)
         ids, mask, lengths, shared = predictor._encode(prompts)
         texts = [StreamText(predictor.stops(sampling)) for _ in prompts]

@@ -1,11 +1,21 @@
-"""The online service without Ray: `api` (errors, request schemas, OpenAI shapes, keys) and `flow` (the
-steps of a request over image slots). `ray_jobs/serve.py` wraps both in Serve deployments."""
+"""The online service without Ray or HTTP.
+
+- `api`: HTTP errors, the /v1/enrich and /v1/predict request schemas, API keys, strict JSON bodies;
+- `openai`: the OpenAI-compatible requests (what is refused and why), responses, chunks and model cards;
+- `flow`: a record or a chat as a subject with image slots, and the caption-and-vote step (the batch job's rule);
+- `intake`: a request's images read in the service's own thread pools (SSRF-safe);
+- `engine`: what the routes need from the models (captions, votes with their errors, answers, streams);
+- `routes`: what each route does, as plain functions over a `routes.Service` (an engine, the intake, the ids);
+- `replica`: the model parts of one replica (batched; the health rule) and `LocalEngine` over them;
+- `gather`: the batcher; `catalog`: the model ids clients name; `spec`: what is resolved when the app is built.
+
+`ray_jobs/serve.py` puts the routes behind Ray Serve's HTTP ingress; `ray_jobs/serve_engines.py` has an engine per
+layout, `ray_jobs/serve_models.py` the model deployments."""
 
 from __future__ import annotations
 
 from .api import (
     BASE_MODEL_NAME,
-    CHOSEN_MODEL,
     ApiError,
     EnrichRequest,
     PredictRequest,
@@ -58,7 +68,6 @@ from .openai import (
 
 __all__ = [
     "BASE_MODEL_NAME",
-    "CHOSEN_MODEL",
     "ApiError",
     "ChatMessage",
     "ChatPart",

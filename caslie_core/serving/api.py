@@ -1,8 +1,8 @@
-"""The service's API without Ray: HTTP errors, request schemas, OpenAI-compatible shapes, API keys."""
+"""The service's own HTTP surface without Ray: errors (with OpenAI's error object), strict JSON bodies and their
+limits, the /v1/enrich and /v1/predict request schemas, API keys. The OpenAI requests and responses: `openai.py`."""
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import hmac
 import json
@@ -10,10 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-BASE_MODEL_NAME = "base"
-# Layout single: the model id the ingress chose for an in-process call to its models, where a deployment call
-# carries Serve's multiplexed model id (the ingress's own HTTP request may carry any header: this comes first).
-CHOSEN_MODEL: contextvars.ContextVar[str] = contextvars.ContextVar("caslie_chosen_model", default="")
+BASE_MODEL_NAME = "base"  # the multiplexed id of the base model alone (no adapter)
 
 
 class ApiError(Exception):
@@ -34,6 +31,13 @@ class ApiError(Exception):
         self.headers = headers or {}
         self.code = code
         self.param = param
+
+    def body(self, openai: bool) -> dict:
+        """The response body: OpenAI's error object on the OpenAI routes, FastAPI's `{"detail": ...}` on ours."""
+        return self.openai_body() if openai else {"detail": self.detail}
+
+    def status_for(self, openai: bool) -> int:
+        return self.openai_status() if openai else self.status
 
     def openai_status(self) -> int:
         """On the OpenAI routes an invalid request is 400 (our own routes keep FastAPI's 422)."""
@@ -108,8 +112,17 @@ def check_headers(raw_headers, limit: int) -> None:
         )
 
 
-async def read_body(chunks, limit: int, declared_length: str = "") -> bytes:
-    """Read a request body from an async iterator of chunks; 413 past `limit` bytes (declared or read)."""
+async def read_body(chunks, limit: int, declared_length: str = "", seconds: float | None = None) -> bytes:
+    """Read a request body from an async iterator of chunks; 413 past `limit` bytes (declared or read), 408 when it
+    has not all arrived within `seconds` (the connection is then closed)."""
+    if seconds is not None:
+        import asyncio
+
+        try:
+            return await asyncio.wait_for(read_body(chunks, limit, declared_length), seconds)
+        except TimeoutError:
+            why = f"the request body did not arrive within {seconds:g}s"
+            raise ApiError(408, why, {"Connection": "close"}, code="timeout") from None
     if declared_length.isdigit() and int(declared_length) > limit:
         raise ApiError(413, f"request body of {declared_length} bytes is over the {limit}-byte limit")
     parts, n = [], 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from ..enrichment.assemble import SINGLE_KEY, assemble
@@ -172,28 +173,71 @@ def predict_response(record: Record, model: str, out: dict, ans: dict, timings: 
     }
 
 
-async def caption_and_judge(slots: list[ImageSlot], questions_of, caption_many, vote_many, stage: dict) -> dict:
-    """A request's images captioned, then judged, in place; seconds per stage. `caption_many(pixels, prompts)`
-    answers one {caption, error} per image; `questions_of(slots)` is the question builder of a record or a chat
-    (index -> question); `vote_many(questions)` answers one {judge: {vote, error}} per question (a Panel, the
-    judges merged, or the co-located replica's own panel). Which images are judged and what a vote or a judge's
-    error does are the batch job's rules (`ImageSlot.judged`, `ImageSlot.take_vote`), under the slots' vote rule
-    (`cqe.vote`: research judges a missing caption as "NA"). `stage["name"]` says which step a passed deadline hit."""
+@dataclass
+class RecordSubject:
+    """What a /v1/enrich or /v1/predict request is about: a record. Data, not code, so it may travel to a model
+    replica (the co-located layouts caption, judge and answer in one call there)."""
+
+    record: Record
+    style: str = "alpaca"
+
+    def slots(self, rule: str) -> list[ImageSlot]:
+        return record_slots(self.record, rule)
+
+    def questions(self, slots: list[ImageSlot]) -> dict[int, str]:
+        return record_questions(self.record, slots)
+
+    def prompt(self, slots: list[ImageSlot]) -> str:
+        return record_prompt(self.record, slots, style=self.style)
+
+
+@dataclass
+class ChatSubject:
+    """What a chat completion is about: the conversation as one instruction text, its images as slots."""
+
+    text: str
+    urls: list[str]
+    style: str = "alpaca"
+
+    def slots(self, rule: str) -> list[ImageSlot]:
+        return chat_slots(self.text, self.urls, rule)
+
+    def questions(self, slots: list[ImageSlot]) -> dict[int, str]:
+        return chat_questions(self.text, slots)
+
+    def prompt(self, slots: list[ImageSlot]) -> str:
+        return chat_prompt(self.text, slots, style=self.style)
+
+
+Subject = RecordSubject | ChatSubject
+
+
+async def caption_and_judge(slots: list[ImageSlot], subject: Subject, captions, votes, stage=None) -> dict:
+    """A request's images captioned, then judged, in place; seconds per stage. `captions(pixels, prompts)` answers
+    one {caption, error} per image; `votes(questions)` one {judge: {vote, error}} per question (every judge's,
+    `engine.merge_votes`); the questions are the subject's (a record's or a chat's). Which images are judged and
+    what a vote or a judge's error does are the batch job's rules (`ImageSlot.judged`, `ImageSlot.take_vote`),
+    under the slots' vote rule (`cqe.vote`: research judges a missing caption as "NA"). `stage` (an
+    `engine.Stage`) says which step a passed deadline hit."""
     import time
 
-    t, stage["name"] = time.perf_counter(), "captioning"
+    t = time.perf_counter()
+    if stage is not None:
+        stage.name = "captioning"
     live = [s for s in slots if s.error is None]
     if live:
-        for slot, out in zip(live, await caption_many([s.pixels for s in live], [s.prompt for s in live])):
+        for slot, out in zip(live, await captions([s.pixels for s in live], [s.prompt for s in live])):
             caption_outcome(slot, out)
             slot.pixels = None
     times = {"caption": time.perf_counter() - t}
-    t, stage["name"] = time.perf_counter(), "judging captions"
+    t = time.perf_counter()
+    if stage is not None:
+        stage.name = "judging captions"
     research = bool(slots) and slots[0].rule == "research"
-    questions = questions_of([s for s in slots if s.judged(research)])
+    questions = subject.questions([s for s in slots if s.judged(research)])
     if questions:
         by_index = {s.index: s for s in slots}
-        for index, replies in zip(questions, await vote_many(list(questions.values()))):
+        for index, replies in zip(questions, await votes(list(questions.values()))):
             for judge, reply in replies.items():
                 by_index[index].take_vote(judge, reply["vote"], reply.get("error"))
     times["judge"] = time.perf_counter() - t

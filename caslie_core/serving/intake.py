@@ -38,6 +38,19 @@ class ImageIntake:
         self.fetch_pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="caslie-fetch")
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="caslie-decode")
 
+    @classmethod
+    def from_config(cls, fetch, *, size: int) -> ImageIntake:
+        """From the service's `fetch` section (`ServeFetchConfig`); `size`: the captioner's image size."""
+        return cls(
+            fetch.policy(),
+            fetch_threads=fetch.threads,
+            decode_threads=fetch.decode_threads,
+            per_request=fetch.per_request,
+            size=size,
+            max_pixels=fetch.max_pixels,
+            max_decoded_bytes=fetch.max_decoded_bytes,
+        )
+
     async def load(self, slots: list[ImageSlot], *, deadline: float) -> list[tuple[ImageSlot, ImageError]]:
         """Pixels onto each slot; returns the (slot, error) of those that could not be read. `deadline` is the
         request's end on `time.monotonic()`."""

@@ -378,8 +378,8 @@ def test_streamed_text_is_decoded_incrementally_and_adds_up_to_the_whole_decode(
     import random
     import threading
 
+    from caslie_core.models.ids import resolve_model
     from caslie_core.models.loading import load_causal_lm
-    from caslie_core.models.registry import resolve_model
     from caslie_core.models.streaming import StepRows, StreamText
 
     _, tok, _ = load_causal_lm(resolve_model("tiny:lm"))
@@ -473,13 +473,14 @@ def test_the_builder_takes_the_config_files_args_as_serve_run_passes_them(tiny_m
 def test_a_colocated_replicas_models_take_turns_and_answer_concurrent_requests(tiny_models):
     """The co-located Models object (layout single builds it in the ingress): captioner, panel and answers share
     one `Turns`, ranked along a request's path, streams apart; the split Predictor takes no turns. Concurrent
-    requests through it (as the ingress calls it) all get their answer."""
+    requests through its engine (as the ingress of layout single calls it) all get their answer."""
     import asyncio
 
     from caslie_core.config import ServeConfig, apply_overrides, read_yaml
+    from caslie_core.serving.engine import Decoding
     from caslie_core.serving.gather import ANSWERS, CAPTIONS, VOTES
     from caslie_core.serving.spec import app_spec
-    from ray_jobs.serve_predictor import InProcess, models_args, predictor_deployment
+    from ray_jobs.serve_models import Models, Predictor
 
     args = apply_overrides(
         read_yaml(ROOT / "configs" / "serve-demo.yaml")["applications"][0]["args"],
@@ -487,17 +488,22 @@ def test_a_colocated_replicas_models_take_turns_and_answer_concurrent_requests(t
     )
     cfg = ServeConfig.model_validate(args)
     spec = app_spec(cfg)
-    models = InProcess.build(*models_args(cfg, spec))  # as the ingress of layout single builds them
-    m = models.target
-    assert m.caption.turns is m.votes.turns is m.answers.turns is not None
-    assert (m.caption.rank, m.votes.rank, m.answers.rank) == (CAPTIONS, VOTES, ANSWERS)
-    assert m.streams.turns is None
-    assert predictor_deployment(2).func_or_class(spec["predictor"]).answers.turns is None
+    bare = {"deployment"}
+    m = Models(
+        predictor=spec["predictor"],
+        max_adapters=2,
+        captioner=cfg.captioner.model_dump(mode="json", exclude=bare),
+        judges=[j.model_dump(mode="json", exclude=bare) for j in cfg.judges],
+    ).engine
+    batchers = (m.captioner.batcher, m.panel.batcher, m.answerer.answers)
+    assert all(b.turns is m.replica.turns is not None for b in batchers)
+    assert [b.rank for b in batchers] == [CAPTIONS, VOTES, ANSWERS]
+    assert m.answerer.streams.turns is None
+    assert Predictor.func_or_class(spec["predictor"], 2).part.answers.turns is None
 
     async def ask(n: int) -> list:
-        handle = models.options(multiplexed_model_id=sv.BASE_MODEL_NAME)
         prompts = [f"### Instruction:\nName product {i}.\n\n### Response:\n" for i in range(n)]
-        return await asyncio.gather(*(handle.predict.remote(p) for p in prompts))
+        return await asyncio.gather(*(m.answer(p, Decoding(sv.BASE_MODEL_NAME)) for p in prompts))
 
     answers = asyncio.run(ask(6))
     assert len(answers) == 6 and all(a["error"] is None and a["n_new_tokens"] > 0 for a in answers)
