@@ -67,9 +67,7 @@ def write_batch(batch: pa.Table, output: str, provenance: dict, partition: bool)
     return pa.Table.from_pylist([{"counts": json.dumps(counts)}], schema=COUNTS)
 
 
-def build_dataset(
-    cfg: EnrichConfig, *, done_ref=None, cache, chash: str, run_id: str, factories: dict | None = None, timeline=None
-):
+def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, provenance: dict, factories=None, timeline=None):
     """The job's dataset. `factories` ({"captioner" or a judge's name: a callable that returns the model}) lets
     tests and embedders hand the pools their own models (anything with the `CaptionModel`/`VoteModel` calls);
     `timeline` (a `JobTimeline.actor_ref`): the model actors report their batches there."""
@@ -125,7 +123,7 @@ def build_dataset(
         num_cpus=cfg.task_num_cpus,
         fn_kwargs=dict(
             output=cfg.output.path,
-            provenance=pipeline.provenance(cfg, chash, run_id),
+            provenance=provenance,
             partition=cfg.output.partition_by_task,
         ),
     )
@@ -168,9 +166,10 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         scaling = JobTimeline(run_id, claims=claims, judges=[j.name for j in cfg.judges])
         cache = scaling.actor_ref if claims else None
         capacity_wait = wait_for_pools(pool_requests(cfg), can_grow=not started)
+        prov = pipeline.provenance(cfg, chash, run_id, pipeline.check_engines(cfg, log.warning))  # servers answer
         done = done_ref if resumed else None
         ds = build_dataset(
-            cfg, done_ref=done, cache=cache, chash=chash, run_id=run_id, factories=factories, timeline=scaling.actor_ref
+            cfg, done_ref=done, cache=cache, provenance=prov, factories=factories, timeline=scaling.actor_ref
         )
         limit = pipeline.ErrorRateLimit(cfg.limits, where=store.parts_root(cfg.output.path))
         interval = 0 if sys.stdout.isatty() else cfg.progress_interval_s  # a terminal has Ray Data's bars

@@ -6,17 +6,12 @@ import re
 import warnings
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..models.chat import DATE_FORMAT, RESEARCH_DATE
 from ..models.loading import DTYPES
-
-
-class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors; values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
+from .base import StrictModel
+from .engines import EngineChoice
 
 Dtype = Literal[DTYPES]  # type: ignore[valid-type]
 
@@ -204,8 +199,9 @@ class ModelRef(StrictModel):
     trust_remote_code: bool = Field(False, description="run model code from the hub (only for trusted repos)")
 
 
-class ChatModelRef(ModelRef):
-    """A model asked through its chat template (the captioner, the judges)."""
+class ChatModelRef(ModelRef, EngineChoice):
+    """A model asked through its chat template (the captioner, the judges), in our own actors (`engine: hf`) or on
+    an OpenAI-compatible server (`engine: openai`)."""
 
     chat_date: str = Field(
         RESEARCH_DATE,

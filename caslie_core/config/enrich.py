@@ -36,6 +36,10 @@ class CaptionerConfig(ChatModelRef):
     pool: PoolConfig = Field(default_factory=PoolConfig, description="captioner actor pool")
 
     @model_validator(mode="after")
+    def _server_needs_no_gpu(self):
+        return no_gpu_for_a_server(self, "captioner")
+
+    @model_validator(mode="after")
     def _model_when_captioning(self):
         if self.source == "model" and not self.model:
             raise ValueError(
@@ -48,6 +52,20 @@ class CaptionerConfig(ChatModelRef):
 class JudgeConfig(JudgeBase):
     micro_batch: int = Field(16, ge=1, description="questions per forward/generate call")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="judge actor pool")
+
+    @model_validator(mode="after")
+    def _server_needs_no_gpu(self):
+        return no_gpu_for_a_server(self, f"judges ({self.name})")
+
+
+def no_gpu_for_a_server(section, what: str):
+    """An `engine: openai` pool calls a server: its actors reserve CPUs only."""
+    if section.engine == "openai" and section.pool.num_gpus:
+        raise ValueError(
+            f"{what}.pool.num_gpus={section.pool.num_gpus:g}: an engine: openai pool calls its server and holds no "
+            f"model; set {what}.pool.num_gpus: 0 (size the server's GPUs instead)"
+        )
+    return section
 
 
 class DedupConfig(StrictModel):

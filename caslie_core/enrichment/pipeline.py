@@ -62,13 +62,37 @@ def read_blocks(rows: int | None, records_per_batch: int, widest_pool: int) -> i
     return max(1, min(-(-rows // records_per_batch), wanted))
 
 
-def provenance(cfg, config_hash: str, run_id: str) -> dict:
+def engine_of(section, found: dict | None) -> dict:
+    """Where a model ran, for the provenance: `hf`, or `openai` with the server's hosts, the model id asked for and
+    the one the server reported (`found`: what `models.remote.preflight` saw)."""
+    if getattr(section, "engine", "hf") != "openai":
+        return {"engine": "hf"}
+    found = found or {}
+    model = section.openai.model or section.model
+    return {"engine": "openai", "hosts": found.get("hosts"), "model": model, "served_model": found.get("served_model")}
+
+
+def check_engines(cfg, say) -> dict:
+    """Each `engine: openai` captioner or judge of the job checked once, before any actor starts
+    (`models.remote.check_engines`); what the provenance records, by `captioner` or judge name."""
+    from ..models.remote import check_engines
+
+    return check_engines(cfg.captioner if cfg.captioner.source == "model" else None, cfg.judges, say)
+
+
+def provenance(cfg, config_hash: str, run_id: str, engines: dict | None = None) -> dict:
+    """What each output row records of how it was made; `engines`: `preflight` results by `captioner` or a judge's
+    name (the OpenAI-compatible servers checked at the start)."""
+    engines = engines or {}
+    judges = [
+        {"name": j.name, "model": j.model, "revision": j.revision, "mode": j.mode, **engine_of(j, engines.get(j.name))}
+        for j in cfg.judges
+    ]
     return {
         "captioner_model": cfg.captioner.model,
         "captioner_revision": cfg.captioner.revision,
-        "judges": json.dumps(
-            [{"name": j.name, "model": j.model, "revision": j.revision, "mode": j.mode} for j in cfg.judges]
-        ),
+        "captioner_engine": json.dumps(engine_of(cfg.captioner, engines.get("captioner"))),
+        "judges": json.dumps(judges),
         "prompt_version": PROMPT_VERSION,
         "caption_source": cfg.captioner.source,
         "cqe_vote": cfg.cqe.vote,  # how finalize decides what is kept

@@ -303,7 +303,15 @@ def judge_stage(judge: dict, factory: Callable[[], VoteModel] | None = None) -> 
 def finalize(table, *, provenance: dict) -> list[dict]:
     """One output row per item: status, per-image results, the enriched input, provenance."""
     FINALIZE.check(table)
-    keys = ("captioner_model", "captioner_revision", "judges", "prompt_version", "config_hash", "run_id")
+    keys = (
+        "captioner_model",
+        "captioner_revision",
+        "captioner_engine",
+        "judges",
+        "prompt_version",
+        "config_hash",
+        "run_id",
+    )
     prov = {k: provenance.get(k) for k in keys}
     rule = provenance.get("cqe_vote") or "strict"
     out = []

@@ -43,6 +43,7 @@ OUTPUT_COLUMNS = (
     "config_hash",
     "run_id",
     "input_order",  # where the record came in the input (file, row): of an id repeated there, the first is kept
+    "captioner_engine",  # JSON: hf, or the OpenAI-compatible server's hosts and model ids (`pipeline.engine_of`)
 )
 # What training reads of an output row (the text, before and after enrichment), and evaluation besides.
 TEXT_COLUMNS = OUTPUT_COLUMNS[:4] + ("instruction", "input", "options", "output", "original_input", "original_options")

@@ -58,6 +58,12 @@ def app_spec(cfg: ServeConfig, *, root: Path | None = None) -> dict:
         "prefix_cache": cfg.model.prefix_cache,
     }
     models = {"base_id": base_id, "ids": ids, "aliases": aliases, "store": store}
+    if any(s.engine == "openai" for s in [cfg.captioner, *cfg.judges]):  # servers answer, with what is needed
+        import logging
+
+        from ..models.remote import check_engines
+
+        check_engines(cfg.captioner, cfg.judges, logging.getLogger("caslie").warning)
     return {"predictor": predictor, "models": models, "style": source.style, "key_digest": digest}
 
 

@@ -178,3 +178,19 @@ def test_the_qwen_config_is_the_paper_config_with_qwen25_vl_captioning():
     assert a["decode"].pop("image_size") != b["decode"].pop("image_size")
     assert a == b
     assert "torchvision==" in (ROOT / "cluster" / "constraints-cu128.txt").read_text()
+
+
+def test_the_vllm_config_is_the_paper_panel_on_openai_compatible_servers():
+    """configs/enrich-mmecinstruct-vllm.yaml: the paper's captioner and judges (same models, same order, same CQE)
+    on OpenAI-compatible servers; its pools are CPU actors (a GPU there would hold nothing)."""
+    from caslie_core.config import EnrichConfig
+
+    paper = load_config(EnrichConfig, ROOT / "configs" / "enrich-mmecinstruct.yaml", [])
+    vllm = load_config(EnrichConfig, ROOT / "configs" / "enrich-mmecinstruct-vllm.yaml", [])
+    assert vllm.captioner.model == paper.captioner.model and vllm.captioner.engine == "openai"
+    assert [(j.name, j.model, j.mode, j.system_message) for j in vllm.judges] == [
+        (j.name, j.model, j.mode, j.system_message) for j in paper.judges
+    ]
+    assert vllm.cqe == paper.cqe and vllm.captioner.max_new_tokens == paper.captioner.max_new_tokens
+    assert all(s.engine == "openai" and s.pool.num_gpus == 0 for s in [vllm.captioner, *vllm.judges])
+    assert all(s.openai.api_key_env and s.openai.base_url for s in [vllm.captioner, *vllm.judges])
