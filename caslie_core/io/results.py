@@ -49,38 +49,32 @@ def _canonical(d: dict) -> str:
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
-def caption_model(section, image_size: int) -> str:
-    """The captioner's identity as far as its captions depend on it (a `CaptionerConfig` section)."""
+def _identity(section, **settings) -> str:
+    """A model section's identity (model, revision, engine, the server's model id) and the settings its results
+    depend on, as canonical JSON."""
     served = section.openai.model if getattr(section, "openai", None) else None
+    engine = getattr(section, "engine", "hf")
     return _canonical(
         {
             "model": section.model,
             "revision": section.revision,
-            "engine": getattr(section, "engine", "hf"),
+            "engine": engine,
             "served": served,
             "max_new_tokens": section.max_new_tokens,
             "chat_date": section.chat_date,
-            "image_size": image_size,
+            **settings,
         }
     )
+
+
+def caption_model(section, image_size: int) -> str:
+    """The captioner's identity as far as its captions depend on it (a `CaptionerConfig` section)."""
+    return _identity(section, image_size=image_size)
 
 
 def judge_model(section) -> str:
     """A judge's identity as far as its votes depend on it (a `JudgeConfig` section)."""
-    served = section.openai.model if getattr(section, "openai", None) else None
-    return _canonical(
-        {
-            "model": section.model,
-            "revision": section.revision,
-            "engine": getattr(section, "engine", "hf"),
-            "served": served,
-            "mode": section.mode,
-            "max_new_tokens": section.max_new_tokens,
-            "reply": section.reply,
-            "system_message": section.system_message,
-            "chat_date": section.chat_date,
-        }
-    )
+    return _identity(section, mode=section.mode, reply=section.reply, system_message=section.system_message)
 
 
 def result_key(model: str, *parts: str) -> str:
