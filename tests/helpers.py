@@ -191,10 +191,9 @@ def assert_panels_show_data(prom: Prometheus, prefixes: tuple[str, ...], start: 
     import math
 
     seen, empty = {}, []
+    # How often Prometheus could scrape the node: said when a panel is empty (an agent too busy to answer within
+    # the scrape timeout, as under a saturated FSDP run, is not a wiring defect), never a failure on its own
     scraped = [float(v) for s in prom.range("up", start, end) for _, v in s["values"]]
-    assert sum(scraped) >= len(scraped) / 2, (
-        f"Prometheus could scrape the Ray node in {sum(scraped):g} of {len(scraped)} steps"
-    )
     for panel in [p for prefix in prefixes for p in dashboard_panels(prefix)]:
         tops = []
         for target in panel["targets"]:
@@ -208,5 +207,8 @@ def assert_panels_show_data(prom: Prometheus, prefixes: tuple[str, ...], start: 
             if not any(values):
                 empty.append(f"{panel['title']}: {target['expr']}")
         seen[panel["title"]] = tops
-    assert not empty, "panels without data:\n" + "\n".join(empty)
+    assert not empty, (
+        f"panels without data (Prometheus could scrape the Ray node in {sum(scraped):g} of {len(scraped)} steps):\n"
+        + "\n".join(empty)
+    )
     return seen
