@@ -171,7 +171,7 @@ def test_requests_and_stage_times_reach_rays_metrics_endpoint(app, trained):
 
 
 def test_every_serving_panel_has_data_in_prometheus_during_30_requests(app, trained, prometheus):
-    """30 requests, 6 at a time (predict, enrich, the OpenAI route, and a few that fail: 422, 404) while a real
+    """30 requests, 4 at a time (predict, enrich, the OpenAI route, and a few that fail: 422, 404) while a real
     Prometheus scrapes every 2 s: every serving panel of the shipped dashboard shows them, one-off route and
     status pairs included, and a batch of one reads as one."""
     from concurrent.futures import ThreadPoolExecutor
@@ -187,11 +187,15 @@ def test_every_serving_panel_has_data_in_prometheus_during_30_requests(app, trai
     calls = [bodies[i % len(bodies)] for i in range(30)]
     prometheus.wait_scraped()
     start = time.time()
-    with ThreadPoolExecutor(6) as pool:
-        codes = Counter(pool.map(lambda c: post(app, c[0], c[1]).status_code, calls))
+    # 4 at a time: the ingress queues at most 4 requests (set above for the overload test) and a loaded machine
+    # can hold more than that waiting for a replica, which Serve answers with 503
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda c: post(app, c[0], c[1]), calls))
     end = time.time()
     prometheus.wait_scraped()
-    assert codes[200] >= 20 and codes[422] >= 1 and codes[404] >= 1, codes
+    codes = Counter(r.status_code for r in replies)
+    unexpected = {r.text[:300] for r in replies if r.status_code not in (200, 404, 422)}
+    assert codes[200] >= 20 and codes[422] >= 1 and codes[404] >= 1, (codes, unexpected)
     tops = assert_panels_show_data(prometheus, ("Serving:",), start, end)
     p50 = tops["Serving: p50 and p95 requests per model call (batch size), by model"][0]
     assert p50 >= 0.99, tops  # buckets that started at le=1 read a batch of one as 0.5
