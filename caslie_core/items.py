@@ -40,6 +40,8 @@ class ImageSlot:
     cached: bool = False  # captioned earlier in the run (same image content and request)
     votes: dict[str, str | None] = field(default_factory=dict)
     vote_errors: dict[str, str] = field(default_factory=dict)
+    stored_from: str | None = None  # the run whose caption the result store gave (None: made in this run)
+    votes_from: dict[str, str] = field(default_factory=dict)  # judge -> the run whose stored vote this is
     error: dict | None = None  # {stage, message}
     rule: str = "strict"  # the CQE vote rule (`cqe.vote`): how `kept` reads the votes
 
@@ -92,8 +94,11 @@ class ImageSlot:
         }
 
     def vote_list(self) -> list[dict]:
-        """The votes as Arrow carries them: {judge, vote, error} in the panel's order."""
-        return [{"judge": k, "vote": v, "error": self.vote_errors.get(k)} for k, v in self.votes.items()]
+        """The votes as Arrow carries them: {judge, vote, error, stored_from} in the panel's order."""
+        return [
+            {"judge": k, "vote": v, "error": self.vote_errors.get(k), "stored_from": self.votes_from.get(k)}
+            for k, v in self.votes.items()
+        ]
 
     def result(self) -> dict:
         """The per-image result as the batch job writes it (`image_results`)."""
@@ -102,6 +107,7 @@ class ImageSlot:
             "url": self.url,
             "caption": self.caption,
             "cached": self.cached,
+            "stored_from": self.stored_from,
             "votes": self.vote_list(),
             "kept": self.kept,
             "error": None if self.error is None else {"stage": self.error["stage"], "message": self.error["message"]},
@@ -149,7 +155,7 @@ def _types():
 
     s = pa.string()
     error = pa.struct([("stage", s), ("message", s)])
-    vote = pa.struct([("judge", s), ("vote", s), ("error", s)])
+    vote = pa.struct([("judge", s), ("vote", s), ("error", s), ("stored_from", s)])
     return s, error, vote
 
 
@@ -166,6 +172,7 @@ def image_type():
             ("digest", s),
             ("caption", s),
             ("cached", pa.bool_()),
+            ("stored_from", s),
             ("votes", pa.list_(vote)),
             ("error", error),
         ]
@@ -183,6 +190,7 @@ def result_type():
             ("url", s),
             ("caption", s),
             ("cached", pa.bool_()),
+            ("stored_from", s),  # the run whose stored caption this is (the result store), None: made now
             ("votes", pa.list_(vote)),
             ("kept", pa.bool_()),
             ("error", error),
@@ -273,6 +281,7 @@ def image_to_arrow(s: ImageSlot) -> dict:
         "digest": s.digest,
         "caption": s.caption,
         "cached": s.cached,
+        "stored_from": s.stored_from,
         "votes": s.vote_list(),
         "error": s.error,
     }
@@ -290,6 +299,8 @@ def image_from_arrow(d: dict) -> ImageSlot:
         cached=bool(d.get("cached")),
         votes={v["judge"]: v["vote"] for v in votes},
         vote_errors={v["judge"]: v["error"] for v in votes if v["error"]},
+        stored_from=d.get("stored_from"),
+        votes_from={v["judge"]: v["stored_from"] for v in votes if v.get("stored_from")},
         error=d.get("error"),
     )
 

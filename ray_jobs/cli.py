@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
+from . import store_cli
 from .common import add_job_arguments, load_job_config, quiet, run_guarded
 
 
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="kept: the judges' decisions (enrichment output only); all: every caption; none: each rendered as "
         "rejected (default: kept)",
     )
+    store_cli.add_parser(sub)
     return parser
 
 
@@ -219,22 +222,6 @@ def _run_job(name: str, args) -> int:
     return 0
 
 
-def _cmd_enrich(args) -> int:
-    return _run_job("enrich", args)
-
-
-def _cmd_train(args) -> int:
-    return _run_job("train", args)
-
-
-def _cmd_evaluate(args) -> int:
-    return _run_job("evaluate", args)
-
-
-def _cmd_serve(args) -> int:
-    return _run_job("serve", args)
-
-
 def _cmd_submit(args) -> int:
     from .submit import submit
 
@@ -265,11 +252,9 @@ COMMANDS = {
     "score": _cmd_score,
     "prompts": _cmd_prompts,
     "demo": _cmd_demo,
-    "enrich": _cmd_enrich,
-    "train": _cmd_train,
-    "evaluate": _cmd_evaluate,
-    "serve": _cmd_serve,
+    **{job: functools.partial(_run_job, job) for job in ("enrich", "train", "evaluate", "serve")},
     "submit": _cmd_submit,
+    "store": store_cli.command,
 }
 
 

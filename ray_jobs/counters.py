@@ -168,6 +168,7 @@ def stage_series(judges: list[str]) -> dict[str, list[dict]]:
     """The helper's series (work as it happens), at zero when a job starts (`outcomes.count`'s keys)."""
     pairs = [("validate", "failed"), ("caption", "cached")]
     pairs += [(s, o) for s in ("fetch_decode", "caption", *judges) for o in ("ok", "failed")]
+    pairs += [(s, "stored") for s in ("caption", *judges)]  # the result store's (`store.path`)
     return {
         "caslie_enrich_stage_images_total": [{"stage": s, "outcome": o} for s, o in pairs],
         "caslie_batch_fallbacks_total": [{"model": m} for m in ("captioner", *(f"judge_{j}" for j in judges))],

@@ -16,13 +16,11 @@ import sys
 import time
 import uuid
 
-import pyarrow as pa
-
 from caslie_core.config import EnrichConfig, config_hash, write_resolved
-from caslie_core.enrichment import pipeline, stages
+from caslie_core.enrichment import pipeline
 from caslie_core.enrichment import report as enrich_report
+from caslie_core.enrichment.stored import StoreUse
 from caslie_core.errors import CaslieError, EngineError, OutputError, SourceError, find_error
-from caslie_core.images import FetchPolicy
 from caslie_core.io import ledger, store
 from caslie_core.io.lock import OutputLock
 
@@ -30,47 +28,18 @@ from . import counters
 from .capacity import pool_requests, wait_for_pools
 from .common import configure_data_context, init_ray, job_entry, job_main, log, shutdown
 from .enrich_actors import CaptionActor, JudgeActor, ModelsActor
+from .enrich_tasks import prepare_batch, write_batch
+from .results import RunStore
 from .timeline import JobTimeline
 
-_DONE: dict[str, ledger.DoneIds] = {}  # the finished ids of a resumed run, mapped once per worker process
 
-
-def _done(done_ref) -> ledger.DoneIds | None:
-    import ray
-
-    if done_ref is None:
-        return None
-    if done_ref.hex() not in _DONE:
-        _DONE.clear()
-        _DONE[done_ref.hex()] = ledger.DoneIds(ray.get(done_ref))  # zero-copy: numpy from the object store
-    return _DONE[done_ref.hex()]
-
-
-def prepare_batch(batch: pa.Table, policy: FetchPolicy, threads: int, max_pixels: int, size: int, **kw):
-    done, t = _done(kw.pop("done_ref", None)), time.perf_counter()
-    out = stages.prepare(
-        batch.to_pylist(), policy=policy, threads=threads, max_pixels=max_pixels, size=size, done=done, **kw
-    )
-    counters.batch_seconds("fetch_decode", time.perf_counter() - t)
-    return out
-
-
-COUNTS = pa.schema([("counts", pa.string())])
-
-
-def write_batch(batch: pa.Table, output: str, provenance: dict, partition: bool) -> pa.Table:
-    """Finalize and write a batch; return its counts (one small row: the driver never reads the output)."""
-    try:
-        counts = pipeline.write(batch, output=output, provenance=provenance, partition=partition)
-    except OSError as e:  # the output, not a record: no later batch can be written either
-        raise OutputError(f"{type(e).__name__}: {e}") from None
-    return pa.Table.from_pylist([{"counts": json.dumps(counts)}], schema=COUNTS)
-
-
-def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, provenance: dict, factories=None, timeline=None):
+def build_dataset(
+    cfg: EnrichConfig, *, done_ref=None, cache, provenance: dict, factories=None, timeline=None, store=None, lookup=None
+):
     """The job's dataset. `factories` ({"captioner" or a judge's name: a callable that returns the model}) lets
     tests and embedders hand the pools their own models (anything with the `CaptionModel`/`VoteModel` calls);
-    `timeline` (a `JobTimeline.actor_ref`): the model actors report their batches there."""
+    `timeline` (a `JobTimeline.actor_ref`): the model actors report their batches there; `store` (a `StoreUse`)
+    and `lookup`: the result store's use and its lookup actors' client (`ray_jobs.results`)."""
     import ray.data
 
     from .reading import read_raw  # imports Ray Data
@@ -89,15 +58,18 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, provenance: dict, 
             size=size,
             done_ref=done_ref,
             captions_from_record=cfg.captioner.source == "record",
+            store=store,
+            lookup=lookup,
         ),
     )
     cp, captioning = cfg.captioner.pool, cfg.captioner.source == "model"
     caption = dict(captioner=cfg.captioner.model_dump(), size=size, cache=cache, wait_s=cfg.dedup.claim_ttl_s)
+    caption["store"] = store
     pools = []  # (actor class, pool, constructor kwargs), keyed as in the config (the timeline's names)
     first = (captioning,)  # the first pool counts what reached it too (validation, fetch/decode when fetched)
     if cfg.model_pools == "shared":
         kw = dict(caption=caption if captioning else None, judges=[j.model_dump() for j in cfg.judges])
-        kw["factories"] = factories
+        kw.update(factories=factories, store=store)
         pools.append((ModelsActor, cp, dict(kw, timeline=timeline and (timeline, "captioner.pool", first))))
     else:
         if captioning:
@@ -105,7 +77,8 @@ def build_dataset(cfg: EnrichConfig, *, done_ref=None, cache, provenance: dict, 
             pools.append((CaptionActor, cp, dict(kw, timeline=timeline and (timeline, "captioner.pool", first))))
         for i, j in enumerate(cfg.judges):
             ref = timeline and (timeline, f"judges.{i}.pool", *([] if pools else [first]))
-            pools.append((JudgeActor, j.pool, dict(judge=j.model_dump(), factory=factories.get(j.name), timeline=ref)))
+            kw = dict(judge=j.model_dump(), factory=factories.get(j.name), store=store, timeline=ref)
+            pools.append((JudgeActor, j.pool, kw))
     for actor, pool, kwargs in pools:
         ds = ds.map_batches(
             actor,
@@ -146,7 +119,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
     fs.makedirs(out_root, exist_ok=True)  # an output that cannot be written fails here, before Ray starts
     run_id = uuid.uuid4().hex[:12]
     lock = OutputLock(out, run_id, say=log.warning).acquire()  # one run at a time into one output
-    started, scaling = False, None
+    started, scaling, results = False, None, None
     try:
         started = init_ray(cfg.ray)
         t0 = time.time()  # the job's own time: from a connected Ray (its start-up is not the job's)
@@ -167,9 +140,17 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         cache = scaling.actor_ref if claims else None
         capacity_wait = wait_for_pools(pool_requests(cfg), can_grow=not started)
         prov = pipeline.provenance(cfg, chash, run_id, pipeline.check_engines(cfg, log.warning))  # servers answer
-        done = done_ref if resumed else None
+        done, use = done_ref if resumed else None, StoreUse.of(cfg, run_id)
+        results = RunStore(use, cfg.store.shards) if use else None  # loaded before the plane starts
         ds = build_dataset(
-            cfg, done_ref=done, cache=cache, provenance=prov, factories=factories, timeline=scaling.actor_ref
+            cfg,
+            done_ref=done,
+            cache=cache,
+            provenance=prov,
+            factories=factories,
+            timeline=scaling.actor_ref,
+            store=use,
+            lookup=results and results.lookup,
         )
         limit = pipeline.ErrorRateLimit(cfg.limits, where=store.parts_root(cfg.output.path))
         interval = 0 if sys.stdout.isatty() else cfg.progress_interval_s  # a terminal has Ray Data's bars
@@ -226,6 +207,7 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
         summary["capacity_wait_s"] = capacity_wait  # per pool: how long the cluster took to offer a first actor
         summary["batch_fallbacks"] = timeline.pop("batch_fallbacks", {})  # per model: batches redone item by item
         summary["timeline"] = timeline  # nodes added/removed during the job, each pool's actors at work
+        summary["store"] = results.finish(now) if results else None  # what the result store gave and holds
         enrich_report.attach_report(cfg, summary, warn=log.warning)  # never fails the job
         with fsspec.open(cfg.output.path.rstrip("/") + "/summary.json", "wt") as fh:
             json.dump(summary, fh, indent=2)
@@ -234,6 +216,8 @@ def run(cfg: EnrichConfig, *, factories: dict | None = None) -> dict:
             raise CaslieError(f"input.on_duplicate_id=error: {pipeline.repeats_line(summary['repeated_ids'])}")
         return summary
     finally:
+        if results:
+            results.stop()
         if scaling:
             scaling.stop()  # a job that failed before its pipeline ended: no sampler or helper actor left
         lock.release()

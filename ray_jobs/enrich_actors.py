@@ -9,6 +9,7 @@ import functools
 import time
 
 from caslie_core.enrichment import outcomes, stages
+from caslie_core.enrichment.stored import OnFirstCall, ResultWriter, StoreUse
 
 from . import counters, metrics
 from .actors import CaptionCacheClient, actor_id
@@ -54,33 +55,39 @@ class _Timed:
             self.timeline.flush(wait_s=2.0)
 
 
-def _caption_stage(captioner: dict, size: int, cache, wait_s: float, factory):
+def _caption_stage(captioner: dict, size: int, cache, wait_s: float, factory, store: StoreUse | None = None):
+    """With a `store` that reads, the captioner loads on its first miss; with one that writes, captions are kept."""
     from caslie_core.config import CaptionerConfig
     from caslie_core.models.registry import build_captioner
 
-    model = factory() if factory else build_captioner(CaptionerConfig.model_validate(captioner))
+    make = factory or (lambda: build_captioner(CaptionerConfig.model_validate(captioner)))
+    model = OnFirstCall(make) if store is not None and store.reads else make()
     client = CaptionCacheClient(*cache) if cache else None
-    return stages.CaptionStage(model, size, client, owner=actor_id(), wait_s=wait_s)
+    writer = ResultWriter(store) if store is not None and store.writes else None
+    return stages.CaptionStage(model, size, client, owner=actor_id(), wait_s=wait_s, results=writer)
 
 
-def _models_stage(caption: dict | None, judges: list[dict], factories: dict):
+def _models_stage(caption: dict | None, judges: list[dict], factories: dict, store: StoreUse | None):
     chain = [_caption_stage(**caption, factory=factories.get("captioner"))] if caption else []
-    return stages.Chain(chain + [stages.judge_stage(j, factories.get(j["name"])) for j in judges])
+    return stages.Chain(chain + [stages.judge_stage(j, factories.get(j["name"]), store) for j in judges])
 
 
 class CaptionActor(_Timed, stages.Deferred):  # `lazy` on a resume: a finished catalog never loads a model
     metric_stage = "caption"
 
-    def __init__(self, captioner: dict, size: int, cache, wait_s: float, factory=None, lazy=False, timeline=None):
-        super().__init__(functools.partial(_caption_stage, captioner, size, cache, wait_s, factory), lazy=lazy)
+    def __init__(
+        self, captioner: dict, size: int, cache, wait_s: float, factory=None, store=None, lazy=False, timeline=None
+    ):
+        make = functools.partial(_caption_stage, captioner, size, cache, wait_s, factory, store)
+        super().__init__(make, lazy=lazy)
         self.follow(timeline, caption=True)
 
 
 class JudgeActor(_Timed, stages.Deferred):
     metric_stage = "judge"
 
-    def __init__(self, judge: dict, factory=None, lazy=False, timeline=None) -> None:
-        super().__init__(functools.partial(stages.judge_stage, judge, factory), lazy=lazy)
+    def __init__(self, judge: dict, factory=None, store=None, lazy=False, timeline=None) -> None:
+        super().__init__(functools.partial(stages.judge_stage, judge, factory, store), lazy=lazy)
         self.follow(timeline, judges=(judge["name"],))
 
 
@@ -90,7 +97,13 @@ class ModelsActor(_Timed, stages.Deferred):
     metric_stage = "caption_and_judges"
 
     def __init__(
-        self, caption: dict | None, judges: list[dict], factories: dict | None = None, lazy=False, timeline=None
+        self,
+        caption: dict | None,
+        judges: list[dict],
+        factories: dict | None = None,
+        store=None,
+        lazy=False,
+        timeline=None,
     ):
-        super().__init__(functools.partial(_models_stage, caption, judges, factories or {}), lazy=lazy)
+        super().__init__(functools.partial(_models_stage, caption, judges, factories or {}, store), lazy=lazy)
         self.follow(timeline, caption=caption is not None, judges=tuple(j["name"] for j in judges))

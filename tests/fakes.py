@@ -169,3 +169,30 @@ class CaptionerRaisingOnce:
             self.raised = True
             raise RuntimeError("captioner: raised on one item")
         return self.inner.caption(images, prompts)
+
+
+class Logged:
+    """A real model, built by `make` when this is constructed, that appends to the file `log` a line "load" then
+    one line per item it is asked about ("caption" or "vote"): model loads and calls counted across actors."""
+
+    def __init__(self, make: Callable[[], Any], log: str) -> None:
+        self.log = log
+        self._write("load\n")
+        self.inner = make()
+
+    def _write(self, text: str) -> None:
+        with open(self.log, "a") as fh:  # one short append per call: whole lines from any number of processes
+            fh.write(text)
+
+    def caption(self, images, prompts):
+        self._write("caption\n" * len(images))
+        return self.inner.caption(images, prompts)
+
+    def vote(self, questions):
+        self._write("vote\n" * len(questions))
+        return self.inner.vote(questions)
+
+    def __getattr__(self, name: str):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)

@@ -76,6 +76,40 @@ class DedupConfig(StrictModel):
     max_entries: int = Field(2_000_000, ge=1000, description="cache size cap (captions kept in memory)")
 
 
+class StoreConfig(StrictModel):
+    """The result store (`caslie_core.io.results`): captions and votes kept across runs, keyed by image content,
+    request and model, so a refreshed catalog's rerun runs only what changed through the models."""
+
+    path: str | None = Field(
+        None, description="folder of the store, local or any fsspec URL (s3://...); none: every run computes all"
+    )
+    mode: Literal["read_write", "read_only", "write_only", "off"] = Field(
+        "read_write",
+        description="read_write: stored results are used and new ones stored; read_only: used, nothing written; "
+        "write_only: everything computed and stored (a store built afresh); off: the store is not touched",
+    )
+    shards: int = Field(
+        1, ge=1, le=256, description="lookup actors the stored keys are spread over (about 1M keys per actor)"
+    )
+
+    @model_validator(mode="after")
+    def _mode_needs_a_path(self):
+        if "mode" in self.model_fields_set and self.mode != "off" and not self.path:
+            raise ValueError(
+                f"store.mode={self.mode} without store.path: set store.path to the store's folder (local or an "
+                "fsspec URL such as s3://bucket/caslie-store), or leave store.mode unset"
+            )
+        return self
+
+    @property
+    def reads(self) -> bool:
+        return bool(self.path) and self.mode in ("read_write", "read_only")
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.path) and self.mode in ("read_write", "write_only")
+
+
 class LimitsConfig(StrictModel):
     max_failed_fraction: float = Field(
         1.0, ge=0, le=1, description="fail the job when failed records / records exceed this (1.0 = never)"
@@ -94,6 +128,7 @@ class EnrichConfig(StrictModel):
     judges: list[JudgeConfig] = Field(min_length=1, description="the judge panel, in order (the order breaks ties)")
     cqe: CQEConfig = Field(default_factory=CQEConfig, description="how the panel's answers become keep decisions")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="caption de-duplication")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="captions and votes kept across runs")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="error-rate limit")
     ray: RayConfig = Field(default_factory=RayConfig, description="cluster connection")
     model_pools: Literal["split", "shared"] = Field(

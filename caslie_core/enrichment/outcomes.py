@@ -6,8 +6,10 @@ the work happens rather than as parts are written. Keys are `"stage/outcome"`:
 
     validate/failed     records that failed validation (first pool)
     fetch_decode/ok     images fetched and decoded; fetch_decode/failed: the fetch or the decode failed (first pool)
-    caption/ok          images captioned by this batch; caption/cached: captioned earlier in the run; caption/failed
-    <judge>/ok          captions the judge voted on; <judge>/failed: the judge failed on them
+    caption/ok          images captioned by this batch; caption/cached: captioned earlier in the run; caption/failed;
+                        caption/stored: the result store's caption (an earlier run's)
+    <judge>/ok          captions the judge voted on; <judge>/failed: the judge failed on them; <judge>/stored: the
+                        store's vote
 
 Counted with Arrow compute on the item columns (`caslie_core.items`), never row by row.
 """
@@ -42,8 +44,10 @@ def count(table, *, arrivals: bool = False, fetched: bool = True, caption: bool 
     if caption:
         made = pc.is_valid(slots.field("caption"))
         cached = pc.fill_null(slots.field("cached"), False)
-        out["caption/ok"] = _n(pc.and_(made, pc.invert(cached)))
+        stored = pc.is_valid(slots.field("stored_from"))
+        out["caption/ok"] = _n(pc.and_(pc.and_(made, pc.invert(cached)), pc.invert(stored)))
         out["caption/cached"] = _n(pc.and_(made, cached))
+        out["caption/stored"] = _n(stored)
         out["caption/failed"] = _n(pc.equal(stage, "caption"))
     if judges:
         votes = pc.list_flatten(slots.field("votes"))
@@ -52,7 +56,9 @@ def count(table, *, arrivals: bool = False, fetched: bool = True, caption: bool 
             mine = pc.equal(judge, name)
             failed = _n(pc.and_(mine, pc.is_valid(error)))
             out[f"{name}/failed"] = failed
-            out[f"{name}/ok"] = _n(pc.and_(mine, pc.is_valid(votes.field("vote"))))
+            stored = pc.and_(mine, pc.is_valid(votes.field("stored_from")))
+            out[f"{name}/ok"] = _n(pc.and_(pc.and_(mine, pc.is_valid(votes.field("vote"))), pc.invert(stored)))
+            out[f"{name}/stored"] = _n(stored)
     return {k: v for k, v in out.items() if v}
 
 

@@ -22,6 +22,7 @@ from ..records import json_or_text
 from ..tasks import get_task
 from .cache import CaptionCache, LocalCaptionCache
 from .stages import CaptionStage, JudgeStage, finalize, prepare
+from .stored import Lookup, ResultWriter, StoreUse
 
 # the output columns `tally` reads (to recount a part written without stored counts)
 TALLY_COLUMNS = ("task", "status", "error", "image_results")
@@ -109,6 +110,7 @@ def tally(rows) -> dict:
     """Counts over output rows: statuses, records per task, errors per stage (a failed record's, each failed
     image's), images and kept captions per task. Sums of tallies are tallies (`add_counts`)."""
     t: dict[str, Any] = {"records": 0, "ok": 0, "partial": 0, "failed": 0, "images": 0, "kept": 0}
+    t.update(stored_captions=0, stored_votes=0)  # what the result store gave (`stored_from`)
     per_task: dict[str, int] = {}
     stages: dict[str, int] = {}
     images: dict[str, int] = {}
@@ -125,6 +127,8 @@ def tally(rows) -> dict:
         for res in json_or_text(row.get("image_results")) or []:
             images[task] = images.get(task, 0) + 1
             kept[task] = kept.get(task, 0) + bool(res["kept"])
+            t["stored_captions"] += res.get("stored_from") is not None
+            t["stored_votes"] += sum(v.get("stored_from") is not None for v in res.get("votes") or [])
             if res["error"]:
                 stages[res["error"]["stage"]] = stages.get(res["error"]["stage"], 0) + 1
     t["images"], t["kept"] = sum(images.values()), sum(kept.values())
@@ -254,14 +258,19 @@ def run_local(
     batch: int = 16,
     threads: int = 16,
     on_batch: Callable[[list[dict]], None] | None = None,
+    store: StoreUse | None = None,
+    lookup: Lookup | None = None,
 ) -> list[dict]:
-    """The whole pipeline in one process (no Ray): the baseline for benchmarks and a reference."""
+    """The whole pipeline in one process (no Ray): the baseline for benchmarks and a reference. With `store`
+    (and `lookup` when it reads), as the job uses the result store."""
     out = []
-    stage = CaptionStage(captioner, size, cache or LocalCaptionCache())
-    judge_stages = [JudgeStage(j, name) for name, j in judges.items()]
+    writer = ResultWriter(store) if store is not None and store.writes else None
+    stage = CaptionStage(captioner, size, cache or LocalCaptionCache(), results=writer)
+    judge_stages = [JudgeStage(j, name, results=writer) for name, j in judges.items()]
     for start in range(0, len(raw_rows), batch):
+        rows = raw_rows[start : start + batch]
         table = prepare(
-            raw_rows[start : start + batch], policy=policy, threads=threads, max_pixels=max_pixels, size=size
+            rows, policy=policy, threads=threads, max_pixels=max_pixels, size=size, store=store, lookup=lookup
         )
         table = stage(table)
         for js in judge_stages:

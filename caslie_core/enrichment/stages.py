@@ -45,6 +45,7 @@ from ..prompts import fill_caption
 from .assemble import assemble
 from .cache import CaptionCache, caption_key
 from .parse import parse_items
+from .stored import Lookup, OnFirstCall, ResultWriter, StoreUse, look_up
 
 CAPTION = Contract("caption", reads=("status", "images", PIXELS), drops=(PIXELS,))
 FINALIZE = Contract("finalize", reads=ITEM_COLUMNS)
@@ -93,12 +94,17 @@ def prepare(
     size: int,
     done: Callable[[str], bool] | None = None,
     captions_from_record: bool = False,
+    store: StoreUse | None = None,
+    lookup: Lookup | None = None,
 ):
     """Raw rows -> an Arrow batch of items with decoded pixels (the CPU stages, fused in one task). With
-    `captions_from_record` each image's caption comes from the record's `caption_info`: nothing is fetched."""
+    `captions_from_record` each image's caption comes from the record's `caption_info`: nothing is fetched.
+    With a `store` that reads (`lookup`), stored captions and votes fill their slots (`stored.look_up`)."""
     items = parse_items(rows, done=done, captions_from_record=captions_from_record)
     if not captions_from_record:
         fetch_decode(items, policy, threads=threads, max_pixels=max_pixels, size=size)
+    if store is not None and store.reads and lookup is not None:
+        look_up(items, store, lookup)
     return items_to_table(items, pixels=not captions_from_record)
 
 
@@ -175,6 +181,7 @@ class CaptionStage:
     wait_s: float = 600.0
     poll_s: float = 0.05
     calls: ModelCalls = field(default_factory=lambda: ModelCalls("the captioner"))
+    results: ResultWriter | None = None  # new captions into the result store
 
     def __call__(self, table):
         import numpy as np
@@ -183,7 +190,7 @@ class CaptionStage:
         status = table.column("status").to_pylist()
         images = images_from_column(table.column("images"))
         pixels = table.column(PIXELS).to_pylist()
-        work: dict[str, tuple[Any, str]] = {}  # key -> (pixels, prompt)
+        work: dict[str, tuple[Any, str, str]] = {}  # key -> (pixels, prompt, digest)
         slots: list[tuple[ImageSlot, str]] = []
         failures: dict[int, dict] = {}
         for r, row in enumerate(images):
@@ -192,12 +199,12 @@ class CaptionStage:
             try:
                 mine = []
                 for s in row:
-                    if s.error is not None:
+                    if s.error is not None or s.stored_from is not None:  # failed, or the store's caption
                         continue
                     key = caption_key(s.digest or "", s.prompt)
                     if key not in work:
                         arr = np.frombuffer(pixels[r][s.index], dtype=np.uint8).reshape(self.size, self.size, 3)
-                        work[key] = (arr, s.prompt)
+                        work[key] = (arr, s.prompt, s.digest or "")
                     mine.append((s, key))
                 slots.extend(mine)
             except Exception as e:
@@ -210,7 +217,7 @@ class CaptionStage:
                 s.fail("caption", err)
         return _fail_rows(_with_images(table.drop_columns([PIXELS]), images), failures)
 
-    def _caption(self, work: dict[str, tuple[Any, str]]) -> dict[str, tuple[str | None, str | None, bool]]:
+    def _caption(self, work: dict[str, tuple[Any, str, str]]) -> dict[str, tuple[str | None, str | None, bool]]:
         results: dict[str, tuple[str | None, str | None, bool]] = {}
         pending = list(work)
         deadline = time.monotonic() + self.wait_s
@@ -232,6 +239,8 @@ class CaptionStage:
             )
             for k, res in zip(mine, outs):
                 results[k] = (res.caption, res.error, False)
+            if self.results is not None:  # made here and not failed: what the store keeps
+                self.results.captions([(work[k][2], work[k][1], results[k][0]) for k in mine if results[k][1] is None])
             if self.cache is not None and mine:
                 self.cache.put({k: results[k][0] for k in mine if results[k][1] is None}, self.owner)
                 failed = [k for k in mine if results[k][1] is not None]  # not cached: another actor may retry
@@ -252,6 +261,7 @@ class JudgeStage:
     name: str
     calls: ModelCalls | None = None
     judge_missing: bool = False  # the research CQE: an image without a caption (failed, empty) is judged as "NA"
+    results: ResultWriter | None = None  # new votes into the result store
 
     def __post_init__(self) -> None:
         self.contract = judge_contract(self.name)
@@ -269,8 +279,9 @@ class JudgeStage:
             if status[r] != "pending":
                 continue
             try:
-                asked = [(s, fill_caption(s.question, s.caption)) for s in row if s.judged(self.judge_missing)]
-                for s in row:
+                fresh = [s for s in row if self.name not in s.votes_from]  # not the store's vote already
+                asked = [(s, fill_caption(s.question, s.caption)) for s in fresh if s.judged(self.judge_missing)]
+                for s in fresh:
                     s.votes[self.name] = None
                 questions.extend(q for _, q in asked)
                 slots.extend(s for s, _ in asked)
@@ -285,19 +296,27 @@ class JudgeStage:
         )
         for s, v in zip(slots, votes):
             s.take_vote(self.name, v.vote, v.error)
+        if self.results is not None:
+            self.results.votes(self.name, [(q, v) for q, v in zip(questions, votes) if v.error is None])
         return _fail_rows(_with_images(table, images), failures)
 
 
 # finalize: output rows
 
 
-def judge_stage(judge: dict, factory: Callable[[], VoteModel] | None = None) -> JudgeStage:
-    """A judge section's stage; its model from `factory` when given (tests, embedders), else the config."""
+def judge_stage(
+    judge: dict, factory: Callable[[], VoteModel] | None = None, store: StoreUse | None = None
+) -> JudgeStage:
+    """A judge section's stage; its model from `factory` when given (tests, embedders), else the config. With a
+    `store` that reads, the model loads on its first miss; with one that writes, new votes are stored."""
     from ..config import JudgeConfig
     from ..models.registry import build_judge
 
     j = JudgeConfig.model_validate(judge)
-    return JudgeStage(factory() if factory else build_judge(j), j.name, judge_missing=j.reply == "research")
+    make = factory or (lambda: build_judge(j))
+    model = OnFirstCall(make) if store is not None and store.reads else make()
+    writer = ResultWriter(store) if store is not None and store.writes else None
+    return JudgeStage(model, j.name, judge_missing=j.reply == "research", results=writer)
 
 
 def finalize(table, *, provenance: dict) -> list[dict]:

@@ -165,3 +165,15 @@ def test_without_a_model_values_follow_yaml_12_core_schema():
     assert got[8:14] == [15, 31, -3, 1e-4, 0.5, float("-inf")] and type(got[11]) is float
     assert got[14:17] == [None, None, None] and got[17] == "2024-01-01"
     assert got[18:] == [["no", 12, 1.5, None], {"a": 1, "b": "off"}, "012", "[unclosed"]
+
+
+def test_a_store_mode_without_a_store_path_names_the_key_and_the_fix():
+    from caslie_core.config import EnrichConfig
+
+    with pytest.raises(ConfigError, match=r"store.mode=read_only without store.path: set store.path"):
+        load_config(EnrichConfig, ENRICH_DEMO, ["store.mode=read_only"])
+    off = load_config(EnrichConfig, ENRICH_DEMO, ["store.mode=off"]).store
+    assert not off.reads and not off.writes
+    ro = load_config(EnrichConfig, ENRICH_DEMO, ["store.path=s3://b/store", "store.mode=read_only"]).store
+    assert ro.reads and not ro.writes
+    assert not load_config(EnrichConfig, ENRICH_DEMO).store.reads  # no path: the store is off

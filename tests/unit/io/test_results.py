@@ -43,7 +43,7 @@ def test_written_results_are_found_by_key_and_model(tmp_path):
     assert found[rows[0]["key"]]["run_id"] == "r1"
     assert store.lookup(CAPTIONS, [rows[0]["key"]], model="another") == {}
     assert store.lookup(VOTES, [rows[0]["key"]]) == {}
-    assert sorted(k for k, _, _ in store.scan(CAPTIONS, {m})) == sorted(r["key"] for r in rows)
+    assert sorted(k for k, *_ in store.scan(CAPTIONS, {m})) == sorted(r["key"] for r in rows)
 
 
 def test_many_writers_and_a_killed_writer_leave_the_store_readable(tmp_path):
@@ -88,3 +88,28 @@ def test_the_store_on_s3(s3_bucket):
 def test_an_unknown_kind_is_refused(tmp_path, kind):
     with pytest.raises(ValueError, match="unknown result kind"):
         ResultStore(str(tmp_path)).write(kind, [{"key": "k", "value": "v", "model": "m"}], run_id="r")
+
+
+def test_a_runs_parts_merge_into_one_and_the_index_spreads_keys_over_shards(tmp_path):
+    """A run's per-batch parts become one part; other runs' parts are left alone; the lookup index of each shard
+    holds its share of the keys of the models asked for, and together the shards hold every key once."""
+    from caslie_core.io.results import ResultIndex, shard_of
+
+    path = str(tmp_path / "store")
+    store = ResultStore(path)
+    for b in range(6):
+        store.write(
+            VOTES, [{"key": result_key("j", f"{b}-{i}"), "value": "yes", "model": "j"} for i in range(30)], "r1"
+        )
+    store.write(VOTES, [{"key": result_key("other", "x"), "value": "no", "model": "other"}], "r2")
+    assert store.merge_run("r1") == {"votes": 6}
+    names = [p.rsplit("/", 1)[-1] for p in store.parts(VOTES)]
+    assert len(names) == 2 and sum(n.startswith("part-r1-") for n in names) == 1
+    assert store.stats()["votes"]["keys"] == 181
+    shards = [ResultIndex(path, {VOTES: {"j"}}, shard, 3) for shard in range(3)]
+    sizes = [len(s.found[VOTES]) for s in shards]
+    assert sum(sizes) == 180 and min(sizes) > 30, sizes
+    key = result_key("j", "2-7")
+    owner = shards[shard_of(key, 3)]
+    assert owner.get(VOTES, [key, "absent"]) == {key: ("yes", None, "r1")}
+    assert owner.stats()["asked"] == 2 and owner.stats()["hits"] == 1

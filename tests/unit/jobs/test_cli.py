@@ -7,7 +7,7 @@ from helpers import ROOT
 
 from ray_jobs.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "tiny-models", "synth", "validate", "score", "enrich"]
+SUBCOMMANDS = ["demo", "tiny-models", "synth", "validate", "score", "enrich", "store"]
 
 
 def run_cli(*args):
@@ -133,3 +133,29 @@ def test_every_job_takes_input_and_output_paths_and_verbose(job):
         [job, f"configs/{job}-demo.yaml", "--set", "input.path=X", "--set", "output.path=Y"]
     )
     assert args.overrides == ["input.path=X", "output.path=Y"] and args.verbose is False
+
+
+def test_store_stats_and_prune(tmp_path, capsys):
+    """`caslie store stats` counts keys per model (the identity shown as an object); `prune --older-than` removes
+    what is older; a bad or missing age is a one-line error (exit 2)."""
+    import time
+
+    from caslie_core.config import CaptionerConfig
+    from caslie_core.io.results import CAPTIONS, ResultStore, caption_model, result_key
+
+    path = str(tmp_path / "store")
+    m = caption_model(CaptionerConfig(model="org/vlm"), 32)
+    ResultStore(path).write(
+        CAPTIONS, [{"key": result_key(m, f"d{i}", "p"), "value": "c", "model": m} for i in range(3)], "r1"
+    )
+    assert main(["store", "stats", path]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["captions"]["keys"] == 3 and out["captions"]["by_model"][0]["model"]["model"] == "org/vlm"
+    assert main(["store", "prune", path, "--older-than", "1d"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == 0
+    time.sleep(0.05)
+    assert main(["store", "prune", path, "--older-than", "0.01s"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == 3 and ResultStore(path).stats()["captions"]["keys"] == 0
+    for bad in (["store", "prune", path], ["store", "prune", path, "--older-than", "3x"]):
+        res = run_cli(*bad)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
