@@ -67,9 +67,22 @@ def _caption_stage(captioner: dict, size: int, cache, wait_s: float, factory, st
     return stages.CaptionStage(model, size, client, owner=actor_id(), wait_s=wait_s, results=writer)
 
 
+def _judge_stage(judge: dict, factory=None, store: StoreUse | None = None) -> stages.JudgeStage:
+    """A judge section's stage; its model from `factory` when given (tests, embedders), else the config. With a
+    `store` that reads, the model loads on its first miss; with one that writes, new votes are stored."""
+    from caslie_core.config import JudgeConfig
+    from caslie_core.models.registry import build_judge
+
+    j = JudgeConfig.model_validate(judge)
+    make = factory or (lambda: build_judge(j))
+    model = OnFirstCall(make) if store is not None and store.reads else make()
+    writer = ResultWriter(store) if store is not None and store.writes else None
+    return stages.JudgeStage(model, j.name, judge_missing=j.reply == "research", results=writer)
+
+
 def _models_stage(caption: dict | None, judges: list[dict], factories: dict, store: StoreUse | None):
     chain = [_caption_stage(**caption, factory=factories.get("captioner"))] if caption else []
-    return stages.Chain(chain + [stages.judge_stage(j, factories.get(j["name"]), store) for j in judges])
+    return stages.Chain(chain + [_judge_stage(j, factories.get(j["name"]), store) for j in judges])
 
 
 class CaptionActor(_Timed, stages.Deferred):  # `lazy` on a resume: a finished catalog never loads a model
@@ -87,7 +100,7 @@ class JudgeActor(_Timed, stages.Deferred):
     metric_stage = "judge"
 
     def __init__(self, judge: dict, factory=None, store=None, lazy=False, timeline=None) -> None:
-        super().__init__(functools.partial(stages.judge_stage, judge, factory, store), lazy=lazy)
+        super().__init__(functools.partial(_judge_stage, judge, factory, store), lazy=lazy)
         self.follow(timeline, judges=(judge["name"],))
 
 

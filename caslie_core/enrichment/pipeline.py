@@ -260,13 +260,15 @@ def run_local(
     on_batch: Callable[[list[dict]], None] | None = None,
     store: StoreUse | None = None,
     lookup: Lookup | None = None,
+    research: bool = False,
 ) -> list[dict]:
     """The whole pipeline in one process (no Ray): the baseline for benchmarks and a reference. With `store`
-    (and `lookup` when it reads), as the job uses the result store."""
+    (and `lookup` when it reads), as the job uses the result store; `research`: the judges judge every image,
+    a missing caption as "NA" (`cqe.vote: research`)."""
     out = []
     writer = ResultWriter(store) if store is not None and store.writes else None
     stage = CaptionStage(captioner, size, cache or LocalCaptionCache(), results=writer)
-    judge_stages = [JudgeStage(j, name, results=writer) for name, j in judges.items()]
+    judge_stages = [JudgeStage(j, name, judge_missing=research, results=writer) for name, j in judges.items()]
     for start in range(0, len(raw_rows), batch):
         rows = raw_rows[start : start + batch]
         table = prepare(

@@ -16,6 +16,7 @@ batches in a row stops the job (`EngineError`: the model or its device is broken
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,8 +46,9 @@ from ..prompts import fill_caption
 from .assemble import assemble
 from .cache import CaptionCache, caption_key
 from .parse import parse_items
-from .stored import Lookup, OnFirstCall, ResultWriter, StoreUse, look_up
+from .stored import Lookup, ResultWriter, StoreUse, look_up
 
+log = logging.getLogger("caslie")
 CAPTION = Contract("caption", reads=("status", "images", PIXELS), drops=(PIXELS,))
 FINALIZE = Contract("finalize", reads=ITEM_COLUMNS)
 
@@ -104,7 +106,10 @@ def prepare(
     if not captions_from_record:
         fetch_decode(items, policy, threads=threads, max_pixels=max_pixels, size=size)
     if store is not None and store.reads and lookup is not None:
-        look_up(items, store, lookup)
+        try:
+            look_up(items, store, lookup)
+        except Exception as e:  # noqa: BLE001 - the store is a cache: what it did not fill is computed
+            log.warning(f"[store] lookup of a batch failed ({error_text(e)}); its results are computed")
     return items_to_table(items, pixels=not captions_from_record)
 
 
@@ -279,8 +284,9 @@ class JudgeStage:
             if status[r] != "pending":
                 continue
             try:
+                judged = [s for s in row if s.judged(self.judge_missing)]  # research: a missing caption is "NA"
                 fresh = [s for s in row if self.name not in s.votes_from]  # not the store's vote already
-                asked = [(s, fill_caption(s.question, s.caption)) for s in fresh if s.judged(self.judge_missing)]
+                asked = [(s, fill_caption(s.question, s.caption)) for s in judged if self.name not in s.votes_from]
                 for s in fresh:
                     s.votes[self.name] = None
                 questions.extend(q for _, q in asked)
@@ -302,21 +308,6 @@ class JudgeStage:
 
 
 # finalize: output rows
-
-
-def judge_stage(
-    judge: dict, factory: Callable[[], VoteModel] | None = None, store: StoreUse | None = None
-) -> JudgeStage:
-    """A judge section's stage; its model from `factory` when given (tests, embedders), else the config. With a
-    `store` that reads, the model loads on its first miss; with one that writes, new votes are stored."""
-    from ..config import JudgeConfig
-    from ..models.registry import build_judge
-
-    j = JudgeConfig.model_validate(judge)
-    make = factory or (lambda: build_judge(j))
-    model = OnFirstCall(make) if store is not None and store.reads else make()
-    writer = ResultWriter(store) if store is not None and store.writes else None
-    return JudgeStage(model, j.name, judge_missing=j.reply == "research", results=writer)
 
 
 def finalize(table, *, provenance: dict) -> list[dict]:

@@ -163,10 +163,13 @@ class ResultStore:
             small = [p for p in self.parts(kind) if p.rsplit("/", 1)[-1].startswith(prefix)]
             if len(small) < 2:
                 continue
-            tables = [t for t in (self._read_or_none(p) for p in small) if t is not None]
-            whole = pa.concat_tables(tables)
-            for start in range(0, whole.num_rows, most_rows):
-                self._put(kind, whole.slice(start, most_rows), f"{prefix}{uuid.uuid4().hex[:12]}.parquet")
+            tables: list = []
+            for p in small:  # streamed: at most about `most_rows` rows in memory
+                t = self._read_or_none(p)
+                tables += [t] if t is not None else []
+                if tables and (p == small[-1] or sum(t.num_rows for t in tables) >= most_rows):
+                    self._put(kind, pa.concat_tables(tables), f"{prefix}{uuid.uuid4().hex[:12]}.parquet")
+                    tables = []
             for p in small:
                 self.fs.rm(p)
             merged[kind] = len(small)
