@@ -3,13 +3,12 @@ hold a run's stored captions and votes, their client in the fetch tasks, and the
 
 The stored results of the run's models are loaded by `store.shards` lookup actors (each its share of the keys,
 `shard_of`), never by the driver or by the tasks: a fetch task asks the actors for the keys of its batch, one call
-per shard. The driver waits for them to load before the plane starts, and says what they hold. When the run ends
-its per-batch parts are merged (a task next to the data) and the actors go.
+per shard. A shard loads when first asked, while the plane starts (a resumed run with nothing left loads nothing).
+When the run ends the job says what they held and gave, its per-batch parts are merged (a task next to the data)
+and the actors go.
 """
 
 from __future__ import annotations
-
-import time
 
 from caslie_core.enrichment.stored import StoreUse
 from caslie_core.io.results import ResultIndex, ResultStore, shard_of
@@ -19,23 +18,26 @@ from .common import log
 
 
 class LookupShard:
-    """One lookup actor: its share of the stored results of the run's models (`ResultIndex`)."""
+    """One lookup actor: its share of the stored results of the run's models (`ResultIndex`), loaded when first
+    asked (while the plane starts; never, when a resumed run has nothing left to look up)."""
 
     def __init__(self, path: str, models: dict, shard: int, shards: int) -> None:
-        self.index = ResultIndex(path, {k: set(v) for k, v in models.items()}, shard, shards)
+        self.args, self.index = (path, {k: set(v) for k, v in models.items()}, shard, shards), None
 
     def get(self, kind: str, keys: list[str]) -> dict:
+        if self.index is None:
+            self.index = ResultIndex(*self.args)
         return self.index.get(kind, keys)
 
     def stats(self) -> dict:
-        return self.index.stats()
+        return self.index.stats() if self.index is not None else {}
 
 
 class LookupClient:
     """`Lookup` over the run's lookup actors (picklable: names only; handles are found where it is used). A shard
     that cannot be reached answers nothing: its keys are computed again, said once per process."""
 
-    TIMEOUT_S = 120.0
+    TIMEOUT_S = 900.0  # the first call waits for its shard to load (about 7 s per 1M keys here)
 
     def __init__(self, names: list[str], namespace: str) -> None:
         self.names, self.namespace, self._handles, self._said = names, namespace, None, False
@@ -68,31 +70,21 @@ class LookupClient:
 
 
 class RunStore:
-    """Driver side: start the lookup actors (when the run reads the store) and wait for them; at the end, the
-    store's figures for the summary, this run's parts merged, the actors gone."""
+    """Driver side: start the lookup actors (when the run reads the store); at the end, the store's figures for
+    the summary and the log, this run's parts merged, the actors gone."""
 
     def __init__(self, use: StoreUse, shards: int, namespace: str = "caslie") -> None:
-        import ray
-
         from .actors import driver_actor
 
-        self.use, self.actors, self.lookup, self.loaded = use, [], None, {}
+        self.use, self.actors, self.lookup = use, [], None
         if not use.reads:
             return
-        t = time.monotonic()
         models = {k: sorted(v) for k, v in use.models().items()}
         names = [f"caslie-results-{use.run_id}-{i}" for i in range(shards)]
         self.actors = [
             driver_actor(LookupShard, n, namespace, use.path, models, i, shards) for i, n in enumerate(names)
         ]
-        figures = ray.get([a.stats.remote() for a in self.actors])
-        self.loaded = {kind: sum(f["keys"][kind] for f in figures) for kind in figures[0]["keys"]}
-        self.load_s = round(time.monotonic() - t, 2)
         self.lookup = LookupClient(names, namespace)
-        log.info(
-            f"[enrich] result store {use.path}: {self.loaded['captions']:,} captions and {self.loaded['votes']:,} "
-            f"votes of this run's models loaded by {shards} lookup actor(s) in {self.load_s:.1f} s"
-        )
 
     def finish(self, now: dict) -> dict:
         """The summary's `store` section (`now`: this run's counts); merges this run's parts; stops the actors."""
@@ -102,8 +94,16 @@ class RunStore:
         out.update(captions_from_store=now.get("stored_captions", 0), votes_from_store=now.get("stored_votes", 0))
         if self.actors:
             figures = [best_effort_get(a.stats.remote(), fallback={}, timeout_s=30) for a in self.actors]
-            asked = sum(f.get("asked", 0) for f in figures)
-            out.update(loaded=self.loaded, load_seconds=self.load_s, lookups=asked)
+            figures = [f for f in figures if f]  # a shard never asked never loaded
+            loaded = {kind: sum(f["keys"][kind] for f in figures) for kind in ("captions", "votes")}
+            load_s = max((f["load_s"] for f in figures), default=0.0)
+            out.update(loaded=loaded, load_seconds=load_s, lookups=sum(f["asked"] for f in figures))
+            held = f"{loaded['captions']:,} captions and {loaded['votes']:,} votes of this run's models"
+            log.info(
+                f"[enrich] result store {self.use.path}: {out['captions_from_store']:,} captions and "
+                f"{out['votes_from_store']:,} votes taken from it; "
+                + (f"its lookup actors held {held} (loaded in {load_s:.1f} s)" if figures else "nothing looked up")
+            )
         if self.use.writes:
             merge = ray.remote(num_cpus=0)(_merge).remote(self.use.path, self.use.run_id)
             out["parts_merged"] = ray.get(merge)
