@@ -62,15 +62,21 @@ class ImageSlot:
 
     # The caption-and-vote rule, one for the batch job's judge stage and every layout of the service.
 
-    def judged(self, judge_missing: bool = False) -> bool:
-        """Whether the judges are asked about this image: its caption, when the image did not fail; with research
-        judging (`judge_missing`, `cqe.vote: research`) every image, a missing or empty caption judged as "NA"
-        (the research code's), which then is its caption."""
+    def judged_caption(self, judge_missing: bool = False) -> str | None:
+        """The caption the judges are asked about, or None when they are not asked: its caption, when the image did
+        not fail; with research judging (`judge_missing`, `cqe.vote: research`) every image's, a missing or empty
+        caption as "NA" (the research code's)."""
         if judge_missing:
-            if self.caption is None or len(self.caption.strip()) < 2:
-                self.caption = MISSING_CAPTION
-            return True
-        return self.caption is not None and not self.error
+            return MISSING_CAPTION if self.caption is None or len(self.caption.strip()) < 2 else self.caption
+        return self.caption if self.caption is not None and not self.error else None
+
+    def judged(self, judge_missing: bool = False) -> bool:
+        """Whether the judges are asked about this image (`judged_caption`); with research judging the "NA" then is
+        its caption."""
+        caption = self.judged_caption(judge_missing)
+        if judge_missing:
+            self.caption = caption
+        return caption is not None
 
     def take_vote(self, judge: str, vote: str | None, error: str | None = None) -> None:
         """A judge's answer on this image. A judge that failed on it fails the image (stage `judge`, the error kept

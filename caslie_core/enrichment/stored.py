@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..io.results import CAPTIONS, VOTES, ResultStore, caption_model, judge_model, result_key
-from ..items import MISSING_CAPTION, ImageSlot, Item
+from ..items import ImageSlot, Item
 from ..prompts import fill_caption
 
 log = logging.getLogger("caslie")
@@ -66,15 +66,10 @@ class StoreUse:
 
 
 def question(slot: ImageSlot, judge_missing: bool) -> str | None:
-    """The judge question about `slot` with its caption in it, or None when the image is not judged (the rule
-    of `ImageSlot.judged`, without changing the slot)."""
-    caption = slot.caption
-    if judge_missing:
-        if caption is None or len(caption.strip()) < 2:
-            caption = MISSING_CAPTION
-    elif caption is None or slot.error:
-        return None
-    return fill_caption(slot.question, caption)
+    """The judge question about `slot` with its caption in it, or None when the image is not judged
+    (`ImageSlot.judged_caption`: the slot is left as it is)."""
+    caption = slot.judged_caption(judge_missing)
+    return None if caption is None else fill_caption(slot.question, caption)
 
 
 def look_up(items: list[Item], use: StoreUse, lookup: Lookup) -> None:
