@@ -156,52 +156,38 @@ class Item:
 # Arrow types
 
 
-def _types():
+def _image_fields(*, in_flight: bool) -> list:
+    """The fields of an image as it travels (`in_flight`: with its request, question and digest) or as the output
+    writes it (`image_results`: with `kept`), in one list so that both change together."""
     import pyarrow as pa
 
     s = pa.string()
-    error = pa.struct([("stage", s), ("message", s)])
     vote = pa.struct([("judge", s), ("vote", s), ("error", s), ("stored_from", s)])
-    return s, error, vote
+    request = [("prompt", s), ("question", s), ("digest", s)] if in_flight else []
+    return [
+        ("index", pa.int32()),
+        ("url", s),
+        *request,
+        ("caption", s),
+        ("cached", pa.bool_()),
+        ("stored_from", s),  # the run whose stored caption this is (the result store); None: made in this run
+        ("votes", pa.list_(vote)),
+        *([] if in_flight else [("kept", pa.bool_())]),
+        ("error", pa.struct([("stage", s), ("message", s)])),
+    ]
 
 
 def image_type():
     import pyarrow as pa
 
-    s, error, vote = _types()
-    return pa.struct(
-        [
-            ("index", pa.int32()),
-            ("url", s),
-            ("prompt", s),
-            ("question", s),
-            ("digest", s),
-            ("caption", s),
-            ("cached", pa.bool_()),
-            ("stored_from", s),
-            ("votes", pa.list_(vote)),
-            ("error", error),
-        ]
-    )
+    return pa.struct(_image_fields(in_flight=True))
 
 
 def result_type():
     """`image_results` of the output: what each image became."""
     import pyarrow as pa
 
-    s, error, vote = _types()
-    return pa.struct(
-        [
-            ("index", pa.int32()),
-            ("url", s),
-            ("caption", s),
-            ("cached", pa.bool_()),
-            ("stored_from", s),  # the run whose stored caption this is (the result store), None: made now
-            ("votes", pa.list_(vote)),
-            ("kept", pa.bool_()),
-            ("error", error),
-        ]
-    )
+    return pa.struct(_image_fields(in_flight=False))
 
 
 def record_error_type():
